@@ -1,0 +1,487 @@
+//! `Fleet`: the façade transports and operator APIs call.
+//!
+//! A `Fleet` owns the [`LiveView`] and talks to a store. Reads (summary, list, search, get) are
+//! answered from the live view and never touch the store; durable writes (registration, tags,
+//! groups, deregistration) go to the store first and reach the live view once acknowledged;
+//! heartbeats update the live view at once and are written behind in batches by
+//! [`flush_heartbeats`](Fleet::flush_heartbeats) — at most one record per instance per flush, the
+//! latest winning.
+//!
+//! Time comes from the [`Clock`] given to the builder. `Fleet` is a cheap handle: clone it to share
+//! one fleet between tasks.
+//!
+//! ```
+//! use std::time::Duration;
+//! use fleet_core::{Filter, Fleet, Heartbeat, ManualClock, MemoryStore, NewInstance, Status,
+//!                  SystemInfo, TenantScope, Timestamp};
+//!
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! let clock = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+//! let fleet = Fleet::builder(MemoryStore::new()).clock(clock.clone()).open().await?;
+//!
+//! let web = fleet
+//!     .register(NewInstance { system: SystemInfo::with_hostname("web-01"), ..Default::default() })
+//!     .await?;
+//! fleet.heartbeat(web.id, Heartbeat::default())?;
+//!
+//! clock.advance(Duration::from_secs(61));
+//! let changes = fleet.sweep();
+//! assert_eq!(changes[0].transition.to, Status::Warning);
+//!
+//! let summary = fleet.summary(&Filter::parse("status:warning")?, &TenantScope::All);
+//! assert_eq!(summary.total, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
+//! ```
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{FleetError, StoreError};
+use crate::instance::validate_apps;
+use crate::live::{Cursor, InstanceView, LiveView, Page, StatusChange};
+use crate::staleness::{StalenessPolicy, Status, Transitions};
+use crate::store::{ChangeKind, FleetStore, HeartbeatRecord, Seq};
+use crate::summary::FleetSummary;
+use crate::tag::TagAuthority;
+use crate::{
+    App, Clock, Filter, Groups, Instance, InstanceId, MetricsSample, NewInstance, SystemClock,
+    SystemInfo, Tags, TenantScope,
+};
+
+/// Page size used when reading the store to build or reconcile the live view.
+const REBUILD_PAGE: usize = 1000;
+/// Largest page a list call returns.
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// What a heartbeat carries besides the caller's identity. `Heartbeat::default()` is a
+/// liveness-only heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Heartbeat {
+    /// A metrics sample.
+    pub metrics: Option<MetricsSample>,
+    /// The installed-apps list, when the agent reports it (typically only when it changed).
+    pub apps: Option<Vec<App>>,
+}
+
+/// The control plane's answer to a heartbeat.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeartbeatAck {
+    /// The instance's status after the heartbeat.
+    pub status: Status,
+    /// Status changes the heartbeat caused (catching up on a silence, then the recovery).
+    pub transitions: Transitions,
+    /// When the agent should send its next heartbeat.
+    pub next_heartbeat: Duration,
+}
+
+/// An instance's full detail: the live view plus what only the store holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceDetail {
+    /// Live state (status, last seen, latest figures, tags, groups).
+    #[serde(flatten)]
+    pub live: InstanceView,
+    /// System info as reported.
+    pub system: SystemInfo,
+    /// Installed apps, as last reported.
+    pub apps: Vec<App>,
+}
+
+/// Builds a [`Fleet`]; see [`Fleet::builder`].
+#[derive(Debug)]
+pub struct FleetBuilder<S> {
+    store: S,
+    clock: Arc<dyn Clock>,
+    policy: StalenessPolicy,
+}
+
+impl<S: FleetStore> FleetBuilder<S> {
+    /// The clock (default: [`SystemClock`]).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// The staleness policy (default: [`StalenessPolicy::default`]).
+    pub fn policy(mut self, policy: StalenessPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Validates the settings, rebuilds the live view from the store and returns the fleet.
+    pub async fn open(self) -> Result<Fleet<S>, FleetError> {
+        let view = LiveView::new(self.policy)?;
+        let fleet = Fleet {
+            inner: Arc::new(Inner {
+                store: self.store,
+                clock: self.clock,
+                view: RwLock::new(view),
+                pending: Mutex::new(FxHashMap::default()),
+                feed: tokio::sync::Mutex::new(0),
+                flush: tokio::sync::Mutex::new(()),
+            }),
+        };
+        {
+            let mut cursor = fleet.inner.feed.lock().await;
+            fleet.reconcile(&mut cursor).await?;
+        }
+        fleet.sync().await?;
+        Ok(fleet)
+    }
+}
+
+#[derive(Debug)]
+struct Inner<S> {
+    store: S,
+    clock: Arc<dyn Clock>,
+    view: RwLock<LiveView>,
+    pending: Mutex<FxHashMap<InstanceId, HeartbeatRecord>>,
+    /// Change-feed cursor; the lock also serializes `sync`.
+    feed: tokio::sync::Mutex<Seq>,
+    /// Serializes `flush_heartbeats`.
+    flush: tokio::sync::Mutex<()>,
+}
+
+/// The fleet: live view + store; see the module docs.
+#[derive(Debug)]
+pub struct Fleet<S> {
+    inner: Arc<Inner<S>>,
+}
+
+impl<S> Clone for Fleet<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+/// Merges a newer heartbeat record into an older one: the newer time wins, fields the newer one
+/// lacks are kept from the older.
+fn merge(older: HeartbeatRecord, newer: HeartbeatRecord) -> HeartbeatRecord {
+    HeartbeatRecord {
+        id: newer.id,
+        last_seen: newer.last_seen,
+        metrics: newer.metrics.or(older.metrics),
+        apps: newer.apps.or(older.apps),
+    }
+}
+
+impl<S: FleetStore> Fleet<S> {
+    /// A builder over `store`.
+    pub fn builder(store: S) -> FleetBuilder<S> {
+        FleetBuilder {
+            store,
+            clock: Arc::new(SystemClock),
+            policy: StalenessPolicy::default(),
+        }
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.inner.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &dyn Clock {
+        &*self.inner.clock
+    }
+
+    /// The current time by the fleet's clock.
+    pub fn now(&self) -> crate::Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Read access to the live view (hold it briefly: heartbeats wait for it).
+    pub fn view(&self) -> RwLockReadGuard<'_, LiveView> {
+        // The view is only mutated by methods that cannot panic midway through an update of its
+        // invariants, so a poisoned lock still guards a consistent view.
+        self.inner
+            .view
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn view_mut(&self) -> RwLockWriteGuard<'_, LiveView> {
+        self.inner
+            .view
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pending(&self) -> MutexGuard<'_, FxHashMap<InstanceId, HeartbeatRecord>> {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The staleness policy.
+    pub fn policy(&self) -> StalenessPolicy {
+        self.view().policy().clone()
+    }
+
+    /// Registers an instance directly, for trusted callers (imports, pre-provisioning, tests).
+    /// Agents join through enrollment with a registration token instead.
+    ///
+    /// Validates everything first; on any error nothing is written. Durable before returning.
+    pub async fn register(&self, new: NewInstance) -> Result<Instance, FleetError> {
+        new.system.validate()?;
+        let now = self.now();
+        let instance = Instance {
+            id: new.id.unwrap_or_else(InstanceId::random),
+            tenant: new.tenant,
+            system: new.system,
+            tags: new.tags,
+            groups: new.groups,
+            registered_at: now,
+            last_seen: now,
+            metrics: None,
+            apps: Vec::new(),
+        };
+        let seq = self.inner.store.insert_instance(&instance).await?;
+        self.view_mut().upsert(&instance, seq, now);
+        Ok(instance)
+    }
+
+    /// Records a heartbeat from instance `id` (whose identity the caller has authenticated).
+    ///
+    /// The live view is updated at once; the store is updated by the next
+    /// [`flush_heartbeats`](Self::flush_heartbeats). Invalid metrics or apps are refused with
+    /// [`FleetError::Invalid`] and change nothing.
+    pub fn heartbeat(&self, id: InstanceId, hb: Heartbeat) -> Result<HeartbeatAck, FleetError> {
+        if let Some(m) = &hb.metrics {
+            m.validate()?;
+        }
+        if let Some(apps) = &hb.apps {
+            validate_apps(apps)?;
+        }
+        let now = self.now();
+        let (transitions, status, interval) = {
+            let mut view = self.view_mut();
+            let transitions = view
+                .heartbeat(id, now, hb.metrics.as_ref())
+                .ok_or(FleetError::InstanceNotFound(id))?;
+            let status = view.status(id).unwrap_or(Status::Online);
+            (transitions, status, view.policy().heartbeat_interval())
+        };
+        let record = HeartbeatRecord {
+            id,
+            last_seen: now,
+            metrics: hb.metrics,
+            apps: hb.apps,
+        };
+        let mut pending = self.pending();
+        match pending.remove(&id) {
+            Some(older) => pending.insert(id, merge(older, record)),
+            None => pending.insert(id, record),
+        };
+        Ok(HeartbeatAck {
+            status,
+            transitions,
+            next_heartbeat: interval,
+        })
+    }
+
+    /// Writes the heartbeats received since the last flush to the store, one record per instance.
+    /// Returns how many were written. On a store error the records are kept for the next flush
+    /// (merged with anything newer) and the error is returned.
+    pub async fn flush_heartbeats(&self) -> Result<usize, FleetError> {
+        let _serial = self.inner.flush.lock().await;
+        let batch: Vec<HeartbeatRecord> =
+            std::mem::take(&mut *self.pending()).into_values().collect();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        match self.inner.store.write_heartbeats(&batch).await {
+            Ok(()) => Ok(batch.len()),
+            Err(e) => {
+                let mut pending = self.pending();
+                for older in batch {
+                    let merged = match pending.remove(&older.id) {
+                        Some(newer) => merge(older, newer),
+                        None => older,
+                    };
+                    pending.insert(merged.id, merged);
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Number of heartbeat records waiting for the next flush.
+    pub fn pending_heartbeats(&self) -> usize {
+        self.pending().len()
+    }
+
+    fn visible(&self, id: InstanceId, scope: &TenantScope) -> Result<(), FleetError> {
+        match self.view().tenant(id) {
+            Some(tenant) if scope.allows(tenant.as_ref()) => Ok(()),
+            _ => Err(FleetError::InstanceNotFound(id)),
+        }
+    }
+
+    /// Replaces an instance's tags (operator authority: reserved prefixes allowed). Durable
+    /// before returning. [`FleetError::InstanceNotFound`] when it does not exist or is outside
+    /// `scope`.
+    pub async fn set_tags(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+        tags: Tags,
+    ) -> Result<(), FleetError> {
+        self.visible(id, scope)?;
+        tags.check_authority(TagAuthority::Operator)?;
+        let seq = self.inner.store.set_tags(id, &tags).await?;
+        self.view_mut().set_labels(id, Some(&tags), None, seq);
+        Ok(())
+    }
+
+    /// Replaces an instance's groups; like [`set_tags`](Self::set_tags).
+    pub async fn set_groups(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+        groups: Groups,
+    ) -> Result<(), FleetError> {
+        self.visible(id, scope)?;
+        let seq = self.inner.store.set_groups(id, &groups).await?;
+        self.view_mut().set_labels(id, None, Some(&groups), seq);
+        Ok(())
+    }
+
+    /// Removes an instance from the fleet. Durable before returning.
+    pub async fn deregister(&self, scope: &TenantScope, id: InstanceId) -> Result<(), FleetError> {
+        self.visible(id, scope)?;
+        let seq = self.inner.store.delete_instance(id).await?;
+        self.view_mut().remove(id, seq);
+        self.pending().remove(&id);
+        Ok(())
+    }
+
+    /// Applies every status change due now; see [`LiveView::sweep`].
+    pub fn sweep(&self) -> Vec<StatusChange> {
+        let now = self.now();
+        self.view_mut().sweep(now)
+    }
+
+    /// Summary of the instances `filter` selects within `scope` (from the live view).
+    pub fn summary(&self, filter: &Filter, scope: &TenantScope) -> FleetSummary {
+        self.view().summary(filter, scope)
+    }
+
+    /// A page of instances (from the live view). `limit` is capped at [`MAX_PAGE_SIZE`].
+    pub fn list(
+        &self,
+        filter: &Filter,
+        scope: &TenantScope,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Page<InstanceView> {
+        self.view()
+            .list(filter, scope, after, limit.min(MAX_PAGE_SIZE))
+    }
+
+    /// The live view of one instance, if it exists within `scope`.
+    pub fn get(&self, scope: &TenantScope, id: InstanceId) -> Option<InstanceView> {
+        self.view().get(id, scope)
+    }
+
+    /// An instance's full detail: live state plus system info and apps from the store (apps from
+    /// a heartbeat not yet flushed win).
+    pub async fn detail(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+    ) -> Result<InstanceDetail, FleetError> {
+        let live = self
+            .get(scope, id)
+            .ok_or(FleetError::InstanceNotFound(id))?;
+        let stored = self
+            .inner
+            .store
+            .get_instance(id)
+            .await?
+            .ok_or(FleetError::InstanceNotFound(id))?;
+        let pending_apps = self.pending().get(&id).and_then(|r| r.apps.clone());
+        Ok(InstanceDetail {
+            live,
+            system: stored.system,
+            apps: pending_apps.unwrap_or(stored.apps),
+        })
+    }
+
+    /// Follows the store's change feed: applies changes made since the last call (by this
+    /// process or another replica). Returns how many were applied. When the feed was truncated
+    /// past our position, reconciles the whole view with a full listing instead.
+    pub async fn sync(&self) -> Result<usize, FleetError> {
+        let mut cursor = self.inner.feed.lock().await;
+        let mut applied = 0;
+        loop {
+            let changes = match self.inner.store.changes_since(*cursor, REBUILD_PAGE).await {
+                Ok(c) => c,
+                Err(StoreError::FeedTruncated { .. }) => {
+                    applied += self.reconcile(&mut cursor).await?;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let Some(last) = changes.last().map(|c| c.seq) else {
+                return Ok(applied);
+            };
+            for change in changes {
+                let current = match change.kind {
+                    ChangeKind::Deleted => None,
+                    _ => self.inner.store.get_instance(change.instance).await?,
+                };
+                let now = self.now();
+                let mut view = self.view_mut();
+                let done = match current {
+                    Some(inst) => view.upsert(&inst, change.seq, now),
+                    None => view.remove(change.instance, change.seq),
+                };
+                applied += usize::from(done);
+            }
+            *cursor = last;
+        }
+    }
+
+    /// Makes the view equal the store's listing (keeping fresher live last-seen state) and moves
+    /// the cursor to the feed position read before the listing.
+    async fn reconcile(&self, cursor: &mut Seq) -> Result<usize, FleetError> {
+        let seq = self.inner.store.latest_seq().await?;
+        let mut seen = HashSet::new();
+        let mut after = None;
+        let mut applied = 0;
+        loop {
+            let page = self.inner.store.list_instances(after, REBUILD_PAGE).await?;
+            let Some(last) = page.last().map(|i| i.id) else {
+                break;
+            };
+            let now = self.now();
+            let mut view = self.view_mut();
+            for inst in &page {
+                seen.insert(inst.id);
+                applied += usize::from(view.upsert(inst, 0, now));
+            }
+            after = Some(last);
+        }
+        let stale: Vec<InstanceId> = {
+            let view = self.view();
+            view.matching(&Filter::all(), &TenantScope::All)
+                .into_iter()
+                .filter(|id| !seen.contains(id))
+                .collect()
+        };
+        let mut view = self.view_mut();
+        for id in stale {
+            applied += usize::from(view.remove(id, 0));
+        }
+        *cursor = seq;
+        Ok(applied)
+    }
+}

@@ -1,0 +1,516 @@
+//! The store conformance suite: one `pub async fn` per property every [`FleetStore`] must have,
+//! and [`store_conformance_tests!`](crate::store_conformance_tests) to run them all.
+//!
+//! In a store crate's tests (tokio with the `macros` and `rt-multi-thread` features required):
+//!
+//! ```text
+//! fleet_core::store_conformance_tests!(async {
+//!     let dir = tempfile::tempdir().unwrap();
+//!     let store = MyStore::open(dir.path()).await.unwrap();
+//!     (dir, store) // the first element is kept alive for the test (a cleanup guard)
+//! });
+//! ```
+//!
+//! Each property gets a fresh, empty store. A failing property panics with a message saying what
+//! the contract requires. The suite is part of the API for store authors but is not covered by
+//! semver: properties are added as contracts are written down.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::store::{ChangeKind, FleetStore, HeartbeatRecord};
+use crate::{
+    App, Filter, Fleet, Groups, Heartbeat, Instance, InstanceId, ManualClock, MetricsSample,
+    NewInstance, Status, StoreError, SystemInfo, Tags, TenantId, TenantScope, Timestamp,
+};
+
+/// A store under test, shared by tasks.
+pub type DynStore = Arc<dyn FleetStore>;
+
+/// The start time of the suite's manual clocks.
+pub const T0: Timestamp = Timestamp::from_unix_secs(1_700_000_000);
+
+/// A valid instance record for tests: hostname `host-{n}`, tags `env`/`n`, group `g{n % 3}`.
+pub fn instance(n: u32) -> Instance {
+    Instance {
+        id: InstanceId::random(),
+        tenant: (n % 2 == 0)
+            .then(|| TenantId::new(format!("tenant-{}", n % 4)).unwrap_or_else(|e| panic!("{e}"))),
+        system: SystemInfo {
+            hostname: format!("host-{n}"),
+            ip_addresses: vec![std::net::IpAddr::from([10, 0, (n >> 8) as u8, n as u8])],
+            os: Some("Cloud OS".into()),
+            ..SystemInfo::default()
+        },
+        tags: Tags::from_pairs([
+            ("env", if n % 2 == 0 { "prod" } else { "dev" }),
+            ("n", &n.to_string()),
+        ])
+        .unwrap_or_else(|e| panic!("{e}")),
+        groups: Groups::from_names([format!("g{}", n % 3)]).unwrap_or_else(|e| panic!("{e}")),
+        registered_at: T0,
+        last_seen: T0,
+        metrics: None,
+        apps: Vec::new(),
+    }
+}
+
+async fn ok<T>(what: &str, f: impl Future<Output = Result<T, StoreError>>) -> T {
+    match f.await {
+        Ok(v) => v,
+        Err(e) => panic!("{what} failed: {e} ({e:?})"),
+    }
+}
+
+/// `insert_instance` then `get_instance` returns the same record.
+pub async fn insert_get_round_trip(store: DynStore) {
+    let mut inst = instance(7);
+    inst.metrics = Some(MetricsSample {
+        cpu_percent: Some(12.5),
+        ..MetricsSample::default()
+    });
+    inst.apps = vec![App {
+        name: "nginx".into(),
+        version: Some("1.25".into()),
+    }];
+    ok("insert", store.insert_instance(&inst)).await;
+    let got = ok("get", store.get_instance(inst.id)).await;
+    assert_eq!(
+        got.as_ref(),
+        Some(&inst),
+        "a stored instance must read back unchanged"
+    );
+    assert_eq!(ok("count", store.count_instances()).await, 1);
+}
+
+/// Inserting an existing id is `AlreadyExists` and changes nothing (record and feed).
+pub async fn duplicate_insert_is_rejected(store: DynStore) {
+    let inst = instance(1);
+    ok("insert", store.insert_instance(&inst)).await;
+    let seq = ok("latest_seq", store.latest_seq()).await;
+    let mut other = instance(2);
+    other.id = inst.id;
+    match store.insert_instance(&other).await {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => panic!("duplicate insert must be AlreadyExists, got {other:?}"),
+    }
+    assert_eq!(
+        ok("get", store.get_instance(inst.id)).await,
+        Some(inst),
+        "the original must be untouched"
+    );
+    assert_eq!(
+        ok("latest_seq", store.latest_seq()).await,
+        seq,
+        "a rejected insert appends no change"
+    );
+}
+
+/// Reading, editing or deleting an unknown id: `None` / `NotFound`, and nothing is created.
+pub async fn missing_instances(store: DynStore) {
+    let id = InstanceId::random();
+    assert_eq!(ok("get", store.get_instance(id)).await, None);
+    assert!(matches!(
+        store.set_tags(id, &Tags::new()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.set_groups(id, &Groups::new()).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert!(matches!(
+        store.delete_instance(id).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    assert_eq!(
+        ok("count", store.count_instances()).await,
+        0,
+        "nothing may be created"
+    );
+    assert_eq!(
+        ok("latest_seq", store.latest_seq()).await,
+        0,
+        "failed writes append no change"
+    );
+}
+
+/// Paging through `list_instances` visits every instance once, in ascending id order.
+pub async fn list_pages_cover_everything_in_id_order(store: DynStore) {
+    let mut ids = Vec::new();
+    for n in 0..250 {
+        let inst = instance(n);
+        ids.push(inst.id);
+        ok("insert", store.insert_instance(&inst)).await;
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let page = ok("list", store.list_instances(after, 7)).await;
+        assert!(page.len() <= 7, "a page must respect the limit");
+        let Some(last) = page.last() else { break };
+        after = Some(last.id);
+        seen.extend(page.iter().map(|i| i.id));
+    }
+    assert_eq!(seen, ids, "listing must return every id once, ascending");
+    assert!(ok("list", store.list_instances(None, 0)).await.is_empty());
+}
+
+/// Tag and group edits are stored and read back; other fields are untouched.
+pub async fn tags_and_groups_are_stored(store: DynStore) {
+    let inst = instance(3);
+    ok("insert", store.insert_instance(&inst)).await;
+    let tags = Tags::from_pairs([("tier", "critical"), ("fleet.io/owner", "ops")])
+        .unwrap_or_else(|e| panic!("{e}"));
+    let groups = Groups::from_names(["database-servers", "eu"]).unwrap_or_else(|e| panic!("{e}"));
+    let s1 = ok("set_tags", store.set_tags(inst.id, &tags)).await;
+    let s2 = ok("set_groups", store.set_groups(inst.id, &groups)).await;
+    assert!(s2 > s1, "each edit gets a larger sequence number");
+    let got = ok("get", store.get_instance(inst.id))
+        .await
+        .unwrap_or_else(|| panic!("instance vanished"));
+    assert_eq!(got.tags, tags);
+    assert_eq!(got.groups, groups);
+    assert_eq!(got.system, inst.system, "edits must not touch other fields");
+    assert_eq!(got.tenant, inst.tenant);
+}
+
+/// Deleting removes the instance and appends a `Deleted` change.
+pub async fn delete_removes(store: DynStore) {
+    let a = instance(1);
+    let b = instance(2);
+    ok("insert", store.insert_instance(&a)).await;
+    ok("insert", store.insert_instance(&b)).await;
+    let seq = ok("delete", store.delete_instance(a.id)).await;
+    assert_eq!(ok("get", store.get_instance(a.id)).await, None);
+    assert_eq!(ok("get", store.get_instance(b.id)).await, Some(b));
+    let changes = ok("changes", store.changes_since(seq - 1, 10)).await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (changes[0].instance, changes[0].kind),
+        (a.id, ChangeKind::Deleted)
+    );
+    assert_eq!(ok("count", store.count_instances()).await, 1);
+}
+
+/// A heartbeat batch updates last seen, metrics and apps; `None` fields leave stored values;
+/// heartbeats append nothing to the feed.
+pub async fn heartbeats_update_last_known_state(store: DynStore) {
+    let a = instance(1);
+    let b = instance(2);
+    ok("insert", store.insert_instance(&a)).await;
+    ok("insert", store.insert_instance(&b)).await;
+    let seq = ok("latest_seq", store.latest_seq()).await;
+    let m1 = MetricsSample {
+        cpu_percent: Some(50.0),
+        uptime_secs: Some(10),
+        ..MetricsSample::default()
+    };
+    let apps = vec![App {
+        name: "postgres".into(),
+        version: Some("15".into()),
+    }];
+    let t1 = T0.saturating_add(Duration::from_secs(15));
+    ok(
+        "write_heartbeats",
+        store.write_heartbeats(&[
+            HeartbeatRecord {
+                id: a.id,
+                last_seen: t1,
+                metrics: Some(m1.clone()),
+                apps: Some(apps.clone()),
+            },
+            HeartbeatRecord {
+                id: b.id,
+                last_seen: t1,
+                metrics: None,
+                apps: None,
+            },
+        ]),
+    )
+    .await;
+    let t2 = t1.saturating_add(Duration::from_secs(15));
+    ok(
+        "write_heartbeats",
+        store.write_heartbeats(&[HeartbeatRecord {
+            id: a.id,
+            last_seen: t2,
+            metrics: None,
+            apps: None,
+        }]),
+    )
+    .await;
+    let got = ok("get", store.get_instance(a.id))
+        .await
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!(got.last_seen, t2);
+    assert_eq!(
+        got.metrics,
+        Some(m1),
+        "a record without metrics keeps the stored sample"
+    );
+    assert_eq!(
+        got.apps, apps,
+        "a record without apps keeps the stored list"
+    );
+    assert_eq!(got.tags, a.tags, "heartbeats never touch tags");
+    let gb = ok("get", store.get_instance(b.id))
+        .await
+        .unwrap_or_else(|| panic!("missing"));
+    assert_eq!((gb.last_seen, gb.metrics), (t1, None));
+    assert_eq!(
+        ok("latest_seq", store.latest_seq()).await,
+        seq,
+        "heartbeats append no change"
+    );
+}
+
+/// A heartbeat record for a deleted (or never created) instance is skipped, never resurrecting it.
+pub async fn heartbeats_never_resurrect(store: DynStore) {
+    let a = instance(1);
+    ok("insert", store.insert_instance(&a)).await;
+    ok("delete", store.delete_instance(a.id)).await;
+    let ghost = InstanceId::random();
+    ok(
+        "write_heartbeats",
+        store.write_heartbeats(&[
+            HeartbeatRecord {
+                id: a.id,
+                last_seen: T0,
+                metrics: None,
+                apps: None,
+            },
+            HeartbeatRecord {
+                id: ghost,
+                last_seen: T0,
+                metrics: None,
+                apps: None,
+            },
+        ]),
+    )
+    .await;
+    assert_eq!(ok("get", store.get_instance(a.id)).await, None);
+    assert_eq!(ok("get", store.get_instance(ghost)).await, None);
+    assert_eq!(ok("count", store.count_instances()).await, 0);
+}
+
+/// The feed has one change per durable mutation, strictly increasing, pageable from any point.
+pub async fn change_feed_is_complete_and_ordered(store: DynStore) {
+    assert_eq!(ok("latest_seq", store.latest_seq()).await, 0);
+    let a = instance(1);
+    let b = instance(2);
+    let mut expected = vec![
+        (
+            ok("insert", store.insert_instance(&a)).await,
+            a.id,
+            ChangeKind::Upserted,
+        ),
+        (
+            ok("insert", store.insert_instance(&b)).await,
+            b.id,
+            ChangeKind::Upserted,
+        ),
+        (
+            ok("set_tags", store.set_tags(a.id, &Tags::new())).await,
+            a.id,
+            ChangeKind::Upserted,
+        ),
+        (
+            ok("set_groups", store.set_groups(b.id, &Groups::new())).await,
+            b.id,
+            ChangeKind::Upserted,
+        ),
+        (
+            ok("delete", store.delete_instance(a.id)).await,
+            a.id,
+            ChangeKind::Deleted,
+        ),
+    ];
+    expected.sort_by_key(|e| e.0);
+    let all = ok("changes", store.changes_since(0, 100)).await;
+    let got: Vec<_> = all.iter().map(|c| (c.seq, c.instance, c.kind)).collect();
+    assert_eq!(
+        got, expected,
+        "one change per mutation, in order, with the returned seqs"
+    );
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq));
+    assert_eq!(ok("latest_seq", store.latest_seq()).await, expected[4].0);
+    // Paging: two at a time from each position.
+    for start in 0..expected.len() {
+        let after = if start == 0 { 0 } else { expected[start - 1].0 };
+        let page = ok("changes", store.changes_since(after, 2)).await;
+        let want: Vec<_> = expected[start..].iter().take(2).map(|e| e.0).collect();
+        assert_eq!(page.iter().map(|c| c.seq).collect::<Vec<_>>(), want);
+    }
+    assert!(
+        ok("changes", store.changes_since(expected[4].0, 10))
+            .await
+            .is_empty()
+    );
+}
+
+/// 8 tasks inserting 40 instances each at once: every insert lands, sequence numbers are unique.
+pub async fn concurrent_inserts_all_land(store: DynStore) {
+    let mut tasks = Vec::new();
+    for t in 0..8u32 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for n in 0..40 {
+                seqs.push(ok("insert", store.insert_instance(&instance(t * 100 + n))).await);
+            }
+            seqs
+        }));
+    }
+    let mut seqs = HashSet::new();
+    for task in tasks {
+        let got = task.await.unwrap_or_else(|e| panic!("task failed: {e}"));
+        for s in got {
+            assert!(seqs.insert(s), "sequence number {s} assigned twice");
+        }
+    }
+    assert_eq!(ok("count", store.count_instances()).await, 320);
+    assert_eq!(ok("changes", store.changes_since(0, 1000)).await.len(), 320);
+}
+
+/// Concurrent tag edits of one instance: the stored tags equal the edit with the largest
+/// sequence number (the feed order is the commit order).
+pub async fn concurrent_edits_follow_feed_order(store: DynStore) {
+    let inst = instance(1);
+    ok("insert", store.insert_instance(&inst)).await;
+    let mut tasks = Vec::new();
+    for t in 0..16u32 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            let tags =
+                Tags::from_pairs([("writer", t.to_string())]).unwrap_or_else(|e| panic!("{e}"));
+            (ok("set_tags", store.set_tags(inst.id, &tags)).await, tags)
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap_or_else(|e| panic!("task failed: {e}")));
+    }
+    let winner = results.iter().max_by_key(|r| r.0).map(|r| r.1.clone());
+    let got = ok("get", store.get_instance(inst.id)).await.map(|i| i.tags);
+    assert_eq!(
+        got, winner,
+        "the last committed edit (largest seq) must be the stored one"
+    );
+}
+
+/// A `Fleet` opened on the store rebuilds the same view a previous `Fleet` left behind:
+/// instances, labels, flushed last-seen times and statuses.
+pub async fn fleet_rebuilds_from_store(store: DynStore) {
+    let clock = ManualClock::new(T0);
+    let fleet = Fleet::builder(Arc::clone(&store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap_or_else(|e| panic!("open: {e}"));
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let inst = instance(n);
+        let new = NewInstance {
+            id: Some(inst.id),
+            tenant: inst.tenant,
+            system: inst.system,
+            tags: inst.tags,
+            groups: inst.groups,
+        };
+        ids.push(
+            fleet
+                .register(new)
+                .await
+                .unwrap_or_else(|e| panic!("register: {e}"))
+                .id,
+        );
+    }
+    clock.advance(Duration::from_secs(200));
+    for id in &ids[..10] {
+        let hb = Heartbeat {
+            metrics: Some(MetricsSample {
+                cpu_percent: Some(40.0),
+                ..MetricsSample::default()
+            }),
+            apps: None,
+        };
+        fleet
+            .heartbeat(*id, hb)
+            .unwrap_or_else(|e| panic!("heartbeat: {e}"));
+    }
+    fleet
+        .flush_heartbeats()
+        .await
+        .unwrap_or_else(|e| panic!("flush: {e}"));
+    fleet
+        .deregister(&TenantScope::All, ids[19])
+        .await
+        .unwrap_or_else(|e| panic!("deregister: {e}"));
+    let tags = Tags::from_pairs([("env", "staging")]).unwrap_or_else(|e| panic!("{e}"));
+    fleet
+        .set_tags(&TenantScope::All, ids[0], tags)
+        .await
+        .unwrap_or_else(|e| panic!("set_tags: {e}"));
+    fleet.sweep();
+
+    let reopened = Fleet::builder(Arc::clone(&store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap_or_else(|e| panic!("reopen: {e}"));
+    let all = Filter::all();
+    assert_eq!(
+        reopened.summary(&all, &TenantScope::All),
+        fleet.summary(&all, &TenantScope::All)
+    );
+    let list = |f: &Fleet<DynStore>| -> BTreeMap<InstanceId, (Status, Timestamp, Tags)> {
+        f.list(&all, &TenantScope::All, None, 1000)
+            .items
+            .into_iter()
+            .map(|v| (v.id, (v.status, v.last_seen, v.tags)))
+            .collect()
+    };
+    assert_eq!(
+        list(&reopened),
+        list(&fleet),
+        "the rebuilt view must equal the original"
+    );
+    assert_eq!(reopened.summary(&all, &TenantScope::All).online, 10);
+    assert_eq!(reopened.summary(&all, &TenantScope::All).warning, 9);
+}
+
+/// Emits one `#[tokio::test]` per conformance property for a store builder.
+///
+/// The argument is an expression evaluating to a future of `(guard, store)`: the guard (a temp
+/// dir, a throwaway schema) lives as long as the test; the store must be empty.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($build:expr) => {
+        $crate::store_conformance_tests!(@each $build;
+            insert_get_round_trip,
+            duplicate_insert_is_rejected,
+            missing_instances,
+            list_pages_cover_everything_in_id_order,
+            tags_and_groups_are_stored,
+            delete_removes,
+            heartbeats_update_last_known_state,
+            heartbeats_never_resurrect,
+            change_feed_is_complete_and_ordered,
+            concurrent_inserts_all_land,
+            concurrent_edits_follow_feed_order,
+            fleet_rebuilds_from_store,
+        );
+    };
+    (@each $build:expr; $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let (_guard, store) = $build.await;
+                let store: $crate::testing::DynStore = ::std::sync::Arc::new(store);
+                $crate::testing::$name(store).await;
+            }
+        )*
+    };
+}
