@@ -17,6 +17,8 @@
 //! older than what a slot already reflects is ignored, so writes applied out of order (own writes
 //! racing the change feed) converge on the store's state.
 
+#[cfg(test)]
+mod model_tests;
 mod text;
 mod wheel;
 
