@@ -1,0 +1,534 @@
+//! `Fleet` behaviour: validation that changes nothing, tenant scoping, write-behind, and replicas
+//! following each other through the change feed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fleet_core::store::{
+    Change, ChangeFeed, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult,
+};
+use fleet_core::{
+    App, Filter, Fleet, FleetError, Groups, Heartbeat, Instance, InstanceId, ManualClock,
+    MemoryStore, MetricsSample, NewInstance, StalenessPolicy, Status, StoreError, SystemInfo, Tags,
+    TenantId, TenantScope, Timestamp,
+};
+
+const T0: Timestamp = Timestamp::from_unix_secs(1_700_000_000);
+
+fn new(host: &str, tenant: Option<&str>) -> NewInstance {
+    NewInstance {
+        tenant: tenant.map(|t| TenantId::new(t).unwrap()),
+        system: SystemInfo::with_hostname(host),
+        tags: Tags::from_pairs([("env", "prod")]).unwrap(),
+        ..NewInstance::default()
+    }
+}
+
+async fn fleet() -> (Fleet<Arc<MemoryStore>>, ManualClock) {
+    let clock = ManualClock::new(T0);
+    let fleet = Fleet::builder(Arc::new(MemoryStore::new()))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+    (fleet, clock)
+}
+
+fn all(f: &Fleet<Arc<MemoryStore>>) -> Vec<fleet_core::InstanceView> {
+    f.list(&Filter::all(), &TenantScope::All, None, 1000).items
+}
+
+#[tokio::test]
+async fn invalid_registration_changes_nothing() {
+    let (fleet, _) = fleet().await;
+    for host in ["", "has space", "bad\u{0}"] {
+        let err = fleet.register(new(host, None)).await.unwrap_err();
+        assert!(matches!(err, FleetError::Invalid(_)), "{err}");
+        assert!(err.to_string().contains("hostname"), "{err}");
+    }
+    assert_eq!(
+        fleet.store().count_instances().await.unwrap(),
+        0,
+        "nothing stored"
+    );
+    assert_eq!(
+        fleet.store().latest_seq().await.unwrap(),
+        0,
+        "no change recorded"
+    );
+    assert!(all(&fleet).is_empty(), "nothing in the live view");
+}
+
+#[tokio::test]
+async fn duplicate_id_is_refused_and_keeps_the_original() {
+    let (fleet, _) = fleet().await;
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let mut dup = new("b", None);
+    dup.id = Some(a.id);
+    let err = fleet.register(dup).await.unwrap_err();
+    assert!(
+        matches!(err, FleetError::InstanceExists(id) if id == a.id),
+        "{err}"
+    );
+    let items = all(&fleet);
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0].hostname, "a");
+}
+
+#[tokio::test]
+async fn invalid_heartbeat_changes_nothing() {
+    let (fleet, clock) = fleet().await;
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let good = MetricsSample {
+        cpu_percent: Some(10.0),
+        ..MetricsSample::default()
+    };
+    fleet
+        .heartbeat(
+            a.id,
+            Heartbeat {
+                metrics: Some(good),
+                apps: None,
+            },
+        )
+        .unwrap();
+    fleet.flush_heartbeats().await.unwrap();
+    let before_view = fleet.get(&TenantScope::All, a.id).unwrap();
+    let before_store = fleet.store().get_instance(a.id).await.unwrap();
+
+    clock.advance(Duration::from_secs(30));
+    let bad_metrics = Heartbeat {
+        metrics: Some(MetricsSample {
+            cpu_percent: Some(250.0),
+            ..MetricsSample::default()
+        }),
+        apps: None,
+    };
+    let bad_apps = Heartbeat {
+        metrics: None,
+        apps: Some(vec![App {
+            name: String::new(),
+            version: None,
+        }]),
+    };
+    for hb in [bad_metrics, bad_apps] {
+        assert!(matches!(
+            fleet.heartbeat(a.id, hb),
+            Err(FleetError::Invalid(_))
+        ));
+    }
+    assert_eq!(
+        fleet.get(&TenantScope::All, a.id).unwrap(),
+        before_view,
+        "live view untouched"
+    );
+    assert_eq!(
+        fleet.pending_heartbeats(),
+        0,
+        "nothing queued for the store"
+    );
+    assert_eq!(fleet.flush_heartbeats().await.unwrap(), 0);
+    assert_eq!(
+        fleet.store().get_instance(a.id).await.unwrap(),
+        before_store,
+        "store untouched"
+    );
+
+    let unknown = InstanceId::random();
+    assert!(
+        matches!(fleet.heartbeat(unknown, Heartbeat::default()), Err(FleetError::InstanceNotFound(id)) if id == unknown)
+    );
+    assert_eq!(fleet.pending_heartbeats(), 0);
+}
+
+#[tokio::test]
+async fn heartbeat_reply_and_status_cycle() {
+    let (fleet, clock) = fleet().await;
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let ack = fleet.heartbeat(a.id, Heartbeat::default()).unwrap();
+    assert_eq!(ack.status, Status::Online);
+    assert_eq!(ack.next_heartbeat, Duration::from_secs(15));
+    assert!(ack.transitions.is_empty());
+
+    clock.advance(Duration::from_secs(60));
+    let changes = fleet.sweep();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].transition.to, Status::Warning);
+    assert_eq!(
+        changes[0].transition.at,
+        T0.saturating_add(Duration::from_secs(60))
+    );
+    clock.advance(Duration::from_secs(241));
+    let changes = fleet.sweep();
+    assert_eq!(changes[0].transition.to, Status::Offline);
+    assert_eq!(fleet.summary(&Filter::all(), &TenantScope::All).offline, 1);
+
+    // The offline instance keeps its last known state, and recovers on its next heartbeat.
+    let view = fleet.get(&TenantScope::All, a.id).unwrap();
+    assert_eq!((view.status, view.last_seen), (Status::Offline, T0));
+    let ack = fleet.heartbeat(a.id, Heartbeat::default()).unwrap();
+    assert_eq!(ack.status, Status::Online);
+    assert_eq!(
+        ack.transitions.iter().last().map(|t| (t.from, t.to)),
+        Some((Status::Offline, Status::Online))
+    );
+}
+
+#[tokio::test]
+async fn tenant_scope_hides_and_protects_other_tenants() {
+    let (fleet, _) = fleet().await;
+    let acme = fleet.register(new("acme-1", Some("acme"))).await.unwrap();
+    let globex = fleet
+        .register(new("globex-1", Some("globex")))
+        .await
+        .unwrap();
+    let scope = TenantScope::Tenant(TenantId::new("acme").unwrap());
+
+    let listed: Vec<_> = fleet
+        .list(&Filter::all(), &scope, None, 100)
+        .items
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(listed, vec![acme.id]);
+    assert_eq!(fleet.summary(&Filter::all(), &scope).total, 1);
+    assert_eq!(
+        fleet
+            .summary(&Filter::parse("text:globex").unwrap(), &scope)
+            .total,
+        0
+    );
+    assert!(fleet.get(&scope, globex.id).is_none());
+    assert!(matches!(
+        fleet.detail(&scope, globex.id).await,
+        Err(FleetError::InstanceNotFound(_))
+    ));
+
+    // Writes to another tenant's instance are refused as "not found" and change nothing.
+    let seq = fleet.store().latest_seq().await.unwrap();
+    let tags = Tags::from_pairs([("owned", "yes")]).unwrap();
+    assert!(matches!(
+        fleet.set_tags(&scope, globex.id, tags).await,
+        Err(FleetError::InstanceNotFound(_))
+    ));
+    assert!(matches!(
+        fleet
+            .set_groups(&scope, globex.id, Groups::from_names(["x"]).unwrap())
+            .await,
+        Err(FleetError::InstanceNotFound(_))
+    ));
+    assert!(matches!(
+        fleet.deregister(&scope, globex.id).await,
+        Err(FleetError::InstanceNotFound(_))
+    ));
+    assert_eq!(
+        fleet.store().latest_seq().await.unwrap(),
+        seq,
+        "nothing written"
+    );
+    assert_eq!(
+        fleet.get(&TenantScope::All, globex.id).unwrap().tags,
+        Tags::from_pairs([("env", "prod")]).unwrap()
+    );
+
+    // Within its own tenant the scoped operator can edit.
+    fleet
+        .set_tags(
+            &scope,
+            acme.id,
+            Tags::from_pairs([("owned", "yes")]).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        fleet
+            .summary(&Filter::parse("owned=yes").unwrap(), &TenantScope::All)
+            .total,
+        1
+    );
+}
+
+#[tokio::test]
+async fn detail_combines_live_state_with_stored_facts() {
+    let (fleet, _) = fleet().await;
+    let mut n = new("db-1", None);
+    n.system.os = Some("Cloud OS".into());
+    let a = fleet.register(n).await.unwrap();
+    let apps = vec![App {
+        name: "postgres".into(),
+        version: Some("15".into()),
+    }];
+    let m = MetricsSample {
+        cpu_percent: Some(42.0),
+        uptime_secs: Some(99),
+        ..MetricsSample::default()
+    };
+    fleet
+        .heartbeat(
+            a.id,
+            Heartbeat {
+                metrics: Some(m),
+                apps: Some(apps.clone()),
+            },
+        )
+        .unwrap();
+    // Before the flush the pending apps are shown; after it the stored ones.
+    let d = fleet.detail(&TenantScope::All, a.id).await.unwrap();
+    assert_eq!(d.apps, apps);
+    assert_eq!(d.system.os.as_deref(), Some("Cloud OS"));
+    assert_eq!(
+        d.live.metrics.as_ref().and_then(|m| m.cpu_percent),
+        Some(42.0)
+    );
+    fleet.flush_heartbeats().await.unwrap();
+    assert_eq!(
+        fleet.detail(&TenantScope::All, a.id).await.unwrap().apps,
+        apps
+    );
+    assert_eq!(
+        fleet
+            .store()
+            .get_instance(a.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .apps,
+        apps
+    );
+}
+
+#[tokio::test]
+async fn write_behind_keeps_one_record_per_instance_with_the_latest_state() {
+    let (fleet, clock) = fleet().await;
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let apps = vec![App {
+        name: "nginx".into(),
+        version: None,
+    }];
+    fleet
+        .heartbeat(
+            a.id,
+            Heartbeat {
+                metrics: None,
+                apps: Some(apps.clone()),
+            },
+        )
+        .unwrap();
+    clock.advance(Duration::from_secs(5));
+    let m = MetricsSample {
+        cpu_percent: Some(5.0),
+        ..MetricsSample::default()
+    };
+    fleet
+        .heartbeat(
+            a.id,
+            Heartbeat {
+                metrics: Some(m.clone()),
+                apps: None,
+            },
+        )
+        .unwrap();
+    assert_eq!(fleet.pending_heartbeats(), 1, "latest per instance wins");
+    assert_eq!(fleet.flush_heartbeats().await.unwrap(), 1);
+    let stored = fleet.store().get_instance(a.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_seen, T0.saturating_add(Duration::from_secs(5)));
+    assert_eq!(stored.metrics, Some(m));
+    assert_eq!(
+        stored.apps, apps,
+        "apps from the earlier heartbeat survive the merge"
+    );
+}
+
+/// A store whose heartbeat writes fail while `down` is set (fault injection over MemoryStore).
+#[derive(Debug, Default)]
+struct Flaky {
+    inner: MemoryStore,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl InstanceStore for Flaky {
+    async fn insert_instance(&self, i: &Instance) -> StoreResult<Seq> {
+        self.inner.insert_instance(i).await
+    }
+    async fn get_instance(&self, id: InstanceId) -> StoreResult<Option<Instance>> {
+        self.inner.get_instance(id).await
+    }
+    async fn list_instances(
+        &self,
+        after: Option<InstanceId>,
+        n: usize,
+    ) -> StoreResult<Vec<Instance>> {
+        self.inner.list_instances(after, n).await
+    }
+    async fn set_tags(&self, id: InstanceId, t: &Tags) -> StoreResult<Seq> {
+        self.inner.set_tags(id, t).await
+    }
+    async fn set_groups(&self, id: InstanceId, g: &Groups) -> StoreResult<Seq> {
+        self.inner.set_groups(id, g).await
+    }
+    async fn delete_instance(&self, id: InstanceId) -> StoreResult<Seq> {
+        self.inner.delete_instance(id).await
+    }
+    async fn count_instances(&self) -> StoreResult<u64> {
+        self.inner.count_instances().await
+    }
+}
+
+#[async_trait]
+impl HeartbeatStore for Flaky {
+    async fn write_heartbeats(&self, b: &[HeartbeatRecord]) -> StoreResult<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                source: "database is down".into(),
+            });
+        }
+        self.inner.write_heartbeats(b).await
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for Flaky {
+    async fn changes_since(&self, after: Seq, n: usize) -> StoreResult<Vec<Change>> {
+        self.inner.changes_since(after, n).await
+    }
+    async fn latest_seq(&self) -> StoreResult<Seq> {
+        self.inner.latest_seq().await
+    }
+}
+
+#[tokio::test]
+async fn failed_flush_loses_nothing() {
+    let clock = ManualClock::new(T0);
+    let fleet = Fleet::builder(Arc::new(Flaky::default()))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let m1 = MetricsSample {
+        cpu_percent: Some(1.0),
+        ..MetricsSample::default()
+    };
+    clock.advance(Duration::from_secs(10));
+    fleet
+        .heartbeat(
+            a.id,
+            Heartbeat {
+                metrics: Some(m1.clone()),
+                apps: None,
+            },
+        )
+        .unwrap();
+
+    fleet.store().down.store(true, Ordering::SeqCst);
+    let err = fleet.flush_heartbeats().await.unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(fleet.pending_heartbeats(), 1, "the batch is kept");
+    // A newer liveness-only heartbeat arrives while the store is down.
+    clock.advance(Duration::from_secs(10));
+    fleet.heartbeat(a.id, Heartbeat::default()).unwrap();
+
+    fleet.store().down.store(false, Ordering::SeqCst);
+    assert_eq!(fleet.flush_heartbeats().await.unwrap(), 1);
+    let stored = fleet.store().get_instance(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.last_seen,
+        T0.saturating_add(Duration::from_secs(20)),
+        "newest time wins"
+    );
+    assert_eq!(
+        stored.metrics,
+        Some(m1),
+        "the sample from the failed batch is not lost"
+    );
+}
+
+#[tokio::test]
+async fn replicas_follow_each_other_through_the_change_feed() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let a = Fleet::builder(Arc::clone(&store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+    let b = Fleet::builder(Arc::clone(&store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+
+    let x = a.register(new("x", None)).await.unwrap();
+    let y = a.register(new("y", Some("acme"))).await.unwrap();
+    assert!(
+        b.get(&TenantScope::All, x.id).is_none(),
+        "b has not synced yet"
+    );
+    assert_eq!(b.sync().await.unwrap(), 2);
+    assert_eq!(b.summary(&Filter::all(), &TenantScope::All).total, 2);
+
+    b.set_tags(
+        &TenantScope::All,
+        x.id,
+        Tags::from_pairs([("env", "staging")]).unwrap(),
+    )
+    .await
+    .unwrap();
+    b.deregister(&TenantScope::All, y.id).await.unwrap();
+    a.sync().await.unwrap();
+    let on_a = all(&a);
+    assert_eq!(on_a.len(), 1);
+    assert_eq!(
+        on_a[0].tags,
+        Tags::from_pairs([("env", "staging")]).unwrap()
+    );
+    // Syncing again is a no-op, and both views agree.
+    assert_eq!(a.sync().await.unwrap(), 0);
+    b.sync().await.unwrap();
+    assert_eq!(all(&a), all(&b));
+}
+
+#[tokio::test]
+async fn truncated_feed_falls_back_to_reconciliation() {
+    let store = Arc::new(MemoryStore::with_feed_capacity(2));
+    let clock = ManualClock::new(T0);
+    let a = Fleet::builder(Arc::clone(&store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+    let b = Fleet::builder(Arc::clone(&store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(a.register(new(&format!("h{i}"), None)).await.unwrap().id);
+    }
+    a.deregister(&TenantScope::All, ids[0]).await.unwrap();
+    assert!(matches!(
+        store.changes_since(0, 10).await,
+        Err(StoreError::FeedTruncated { .. })
+    ));
+    b.sync().await.unwrap();
+    assert_eq!(all(&b).len(), 4);
+    assert_eq!(all(&a), all(&b));
+}
+
+#[tokio::test]
+async fn invalid_policy_is_refused_at_open() {
+    let bad = StalenessPolicy {
+        warning_after: Duration::from_secs(300),
+        ..StalenessPolicy::default()
+    };
+    let err = Fleet::builder(MemoryStore::new())
+        .policy(bad)
+        .open()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("offline_after"), "{err}");
+}
