@@ -70,6 +70,8 @@ fn instance(i: u32, tenants: &[TenantId]) -> Instance {
         last_seen: Timestamp::from_unix_millis(T0),
         metrics: None,
         apps: Vec::new(),
+        certificate: None,
+        next_certificate: None,
     }
 }
 

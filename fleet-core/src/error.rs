@@ -48,12 +48,15 @@ impl ValidationError {
 pub enum RecordKind {
     /// An instance.
     Instance,
+    /// A registration token.
+    Token,
 }
 
 impl std::fmt::Display for RecordKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::Instance => "instance",
+            Self::Token => "token",
         })
     }
 }
@@ -78,6 +81,10 @@ pub enum StoreError {
         /// Its id, as text.
         id: String,
     },
+    /// The write's precondition no longer holds (e.g. promoting a certificate that is not the
+    /// staged one); nothing was written.
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// The change feed no longer holds changes after the requested sequence number; the reader
     /// must rebuild from a full listing.
     #[error("change feed truncated: changes after {requested} are gone (oldest kept is {oldest})")]
@@ -149,6 +156,15 @@ pub enum FleetError {
     /// An instance with this id already exists.
     #[error("instance {0} already exists")]
     InstanceExists(InstanceId),
+    /// No registration token with this id (or not visible in the caller's tenant scope).
+    #[error("registration token {0} not found")]
+    TokenNotFound(crate::TokenId),
+    /// The certificate authority failed.
+    #[error("certificate authority error")]
+    Ca(#[source] crate::ca::CaError),
+    /// The system random number generator failed.
+    #[error(transparent)]
+    Random(#[from] crate::RandomError),
     /// The store failed; for writes, nothing was acknowledged.
     #[error("store error")]
     Store(#[source] StoreError),

@@ -41,6 +41,8 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::ca::CertificateAuthority;
+use crate::enroll::EnrollmentPolicy;
 use crate::error::{FleetError, StoreError};
 use crate::instance::validate_apps;
 use crate::live::{Cursor, InstanceView, LiveView, Page, StatusChange};
@@ -53,6 +55,8 @@ use crate::{
     SystemInfo, Tags, TenantScope,
 };
 
+/// Validity of a CA generated on first open (10 years).
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Page size used when reading the store to build or reconcile the live view.
 const REBUILD_PAGE: usize = 1000;
 /// Largest page a list call returns.
@@ -97,6 +101,8 @@ pub struct FleetBuilder<S> {
     store: S,
     clock: Arc<dyn Clock>,
     policy: StalenessPolicy,
+    enrollment: EnrollmentPolicy,
+    ca: Option<CertificateAuthority>,
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
@@ -112,13 +118,42 @@ impl<S: FleetStore> FleetBuilder<S> {
         self
     }
 
-    /// Validates the settings, rebuilds the live view from the store and returns the fleet.
+    /// Enrollment settings (default: [`EnrollmentPolicy::default`]).
+    pub fn enrollment(mut self, policy: EnrollmentPolicy) -> Self {
+        self.enrollment = policy;
+        self
+    }
+
+    /// Use this CA instead of the store's. By default the CA is loaded from the store, or
+    /// generated and stored on first open (replicas opening at once agree on one).
+    pub fn ca(mut self, ca: CertificateAuthority) -> Self {
+        self.ca = Some(ca);
+        self
+    }
+
+    /// Validates the settings, loads (or creates) the CA, rebuilds the live view from the store
+    /// and returns the fleet.
     pub async fn open(self) -> Result<Fleet<S>, FleetError> {
         let view = LiveView::new(self.policy)?;
+        self.enrollment.validate()?;
+        let ca = match self.ca {
+            Some(ca) => ca,
+            None => match self.store.load_ca().await? {
+                Some(m) => CertificateAuthority::from_material(&m).map_err(FleetError::Ca)?,
+                None => {
+                    let fresh = CertificateAuthority::generate("fleet CA", self.clock.now(), CA_VALIDITY)
+                        .map_err(FleetError::Ca)?;
+                    let stored = self.store.init_ca(&fresh.to_material()).await?;
+                    CertificateAuthority::from_material(&stored).map_err(FleetError::Ca)?
+                }
+            },
+        };
         let fleet = Fleet {
             inner: Arc::new(Inner {
                 store: self.store,
                 clock: self.clock,
+                ca,
+                enrollment: self.enrollment,
                 view: RwLock::new(view),
                 pending: Mutex::new(FxHashMap::default()),
                 feed: tokio::sync::Mutex::new(0),
@@ -135,9 +170,11 @@ impl<S: FleetStore> FleetBuilder<S> {
 }
 
 #[derive(Debug)]
-struct Inner<S> {
-    store: S,
-    clock: Arc<dyn Clock>,
+pub(crate) struct Inner<S> {
+    pub(crate) store: S,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) ca: CertificateAuthority,
+    pub(crate) enrollment: EnrollmentPolicy,
     view: RwLock<LiveView>,
     pending: Mutex<FxHashMap<InstanceId, HeartbeatRecord>>,
     /// Change-feed cursor; the lock also serializes `sync`.
@@ -149,7 +186,7 @@ struct Inner<S> {
 /// The fleet: live view + store; see the module docs.
 #[derive(Debug)]
 pub struct Fleet<S> {
-    inner: Arc<Inner<S>>,
+    pub(crate) inner: Arc<Inner<S>>,
 }
 
 impl<S> Clone for Fleet<S> {
@@ -178,6 +215,8 @@ impl<S: FleetStore> Fleet<S> {
             store,
             clock: Arc::new(SystemClock),
             policy: StalenessPolicy::default(),
+            enrollment: EnrollmentPolicy::default(),
+            ca: None,
         }
     }
 
@@ -206,7 +245,7 @@ impl<S: FleetStore> Fleet<S> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn view_mut(&self) -> RwLockWriteGuard<'_, LiveView> {
+    pub(crate) fn view_mut(&self) -> RwLockWriteGuard<'_, LiveView> {
         self.inner
             .view
             .write()
@@ -242,6 +281,8 @@ impl<S: FleetStore> Fleet<S> {
             last_seen: now,
             metrics: None,
             apps: Vec::new(),
+            certificate: None,
+            next_certificate: None,
         };
         let seq = self.inner.store.insert_instance(&instance).await?;
         self.view_mut().upsert(&instance, seq, now);
@@ -357,10 +398,27 @@ impl<S: FleetStore> Fleet<S> {
     /// Removes an instance from the fleet. Durable before returning.
     pub async fn deregister(&self, scope: &TenantScope, id: InstanceId) -> Result<(), FleetError> {
         self.visible(id, scope)?;
-        let seq = self.inner.store.delete_instance(id).await?;
+        let seq = self.inner.store.delete_instance(id, self.now()).await?;
         self.view_mut().remove(id, seq);
         self.pending().remove(&id);
         Ok(())
+    }
+
+    /// Re-reads an instance from the store and applies it to the live view as of `seq`.
+    pub(crate) async fn apply_stored(&self, id: InstanceId, seq: Seq) -> Result<(), StoreError> {
+        let current = self.inner.store.get_instance(id).await?;
+        let now = self.now();
+        let mut view = self.view_mut();
+        match current {
+            Some(inst) => view.upsert(&inst, seq, now),
+            None => view.remove(id, seq),
+        };
+        Ok(())
+    }
+
+    /// The fleet CA.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.inner.ca
     }
 
     /// Applies every status change due now; see [`LiveView::sweep`].

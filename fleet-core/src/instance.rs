@@ -12,6 +12,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::ca::CertificateRecord;
 use crate::error::ValidationError;
 use crate::{Groups, MetricsSample, Tags, TenantId, Timestamp};
 
@@ -216,6 +217,12 @@ pub struct Instance {
     pub metrics: Option<MetricsSample>,
     /// Installed applications, as last reported.
     pub apps: Vec<App>,
+    /// Its current client certificate, if it enrolled through the CA.
+    #[serde(default)]
+    pub certificate: Option<CertificateRecord>,
+    /// A renewed certificate not yet used; it becomes current on first use.
+    #[serde(default)]
+    pub next_certificate: Option<CertificateRecord>,
 }
 
 impl Instance {

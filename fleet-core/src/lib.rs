@@ -18,60 +18,42 @@
 //!
 //! Time comes only from a [`Clock`]; tests use [`ManualClock`].
 //!
-//! ## A store of your own
-//!
-//! Stores implement three small traits; [`FleetStore`] is their sum. A wrapper that counts
-//! writes, for instance:
+//! ## From token to heartbeat
 //!
 //! ```
-//! use async_trait::async_trait;
-//! use fleet_core::store::*;
-//! use fleet_core::{Groups, Instance, InstanceId, MemoryStore, Tags};
-//! use std::sync::atomic::{AtomicU64, Ordering};
+//! use fleet_core::{EnrollRequest, Filter, Fleet, Heartbeat, InstanceIdentity, MemoryStore,
+//!                  NewToken, SystemInfo, TenantScope};
 //!
-//! #[derive(Debug, Default)]
-//! struct Counting { inner: MemoryStore, writes: AtomicU64 }
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! // A control plane: a store, and a CA generated into it on first open.
+//! let fleet = Fleet::builder(MemoryStore::new()).open().await?;
 //!
-//! #[async_trait]
-//! impl InstanceStore for Counting {
-//!     async fn insert_instance(&self, i: &Instance) -> StoreResult<Seq> {
-//!         self.writes.fetch_add(1, Ordering::Relaxed);
-//!         self.inner.insert_instance(i).await
-//!     }
-//!     async fn get_instance(&self, id: InstanceId) -> StoreResult<Option<Instance>> {
-//!         self.inner.get_instance(id).await
-//!     }
-//!     async fn list_instances(&self, after: Option<InstanceId>, n: usize) -> StoreResult<Vec<Instance>> {
-//!         self.inner.list_instances(after, n).await
-//!     }
-//!     async fn set_tags(&self, id: InstanceId, t: &Tags) -> StoreResult<Seq> {
-//!         self.inner.set_tags(id, t).await
-//!     }
-//!     async fn set_groups(&self, id: InstanceId, g: &Groups) -> StoreResult<Seq> {
-//!         self.inner.set_groups(id, g).await
-//!     }
-//!     async fn delete_instance(&self, id: InstanceId) -> StoreResult<Seq> {
-//!         self.inner.delete_instance(id).await
-//!     }
-//!     async fn count_instances(&self) -> StoreResult<u64> { self.inner.count_instances().await }
-//! }
-//! #[async_trait]
-//! impl HeartbeatStore for Counting {
-//!     async fn write_heartbeats(&self, b: &[HeartbeatRecord]) -> StoreResult<()> {
-//!         self.inner.write_heartbeats(b).await
-//!     }
-//! }
-//! #[async_trait]
-//! impl ChangeFeed for Counting {
-//!     async fn changes_since(&self, after: Seq, n: usize) -> StoreResult<Vec<Change>> {
-//!         self.inner.changes_since(after, n).await
-//!     }
-//!     async fn latest_seq(&self) -> StoreResult<Seq> { self.inner.latest_seq().await }
-//! }
+//! // An operator creates a one-use token and hands the join string to the new machine.
+//! let token = fleet.create_token(&TenantScope::All, NewToken::default()).await?;
+//! let join = token.join.to_string();
 //!
-//! fn assert_store<S: FleetStore>() {}
-//! assert_store::<Counting>();
+//! // The agent makes a key and a CSR, and enrolls (normally over TLS, see fleet-agent-proto).
+//! let key = rcgen::KeyPair::generate()?;
+//! let csr = rcgen::CertificateParams::default().serialize_request(&key)?.pem()?;
+//! let enrolled = fleet
+//!     .enroll(EnrollRequest {
+//!         token: join,
+//!         csr_pem: csr,
+//!         system: SystemInfo::with_hostname("web-01"),
+//!         ..EnrollRequest::default()
+//!     })
+//!     .await?;
+//!
+//! // Later requests arrive over mutual TLS: the verified certificate is the identity.
+//! let identity = InstanceIdentity::from_certificate_der(&enrolled.certificate.der)?;
+//! fleet.heartbeat_as(&identity, Heartbeat::default()).await?;
+//! assert_eq!(fleet.summary(&Filter::parse("status:online")?, &TenantScope::All).online, 1);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # }).unwrap();
 //! ```
+//!
+//! Stores implement the traits of [`store`]; [`MemoryStore`] is the reference implementation
+//! and `fleet_core::testing` (feature `testing`) the suite every store passes.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -81,32 +63,43 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod ca;
 mod clock;
+pub mod csr;
+mod enroll;
 pub mod error;
 pub mod filter;
 mod fleet;
 pub mod group;
+pub mod identity;
 pub mod instance;
 pub mod live;
 pub mod memory;
 pub mod metrics;
+mod random;
 pub mod staleness;
 pub mod store;
 pub mod summary;
 pub mod tag;
 pub mod tenant;
+pub mod token;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 mod timestamp;
 
+pub use ca::{CertificateAuthority, IssuancePolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use enroll::{AuthError, EnrollError, EnrollRequest, Enrollment, EnrollmentPolicy, RenewError};
+pub use identity::{Fingerprint, InstanceIdentity, Serial};
+pub use random::RandomError;
+pub use token::{JoinString, MaxUses, NewToken, RegistrationToken, TokenId};
 pub use error::{FleetError, StoreError, ValidationError};
 pub use filter::{Filter, FilterParseError, TagSelector, Term};
 pub use fleet::{Fleet, FleetBuilder, Heartbeat, HeartbeatAck, InstanceDetail, MAX_PAGE_SIZE};
 pub use group::{GroupName, Groups};
 pub use instance::{App, Instance, InstanceId, NewInstance, SystemInfo};
-pub use live::{Cursor, InstanceView, LiveMetrics, LiveView, Page, StatusChange};
+pub use live::{CertificateCheck, Cursor, InstanceView, LiveMetrics, LiveView, Page, StatusChange};
 pub use memory::MemoryStore;
 pub use metrics::{MetricsSample, NetworkRates};
 pub use staleness::{StalenessPolicy, StalenessState, Status, Transition};

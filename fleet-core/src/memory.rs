@@ -4,17 +4,20 @@
 //! conformance suite. Use it in tests and for control planes that can rebuild their fleet from
 //! elsewhere; nothing survives the process.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
-use crate::error::StoreError;
+use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
+use crate::error::{RecordKind, StoreError};
+use crate::identity::{Fingerprint, Serial};
 use crate::store::{
-    Change, ChangeFeed, ChangeKind, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq,
-    StoreResult,
+    CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit, EnrollResult,
+    EnrollTarget, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult, TokenStore,
 };
-use crate::{Groups, Instance, InstanceId, Tags};
+use crate::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
+use crate::{Groups, Instance, InstanceId, Tags, Timestamp};
 
 /// Default number of change-feed entries a [`MemoryStore`] keeps.
 pub const DEFAULT_FEED_CAPACITY: usize = 1 << 20;
@@ -24,6 +27,14 @@ struct State {
     instances: BTreeMap<InstanceId, Instance>,
     feed: VecDeque<Change>,
     last_seq: Seq,
+    tokens: BTreeMap<TokenId, RegistrationToken>,
+    ledger: HashMap<TokenId, Vec<LedgerEntry>>,
+    ca: Option<CaMaterial>,
+    revoked: BTreeMap<Serial, RevokedCertificate>,
+}
+
+fn token_not_found(id: &TokenId) -> StoreError {
+    StoreError::NotFound { kind: RecordKind::Token, id: id.to_string() }
 }
 
 /// A store in process memory; see the module docs.
@@ -63,6 +74,35 @@ impl MemoryStore {
 }
 
 impl State {
+    fn revoke(&mut self, instance: InstanceId, cert: Option<CertificateRecord>, now: Timestamp) {
+        if let Some(c) = cert {
+            self.revoked.entry(c.serial).or_insert(RevokedCertificate {
+                serial: c.serial,
+                not_after: c.not_after,
+                revoked_at: now,
+                instance,
+            });
+        }
+    }
+
+    fn log(&mut self, commit: &EnrollCommit, outcome: LedgerOutcome, instance: Option<InstanceId>) {
+        self.ledger.entry(commit.token.clone()).or_default().push(LedgerEntry {
+            token: commit.token.clone(),
+            at: commit.now,
+            outcome,
+            instance,
+            peer: commit.peer,
+            key_fingerprint: Some(commit.key_fingerprint),
+        });
+    }
+
+    fn recent_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> Option<InstanceId> {
+        self.ledger.get(id)?.iter().rev().find_map(|e| {
+            let hit = e.outcome.is_success() && e.at >= since && e.key_fingerprint.as_ref() == Some(key);
+            e.instance.filter(|i| hit && self.instances.contains_key(i))
+        })
+    }
+
     fn append(&mut self, instance: InstanceId, kind: ChangeKind, capacity: usize) -> Seq {
         self.last_seq += 1;
         self.feed.push_back(Change {
@@ -129,11 +169,13 @@ impl InstanceStore for MemoryStore {
         Ok(s.append(id, ChangeKind::Upserted, self.feed_capacity))
     }
 
-    async fn delete_instance(&self, id: InstanceId) -> StoreResult<Seq> {
+    async fn delete_instance(&self, id: InstanceId, now: Timestamp) -> StoreResult<Seq> {
         let mut s = self.lock();
-        if s.instances.remove(&id).is_none() {
+        let Some(inst) = s.instances.remove(&id) else {
             return Err(StoreError::instance_not_found(id));
-        }
+        };
+        s.revoke(id, inst.certificate, now);
+        s.revoke(id, inst.next_certificate, now);
         Ok(s.append(id, ChangeKind::Deleted, self.feed_capacity))
     }
 
@@ -179,5 +221,147 @@ impl ChangeFeed for MemoryStore {
 
     async fn latest_seq(&self) -> StoreResult<Seq> {
         Ok(self.lock().last_seq)
+    }
+}
+
+#[async_trait]
+impl TokenStore for MemoryStore {
+    async fn insert_token(&self, token: &RegistrationToken) -> StoreResult<()> {
+        let mut s = self.lock();
+        if s.tokens.contains_key(&token.id) {
+            return Err(StoreError::AlreadyExists { kind: RecordKind::Token, id: token.id.to_string() });
+        }
+        s.tokens.insert(token.id.clone(), token.clone());
+        Ok(())
+    }
+
+    async fn get_token(&self, id: &TokenId) -> StoreResult<Option<RegistrationToken>> {
+        Ok(self.lock().tokens.get(id).cloned())
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<RegistrationToken>> {
+        let mut all: Vec<_> = self.lock().tokens.values().cloned().collect();
+        all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        Ok(all)
+    }
+
+    async fn revoke_token(&self, id: &TokenId, now: Timestamp) -> StoreResult<RegistrationToken> {
+        let mut s = self.lock();
+        let t = s.tokens.get_mut(id).ok_or_else(|| token_not_found(id))?;
+        t.revoked_at.get_or_insert(now);
+        Ok(t.clone())
+    }
+
+    async fn append_ledger(&self, entry: &LedgerEntry) -> StoreResult<()> {
+        let mut s = self.lock();
+        if !s.tokens.contains_key(&entry.token) {
+            return Err(token_not_found(&entry.token));
+        }
+        s.ledger.entry(entry.token.clone()).or_default().push(entry.clone());
+        Ok(())
+    }
+
+    async fn ledger(&self, id: &TokenId, limit: usize) -> StoreResult<Vec<LedgerEntry>> {
+        let s = self.lock();
+        Ok(s.ledger.get(id).map(|l| l.iter().rev().take(limit).cloned().collect()).unwrap_or_default())
+    }
+
+    async fn find_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> StoreResult<Option<InstanceId>> {
+        Ok(self.lock().recent_enrollment(id, key, since))
+    }
+
+    async fn enroll(&self, commit: &EnrollCommit) -> StoreResult<EnrollResult> {
+        let mut s = self.lock();
+        let Some(token) = s.tokens.get(&commit.token).cloned() else {
+            return Ok(EnrollResult::UnknownToken);
+        };
+        if token.revoked_at.is_some() {
+            s.log(commit, LedgerOutcome::Revoked, None);
+            return Ok(EnrollResult::Rejected(TokenState::Revoked));
+        }
+        if let Some(instance) = s.recent_enrollment(&commit.token, &commit.key_fingerprint, commit.retry_since) {
+            s.log(commit, LedgerOutcome::Retried, Some(instance));
+            return Ok(EnrollResult::Retry { instance });
+        }
+        match token.state(commit.now) {
+            TokenState::Active => {}
+            state => {
+                let outcome = if state == TokenState::Expired { LedgerOutcome::Expired } else { LedgerOutcome::Exhausted };
+                s.log(commit, outcome, None);
+                return Ok(EnrollResult::Rejected(state));
+            }
+        }
+        let (instance, outcome) = match &commit.target {
+            EnrollTarget::New(inst) => {
+                if s.instances.contains_key(&inst.id) {
+                    return Err(StoreError::instance_exists(inst.id));
+                }
+                s.instances.insert(inst.id, (**inst).clone());
+                (inst.id, LedgerOutcome::Enrolled)
+            }
+            EnrollTarget::Existing { instance, expected_serial, certificate } => {
+                let current = s.instances.get(instance).and_then(|i| i.certificate);
+                let ok = token.allow_reenroll && current.is_some_and(|c| c.serial == *expected_serial);
+                if !ok {
+                    s.log(commit, LedgerOutcome::ReenrollRefused, Some(*instance));
+                    return Ok(EnrollResult::ReenrollRefused);
+                }
+                let staged = s.instances.get_mut(instance).and_then(|i| {
+                    i.certificate = Some(*certificate);
+                    i.next_certificate.take()
+                });
+                s.revoke(*instance, current, commit.now);
+                s.revoke(*instance, staged, commit.now);
+                (*instance, LedgerOutcome::Reenrolled)
+            }
+        };
+        if let Some(t) = s.tokens.get_mut(&commit.token) {
+            t.uses = t.uses.saturating_add(1);
+        }
+        s.log(commit, outcome, Some(instance));
+        let seq = s.append(instance, ChangeKind::Upserted, self.feed_capacity);
+        Ok(EnrollResult::Enrolled { seq })
+    }
+}
+
+#[async_trait]
+impl CertificateStore for MemoryStore {
+    async fn load_ca(&self) -> StoreResult<Option<CaMaterial>> {
+        Ok(self.lock().ca.clone())
+    }
+
+    async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial> {
+        Ok(self.lock().ca.get_or_insert_with(|| material.clone()).clone())
+    }
+
+    async fn set_certificate(&self, id: InstanceId, change: CertificateChange, now: Timestamp) -> StoreResult<Seq> {
+        let mut s = self.lock();
+        let inst = s.instances.get_mut(&id).ok_or_else(|| StoreError::instance_not_found(id))?;
+        let revoked: [Option<CertificateRecord>; 2] = match change {
+            CertificateChange::Replace(c) => [inst.certificate.replace(c), inst.next_certificate.take()],
+            CertificateChange::Stage(c) => [inst.next_certificate.replace(c), None],
+            CertificateChange::Promote(serial) => {
+                let Some(next) = inst.next_certificate.filter(|n| n.serial == serial) else {
+                    return Err(StoreError::Conflict(format!("certificate {serial} is not the staged one")));
+                };
+                inst.next_certificate = None;
+                [inst.certificate.replace(next), None]
+            }
+        };
+        for r in revoked {
+            s.revoke(id, r, now);
+        }
+        Ok(s.append(id, ChangeKind::Upserted, self.feed_capacity))
+    }
+
+    async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>> {
+        Ok(self.lock().revoked.values().copied().collect())
+    }
+
+    async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize> {
+        let mut s = self.lock();
+        let n = s.revoked.len();
+        s.revoked.retain(|_, r| r.not_after >= before);
+        Ok(n - s.revoked.len())
     }
 }

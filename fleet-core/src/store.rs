@@ -1,7 +1,8 @@
 //! Store traits: what a backend must do, and the contract of every method.
 //!
-//! A store is split by concern — [`InstanceStore`], [`HeartbeatStore`], [`ChangeFeed`] — and
-//! [`FleetStore`] is their sum, implemented automatically for any type that implements all of
+//! A store is split by concern — [`InstanceStore`], [`HeartbeatStore`], [`ChangeFeed`],
+//! [`TokenStore`] (tokens, ledger, the atomic enrollment) and [`CertificateStore`] (CA material,
+//! certificate serials, revocations) — and [`FleetStore`] is their sum, implemented automatically for any type that implements all of
 //! them. The traits are object-safe (`Arc<dyn FleetStore>` works) and forwarded through `Arc<T>`.
 //!
 //! Stores never read a clock: every time they record is passed in. Every mutation that an
@@ -17,7 +18,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
+use std::net::SocketAddr;
+
+use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::error::StoreError;
+use crate::identity::{Fingerprint, Serial};
+use crate::token::{LedgerEntry, RegistrationToken, TokenId, TokenState};
 use crate::{App, Groups, Instance, InstanceId, MetricsSample, Tags, Timestamp};
 
 /// Result of a store operation.
@@ -58,13 +64,14 @@ pub trait InstanceStore: Debug + Send + Sync + 'static {
     /// Replaces the instance's groups; the same contract as [`set_tags`](Self::set_tags).
     async fn set_groups(&self, id: InstanceId, groups: &Groups) -> StoreResult<Seq>;
 
-    /// Deletes the instance.
+    /// Deletes the instance and revokes its certificates.
     ///
-    /// **Contract:** durable before returning; appends one [`ChangeKind::Deleted`] change
-    /// atomically with the deletion and returns its sequence number; [`StoreError::NotFound`]
+    /// **Contract:** durable before returning; atomically with the deletion, records its current
+    /// and staged certificates as revoked at `now` (see [`CertificateStore`]) and appends one
+    /// [`ChangeKind::Deleted`] change, returning its sequence number; [`StoreError::NotFound`]
     /// when it does not exist. Heartbeats written later for this id are ignored (never
     /// resurrect it).
-    async fn delete_instance(&self, id: InstanceId) -> StoreResult<Seq>;
+    async fn delete_instance(&self, id: InstanceId, now: Timestamp) -> StoreResult<Seq>;
 
     /// Number of instances.
     async fn count_instances(&self) -> StoreResult<u64>;
@@ -135,10 +142,156 @@ pub trait ChangeFeed: Debug + Send + Sync + 'static {
     async fn latest_seq(&self) -> StoreResult<Seq>;
 }
 
-/// Everything a control plane needs from its store.
-pub trait FleetStore: InstanceStore + HeartbeatStore + ChangeFeed {}
+/// What an enrollment registers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EnrollTarget {
+    /// A new instance (its `certificate` set to the one just issued).
+    New(Box<Instance>),
+    /// An existing instance re-enrolling after its certificate expired: it keeps its identity,
+    /// tags and history and gets `certificate` as its current one.
+    Existing {
+        /// Which instance.
+        instance: InstanceId,
+        /// The serial its expired certificate carries; must still be its current one.
+        expected_serial: Serial,
+        /// The new certificate.
+        certificate: CertificateRecord,
+    },
+}
 
-impl<T: InstanceStore + HeartbeatStore + ChangeFeed + ?Sized> FleetStore for T {}
+/// Everything [`TokenStore::enroll`] commits atomically.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EnrollCommit {
+    /// The token (its secret already checked by the caller).
+    pub token: TokenId,
+    /// Server time.
+    pub now: Timestamp,
+    /// SHA-256 of the CSR's public key.
+    pub key_fingerprint: Fingerprint,
+    /// A successful enrollment with this token and key at or after this time makes this attempt a
+    /// retry.
+    pub retry_since: Timestamp,
+    /// The caller's address, for the ledger.
+    pub peer: Option<SocketAddr>,
+    /// What to register.
+    pub target: EnrollTarget,
+}
+
+/// The result of [`TokenStore::enroll`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrollResult {
+    /// Registered (or re-enrolled); the change's sequence number.
+    Enrolled {
+        /// Change-feed position of the new or updated instance.
+        seq: Seq,
+    },
+    /// The same key already enrolled with this token within the window; that instance is
+    /// returned and no use was consumed.
+    Retry {
+        /// The instance registered by the earlier attempt.
+        instance: InstanceId,
+    },
+    /// The token cannot be used (never [`TokenState::Active`]); only the ledger changed.
+    Rejected(TokenState),
+    /// The token id is unknown; nothing changed.
+    UnknownToken,
+    /// Re-enrollment refused: the token does not allow it, the instance is gone, or its current
+    /// serial is not the expected one. Only the ledger changed.
+    ReenrollRefused,
+}
+
+/// Registration tokens, their ledger, and the atomic enrollment.
+#[async_trait]
+pub trait TokenStore: Debug + Send + Sync + 'static {
+    /// Creates a token. **Contract:** durable before returning; [`StoreError::AlreadyExists`]
+    /// (and no change) when the id is taken.
+    async fn insert_token(&self, token: &RegistrationToken) -> StoreResult<()>;
+
+    /// The token with this id, if any.
+    async fn get_token(&self, id: &TokenId) -> StoreResult<Option<RegistrationToken>>;
+
+    /// Every token, oldest first (by creation time, then id).
+    async fn list_tokens(&self) -> StoreResult<Vec<RegistrationToken>>;
+
+    /// Revokes a token at `now` (revoking again keeps the first time) and returns it.
+    /// **Contract:** durable before returning; [`StoreError::NotFound`] when unknown.
+    async fn revoke_token(&self, id: &TokenId, now: Timestamp) -> StoreResult<RegistrationToken>;
+
+    /// Records a use attempt that failed before [`enroll`](Self::enroll) (wrong secret, bad
+    /// CSR). **Contract:** durable before returning; [`StoreError::NotFound`] for an unknown
+    /// token.
+    async fn append_ledger(&self, entry: &LedgerEntry) -> StoreResult<()>;
+
+    /// Up to `limit` ledger entries of a token, newest first.
+    async fn ledger(&self, id: &TokenId, limit: usize) -> StoreResult<Vec<LedgerEntry>>;
+
+    /// The instance a successful enrollment with this token and key registered at or after
+    /// `since`, if it still exists. A cheap, non-atomic pre-check; [`enroll`](Self::enroll)
+    /// decides.
+    async fn find_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> StoreResult<Option<InstanceId>>;
+
+    /// Enrolls, **atomically** (one transaction; concurrent calls behave as if run one at a
+    /// time):
+    ///
+    /// 1. unknown token → [`EnrollResult::UnknownToken`], nothing written;
+    /// 2. revoked token → ledger `revoked`, [`EnrollResult::Rejected`];
+    /// 3. a successful enrollment of this token with this key at or after `retry_since` whose
+    ///    instance still exists → ledger `retried`, [`EnrollResult::Retry`], no use consumed;
+    /// 4. expired or exhausted → ledger entry, [`EnrollResult::Rejected`];
+    /// 5. for [`EnrollTarget::Existing`]: the token must allow re-enrollment and the instance
+    ///    must exist with `expected_serial` as its current serial, else ledger
+    ///    `reenroll_refused`, [`EnrollResult::ReenrollRefused`]; on success its certificate is
+    ///    replaced (the old serial recorded as revoked) and ledger `reenrolled`;
+    /// 6. for [`EnrollTarget::New`]: the instance is inserted (its certificate recorded) and
+    ///    ledger `enrolled`;
+    /// 7. in both success cases `uses` grows by one and one [`ChangeKind::Upserted`] change is
+    ///    appended.
+    ///
+    /// With `max_uses = k`, any number of concurrent calls register at most `k` instances. Durable
+    /// before returning.
+    async fn enroll(&self, commit: &EnrollCommit) -> StoreResult<EnrollResult>;
+}
+
+/// A change to an instance's certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateChange {
+    /// Make this the current certificate at once; the previous current and any staged one are
+    /// recorded as revoked (used when a retried enrollment gets a fresh certificate).
+    Replace(CertificateRecord),
+    /// Stage a renewed certificate: it becomes current when first used. A previously staged one
+    /// is recorded as revoked. The current one stays valid until then.
+    Stage(CertificateRecord),
+    /// The staged certificate with this serial was used: it becomes current and the old current
+    /// is recorded as revoked. [`StoreError::Conflict`] if it is not the staged one.
+    Promote(Serial),
+}
+
+/// CA material, instance certificates and revocations.
+#[async_trait]
+pub trait CertificateStore: Debug + Send + Sync + 'static {
+    /// The stored CA, if one was initialised.
+    async fn load_ca(&self) -> StoreResult<Option<CaMaterial>>;
+
+    /// Stores `material` as the CA unless one is already stored, and returns the stored one —
+    /// so replicas starting at once agree on one CA. **Contract:** atomic and durable.
+    async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial>;
+
+    /// Applies a certificate change to an instance. **Contract:** durable before returning;
+    /// atomic with the revocation records it implies and one [`ChangeKind::Upserted`] change,
+    /// whose sequence number it returns; [`StoreError::NotFound`] for an unknown instance.
+    async fn set_certificate(&self, id: InstanceId, change: CertificateChange, now: Timestamp) -> StoreResult<Seq>;
+
+    /// Every revoked certificate not yet pruned.
+    async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>>;
+
+    /// Forgets revocations of certificates that expired before `before`; returns how many.
+    async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize>;
+}
+
+/// Everything a control plane needs from its store.
+pub trait FleetStore: InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore {}
+
+impl<T: InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore + ?Sized> FleetStore for T {}
 
 macro_rules! forward {
     ($wrapper:ident) => {
@@ -163,8 +316,8 @@ macro_rules! forward {
             async fn set_groups(&self, id: InstanceId, groups: &Groups) -> StoreResult<Seq> {
                 (**self).set_groups(id, groups).await
             }
-            async fn delete_instance(&self, id: InstanceId) -> StoreResult<Seq> {
-                (**self).delete_instance(id).await
+            async fn delete_instance(&self, id: InstanceId, now: Timestamp) -> StoreResult<Seq> {
+                (**self).delete_instance(id, now).await
             }
             async fn count_instances(&self) -> StoreResult<u64> {
                 (**self).count_instances().await
@@ -185,6 +338,63 @@ macro_rules! forward {
             }
             async fn latest_seq(&self) -> StoreResult<Seq> {
                 (**self).latest_seq().await
+            }
+        }
+
+        #[async_trait]
+        impl<T: TokenStore + ?Sized> TokenStore for $wrapper<T> {
+            async fn insert_token(&self, token: &RegistrationToken) -> StoreResult<()> {
+                (**self).insert_token(token).await
+            }
+            async fn get_token(&self, id: &TokenId) -> StoreResult<Option<RegistrationToken>> {
+                (**self).get_token(id).await
+            }
+            async fn list_tokens(&self) -> StoreResult<Vec<RegistrationToken>> {
+                (**self).list_tokens().await
+            }
+            async fn revoke_token(&self, id: &TokenId, now: Timestamp) -> StoreResult<RegistrationToken> {
+                (**self).revoke_token(id, now).await
+            }
+            async fn append_ledger(&self, entry: &LedgerEntry) -> StoreResult<()> {
+                (**self).append_ledger(entry).await
+            }
+            async fn ledger(&self, id: &TokenId, limit: usize) -> StoreResult<Vec<LedgerEntry>> {
+                (**self).ledger(id, limit).await
+            }
+            async fn find_enrollment(
+                &self,
+                id: &TokenId,
+                key: &Fingerprint,
+                since: Timestamp,
+            ) -> StoreResult<Option<InstanceId>> {
+                (**self).find_enrollment(id, key, since).await
+            }
+            async fn enroll(&self, commit: &EnrollCommit) -> StoreResult<EnrollResult> {
+                (**self).enroll(commit).await
+            }
+        }
+
+        #[async_trait]
+        impl<T: CertificateStore + ?Sized> CertificateStore for $wrapper<T> {
+            async fn load_ca(&self) -> StoreResult<Option<CaMaterial>> {
+                (**self).load_ca().await
+            }
+            async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial> {
+                (**self).init_ca(material).await
+            }
+            async fn set_certificate(
+                &self,
+                id: InstanceId,
+                change: CertificateChange,
+                now: Timestamp,
+            ) -> StoreResult<Seq> {
+                (**self).set_certificate(id, change, now).await
+            }
+            async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>> {
+                (**self).revoked_certificates().await
+            }
+            async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize> {
+                (**self).prune_revoked(before).await
             }
         }
     };

@@ -57,6 +57,8 @@ pub fn instance(n: u32) -> Instance {
         last_seen: T0,
         metrics: None,
         apps: Vec::new(),
+        certificate: None,
+        next_certificate: None,
     }
 }
 
@@ -124,7 +126,7 @@ pub async fn missing_instances(store: DynStore) {
         Err(StoreError::NotFound { .. })
     ));
     assert!(matches!(
-        store.delete_instance(id).await,
+        store.delete_instance(id, T0).await,
         Err(StoreError::NotFound { .. })
     ));
     assert_eq!(
@@ -186,7 +188,7 @@ pub async fn delete_removes(store: DynStore) {
     let b = instance(2);
     ok("insert", store.insert_instance(&a)).await;
     ok("insert", store.insert_instance(&b)).await;
-    let seq = ok("delete", store.delete_instance(a.id)).await;
+    let seq = ok("delete", store.delete_instance(a.id, T0)).await;
     assert_eq!(ok("get", store.get_instance(a.id)).await, None);
     assert_eq!(ok("get", store.get_instance(b.id)).await, Some(b));
     let changes = ok("changes", store.changes_since(seq - 1, 10)).await;
@@ -274,7 +276,7 @@ pub async fn heartbeats_update_last_known_state(store: DynStore) {
 pub async fn heartbeats_never_resurrect(store: DynStore) {
     let a = instance(1);
     ok("insert", store.insert_instance(&a)).await;
-    ok("delete", store.delete_instance(a.id)).await;
+    ok("delete", store.delete_instance(a.id, T0)).await;
     let ghost = InstanceId::random();
     ok(
         "write_heartbeats",
@@ -326,7 +328,7 @@ pub async fn change_feed_is_complete_and_ordered(store: DynStore) {
             ChangeKind::Upserted,
         ),
         (
-            ok("delete", store.delete_instance(a.id)).await,
+            ok("delete", store.delete_instance(a.id, T0)).await,
             a.id,
             ChangeKind::Deleted,
         ),

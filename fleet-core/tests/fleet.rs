@@ -6,9 +6,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use fleet_core::ca::{CaMaterial, RevokedCertificate};
+use fleet_core::identity::Fingerprint;
 use fleet_core::store::{
-    Change, ChangeFeed, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult,
+    CertificateChange, CertificateStore, Change, ChangeFeed, EnrollCommit, EnrollResult,
+    HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult, TokenStore,
 };
+use fleet_core::token::{LedgerEntry, RegistrationToken, TokenId};
 use fleet_core::{
     App, Filter, Fleet, FleetError, Groups, Heartbeat, Instance, InstanceId, ManualClock,
     MemoryStore, MetricsSample, NewInstance, StalenessPolicy, Status, StoreError, SystemInfo, Tags,
@@ -36,8 +40,11 @@ async fn fleet() -> (Fleet<Arc<MemoryStore>>, ManualClock) {
     (fleet, clock)
 }
 
+/// Every instance in the live view, by id (list order is each view's own slot order).
 fn all(f: &Fleet<Arc<MemoryStore>>) -> Vec<fleet_core::InstanceView> {
-    f.list(&Filter::all(), &TenantScope::All, None, 1000).items
+    let mut items = f.list(&Filter::all(), &TenantScope::All, None, 1000).items;
+    items.sort_by_key(|v| v.id);
+    items
 }
 
 #[tokio::test]
@@ -369,8 +376,8 @@ impl InstanceStore for Flaky {
     async fn set_groups(&self, id: InstanceId, g: &Groups) -> StoreResult<Seq> {
         self.inner.set_groups(id, g).await
     }
-    async fn delete_instance(&self, id: InstanceId) -> StoreResult<Seq> {
-        self.inner.delete_instance(id).await
+    async fn delete_instance(&self, id: InstanceId, now: Timestamp) -> StoreResult<Seq> {
+        self.inner.delete_instance(id, now).await
     }
     async fn count_instances(&self) -> StoreResult<u64> {
         self.inner.count_instances().await
@@ -396,6 +403,53 @@ impl ChangeFeed for Flaky {
     }
     async fn latest_seq(&self) -> StoreResult<Seq> {
         self.inner.latest_seq().await
+    }
+}
+
+#[async_trait]
+impl TokenStore for Flaky {
+    async fn insert_token(&self, t: &RegistrationToken) -> StoreResult<()> {
+        self.inner.insert_token(t).await
+    }
+    async fn get_token(&self, id: &TokenId) -> StoreResult<Option<RegistrationToken>> {
+        self.inner.get_token(id).await
+    }
+    async fn list_tokens(&self) -> StoreResult<Vec<RegistrationToken>> {
+        self.inner.list_tokens().await
+    }
+    async fn revoke_token(&self, id: &TokenId, now: Timestamp) -> StoreResult<RegistrationToken> {
+        self.inner.revoke_token(id, now).await
+    }
+    async fn append_ledger(&self, e: &LedgerEntry) -> StoreResult<()> {
+        self.inner.append_ledger(e).await
+    }
+    async fn ledger(&self, id: &TokenId, n: usize) -> StoreResult<Vec<LedgerEntry>> {
+        self.inner.ledger(id, n).await
+    }
+    async fn find_enrollment(&self, id: &TokenId, k: &Fingerprint, since: Timestamp) -> StoreResult<Option<InstanceId>> {
+        self.inner.find_enrollment(id, k, since).await
+    }
+    async fn enroll(&self, c: &EnrollCommit) -> StoreResult<EnrollResult> {
+        self.inner.enroll(c).await
+    }
+}
+
+#[async_trait]
+impl CertificateStore for Flaky {
+    async fn load_ca(&self) -> StoreResult<Option<CaMaterial>> {
+        self.inner.load_ca().await
+    }
+    async fn init_ca(&self, m: &CaMaterial) -> StoreResult<CaMaterial> {
+        self.inner.init_ca(m).await
+    }
+    async fn set_certificate(&self, id: InstanceId, c: CertificateChange, now: Timestamp) -> StoreResult<Seq> {
+        self.inner.set_certificate(id, c, now).await
+    }
+    async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>> {
+        self.inner.revoked_certificates().await
+    }
+    async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize> {
+        self.inner.prune_revoked(before).await
     }
 }
 

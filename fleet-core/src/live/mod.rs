@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 use crate::filter::{Filter, TagSelector, Term};
+use crate::identity::Serial;
 use crate::metrics::{CounterReading, MetricsSample, NetworkRates};
 use crate::staleness::{Event, StalenessPolicy, StalenessState, Status, Transition, Transitions};
 use crate::store::Seq;
@@ -199,6 +200,23 @@ struct Slot {
     hostname: Option<Box<str>>,
     tags: Box<[(u32, u32)]>,
     groups: Box<[u32]>,
+    /// Serial of the current client certificate.
+    serial: Option<Serial>,
+    /// Serial of a renewed certificate not used yet.
+    next_serial: Option<Serial>,
+}
+
+/// How a presented certificate serial relates to an instance's certificates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateCheck {
+    /// The instance's current certificate.
+    Current,
+    /// The renewed certificate, used for the first time.
+    Staged,
+    /// Neither: superseded, revoked, or issued for another tenant.
+    Refused,
+    /// No such instance (never registered, or deregistered).
+    UnknownInstance,
 }
 
 /// Memory the live view uses, by part (heap bytes; see [`LiveView::memory`]).
@@ -344,6 +362,8 @@ impl LiveView {
             self.index_labels(s, inst);
             if let Some(slot) = self.slots[s as usize].as_mut() {
                 slot.version = slot.version.max(version);
+                slot.serial = inst.certificate.map(|c| c.serial);
+                slot.next_serial = inst.next_certificate.map(|c| c.serial);
             }
             if inst.last_seen > self.states[s as usize].last_heartbeat {
                 self.apply_heartbeat(s, inst.last_seen, inst.metrics.as_ref());
@@ -386,6 +406,8 @@ impl LiveView {
             hostname: None,
             tags: Box::new([]),
             groups: Box::new([]),
+            serial: inst.certificate.map(|c| c.serial),
+            next_serial: inst.next_certificate.map(|c| c.serial),
         };
         let contribution = match &inst.metrics {
             Some(m) => {
@@ -502,6 +524,24 @@ impl LiveView {
                 Some((u32::try_from(i).ok()?, &mut slot.text))
             });
             self.text.compact(refs);
+        }
+    }
+
+    /// Checks a certificate serial (and the tenant written in the certificate) against the
+    /// instance's current and staged certificates.
+    pub fn check_certificate(&self, id: InstanceId, serial: Serial, tenant: Option<&TenantId>) -> CertificateCheck {
+        let Some(slot) = self.index.get(&id).and_then(|&s| self.slot(s)) else {
+            return CertificateCheck::UnknownInstance;
+        };
+        if self.tenant_of(slot).as_ref() != tenant {
+            return CertificateCheck::Refused;
+        }
+        if slot.serial == Some(serial) {
+            CertificateCheck::Current
+        } else if slot.next_serial == Some(serial) {
+            CertificateCheck::Staged
+        } else {
+            CertificateCheck::Refused
         }
     }
 

@@ -253,6 +253,8 @@ fn run(
                     last_seen: at,
                     metrics: None,
                     apps: Vec::new(),
+                    certificate: None,
+                    next_certificate: None,
                 };
                 seq += 1;
                 prop_assert!(view.upsert(&inst, seq, at));

@@ -1,0 +1,352 @@
+//! The fleet certificate authority (rcgen, ECDSA P-256).
+//!
+//! It signs instances' CSRs into client certificates whose contents the CA alone decides:
+//!
+//! - subject `CN=<instance id>`, one URI SAN naming tenant and instance ([`crate::identity`]);
+//! - an explicit random 16-byte serial (never derived from the key, so re-issuing for the same key
+//!   gives a new serial that can be revoked on its own);
+//! - `extendedKeyUsage = clientAuth`, `keyUsage = digitalSignature`, not a CA;
+//! - valid for [`IssuancePolicy::client_validity`] (default 30 days), `notBefore` backdated by
+//!   [`IssuancePolicy::backdate`] (default 5 minutes) for agents whose clocks run slow.
+//!
+//! It also issues the control plane's own TLS server certificate and signs CRLs for consumers that
+//! want one. The CA key is ECDSA P-256; [`CertificateAuthority::to_material`] gives its PEM forms
+//! for a store to keep.
+
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
+    SanType, SerialNumber,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::csr::ValidatedCsr;
+use crate::identity::{Fingerprint, Serial, instance_uri};
+use crate::{InstanceId, TenantId, Timestamp};
+
+/// Longest client-certificate validity accepted in an [`IssuancePolicy`] (1 year).
+pub const MAX_CLIENT_VALIDITY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// How client certificates are issued.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuancePolicy {
+    /// Lifetime of a client certificate (default 30 days).
+    pub client_validity: Duration,
+    /// How far `notBefore` is set before the signing time (default 5 minutes).
+    pub backdate: Duration,
+}
+
+impl Default for IssuancePolicy {
+    fn default() -> Self {
+        Self { client_validity: Duration::from_secs(30 * 24 * 3600), backdate: Duration::from_secs(300) }
+    }
+}
+
+impl IssuancePolicy {
+    /// Checks: validity from 10 minutes to 1 year; backdate at most 1 hour.
+    pub fn validate(&self) -> Result<(), crate::ValidationError> {
+        if self.client_validity < Duration::from_secs(600) || self.client_validity > MAX_CLIENT_VALIDITY {
+            return Err(crate::ValidationError::new(
+                "client_validity",
+                format!("{}s", self.client_validity.as_secs()),
+                "must be from 10 minutes to 1 year",
+            ));
+        }
+        if self.backdate > Duration::from_secs(3600) {
+            return Err(crate::ValidationError::new(
+                "backdate",
+                format!("{}s", self.backdate.as_secs()),
+                "must be at most 1 hour",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A CA operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// The CA certificate or key PEM could not be loaded, or they do not belong together.
+    #[error("cannot load the CA: {0}")]
+    Load(String),
+    /// rcgen failed to build or sign a certificate.
+    #[error("certificate generation failed")]
+    Generate(#[source] rcgen::Error),
+    /// A time outside what X.509 can carry.
+    #[error("time {0} is outside the range a certificate can carry")]
+    TimeOutOfRange(Timestamp),
+    /// A server certificate name that is neither a DNS name nor an IP address.
+    #[error("invalid server name {0:?}")]
+    InvalidName(String),
+    /// The system random number generator failed.
+    #[error("the system random number generator failed")]
+    Random,
+}
+
+/// The PEM forms of a CA, as a store keeps them (the key is PKCS#8, unencrypted: protect the
+/// store accordingly).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaMaterial {
+    /// The CA certificate.
+    pub cert_pem: String,
+    /// The CA private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaMaterial").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
+    }
+}
+
+/// A certificate as the store records it for an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRecord {
+    /// Serial number.
+    pub serial: Serial,
+    /// End of validity.
+    pub not_after: Timestamp,
+}
+
+/// A revoked (or superseded) certificate, kept until it would have expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedCertificate {
+    /// Serial number.
+    pub serial: Serial,
+    /// End of validity; the entry can be pruned after it.
+    pub not_after: Timestamp,
+    /// When it was revoked.
+    pub revoked_at: Timestamp,
+    /// Which instance it belonged to.
+    pub instance: InstanceId,
+}
+
+/// A freshly issued certificate.
+#[derive(Clone)]
+pub struct IssuedCertificate {
+    /// DER encoding.
+    pub der: Vec<u8>,
+    /// PEM encoding.
+    pub pem: String,
+    /// What the store records.
+    pub record: CertificateRecord,
+    /// Start of validity.
+    pub not_before: Timestamp,
+}
+
+impl std::fmt::Debug for IssuedCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCertificate").field("record", &self.record).finish_non_exhaustive()
+    }
+}
+
+/// A server certificate with its freshly generated key.
+#[derive(Clone)]
+pub struct ServerCertificate {
+    /// Certificate PEM.
+    pub cert_pem: String,
+    /// Certificate DER.
+    pub cert_der: Vec<u8>,
+    /// Private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// Private key, PKCS#8 DER.
+    pub key_der: Vec<u8>,
+}
+
+impl std::fmt::Debug for ServerCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerCertificate").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+    }
+}
+
+/// The fleet CA; see the module docs.
+pub struct CertificateAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    cert_der: Vec<u8>,
+    cert_pem: String,
+    fingerprint: Fingerprint,
+}
+
+impl std::fmt::Debug for CertificateAuthority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertificateAuthority").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+    }
+}
+
+fn odt(t: Timestamp) -> Result<time::OffsetDateTime, CaError> {
+    t.to_offset_date_time().ok_or(CaError::TimeOutOfRange(t))
+}
+
+fn serial_number(s: Serial) -> SerialNumber {
+    SerialNumber::from_slice(s.as_bytes())
+}
+
+impl CertificateAuthority {
+    /// Generates a new CA: a P-256 key and a self-signed certificate valid from `now` (backdated
+    /// 5 minutes) for `validity`.
+    pub fn generate(common_name: &str, now: Timestamp, validity: Duration) -> Result<Self, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.distinguished_name.push(DnType::OrganizationName, "fleet");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.serial_number = Some(serial_number(Serial::random()?));
+        params.not_before = odt(now.saturating_sub(Duration::from_secs(300)))?;
+        params.not_after = odt(now.saturating_add(validity))?;
+        let cert = params.self_signed(&key).map_err(CaError::Generate)?;
+        let cert_der = cert.der().to_vec();
+        let cert_pem = cert.pem();
+        Ok(Self { fingerprint: Fingerprint::of(&cert_der), issuer: Issuer::new(params, key), cert_der, cert_pem })
+    }
+
+    /// Loads a CA from its certificate and PKCS#8 private key (PEM). Fails if the key does not
+    /// belong to the certificate or the certificate is not a CA.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("private key: {e}")))?;
+        let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|_| CaError::Load("certificate is not PEM".into()))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+            .map_err(|_| CaError::Load("certificate does not parse".into()))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::Load("the private key does not belong to the certificate".into()));
+        }
+        if !cert.is_ca() {
+            return Err(CaError::Load("the certificate is not a CA certificate".into()));
+        }
+        let cert_der = block.contents.clone();
+        let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
+            .map_err(|e| CaError::Load(format!("certificate: {e}")))?;
+        Ok(Self { fingerprint: Fingerprint::of(&cert_der), issuer, cert_pem: cert_pem.to_owned(), cert_der })
+    }
+
+    /// Loads a CA from stored material.
+    pub fn from_material(m: &CaMaterial) -> Result<Self, CaError> {
+        Self::from_pem(&m.cert_pem, &m.key_pem)
+    }
+
+    /// The PEM forms to store.
+    pub fn to_material(&self) -> CaMaterial {
+        CaMaterial { cert_pem: self.cert_pem.clone(), key_pem: self.issuer.key().serialize_pem() }
+    }
+
+    /// The CA certificate, PEM.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The CA certificate, DER.
+    pub fn cert_der(&self) -> &[u8] {
+        &self.cert_der
+    }
+
+    /// SHA-256 of the CA certificate (DER): what agents pin on first contact.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// Signs `csr` into a client certificate for `instance` of `tenant`; see the module docs.
+    pub fn issue_client(
+        &self,
+        csr: &ValidatedCsr,
+        instance: InstanceId,
+        tenant: Option<&TenantId>,
+        now: Timestamp,
+        policy: &IssuancePolicy,
+    ) -> Result<IssuedCertificate, CaError> {
+        let serial = Serial::random()?;
+        let not_before = now.saturating_sub(policy.backdate);
+        let not_after = now.saturating_add(policy.client_validity);
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, instance.to_string());
+        let uri = instance_uri(instance, tenant);
+        params.subject_alt_names =
+            vec![SanType::URI(uri.clone().try_into().map_err(|_| CaError::InvalidName(uri))?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.serial_number = Some(serial_number(serial));
+        params.not_before = odt(not_before)?;
+        params.not_after = odt(not_after)?;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&csr.params.public_key, &self.issuer).map_err(CaError::Generate)?;
+        Ok(IssuedCertificate {
+            der: cert.der().to_vec(),
+            pem: cert.pem(),
+            record: CertificateRecord { serial, not_after },
+            not_before,
+        })
+    }
+
+    /// Issues a TLS server certificate (with a new P-256 key) for `names`: each a DNS name or an
+    /// IP address.
+    pub fn issue_server(&self, names: &[String], now: Timestamp, validity: Duration) -> Result<ServerCertificate, CaError> {
+        let key = KeyPair::generate().map_err(CaError::Generate)?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.distinguished_name.push(DnType::CommonName, names.first().map_or("fleet control plane", |n| n));
+        for name in names {
+            let san = match name.parse::<IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.clone().try_into().map_err(|_| CaError::InvalidName(name.clone()))?),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.serial_number = Some(serial_number(Serial::random()?));
+        params.not_before = odt(now.saturating_sub(Duration::from_secs(300)))?;
+        params.not_after = odt(now.saturating_add(validity))?;
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &self.issuer).map_err(CaError::Generate)?;
+        Ok(ServerCertificate {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().to_vec(),
+            key_pem: key.serialize_pem(),
+            key_der: key.serialize_der(),
+        })
+    }
+
+    /// A CRL (PEM) listing `revoked`, numbered `number`, valid from `now` until `next_update`.
+    pub fn crl(&self, revoked: &[RevokedCertificate], number: u64, now: Timestamp, next_update: Timestamp) -> Result<String, CaError> {
+        let revoked_certs = revoked
+            .iter()
+            .map(|r| {
+                Ok(RevokedCertParams {
+                    serial_number: serial_number(r.serial),
+                    revocation_time: odt(r.revoked_at)?,
+                    reason_code: None,
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, CaError>>()?;
+        let params = CertificateRevocationListParams {
+            this_update: odt(now)?,
+            next_update: odt(next_update)?,
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer).map_err(CaError::Generate)?;
+        crl.pem().map_err(CaError::Generate)
+    }
+
+    /// Checks that `cert_der` was signed by this CA, **ignoring its validity period** (used to
+    /// recognise an expired certificate on re-enrollment). Returns the certificate's public key
+    /// fingerprint and serial.
+    pub fn verify_issued_ignoring_time(&self, cert_der: &[u8]) -> Option<(Fingerprint, Serial)> {
+        let (_, ca) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
+        cert.verify_signature(Some(ca.public_key())).ok()?;
+        Some((Fingerprint::of(cert.public_key().raw), Serial::from_der_bytes(cert.raw_serial())?))
+    }
+}
