@@ -17,9 +17,9 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose, RevokedCertParams,
-    SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 
@@ -41,14 +41,19 @@ pub struct IssuancePolicy {
 
 impl Default for IssuancePolicy {
     fn default() -> Self {
-        Self { client_validity: Duration::from_secs(30 * 24 * 3600), backdate: Duration::from_secs(300) }
+        Self {
+            client_validity: Duration::from_secs(30 * 24 * 3600),
+            backdate: Duration::from_secs(300),
+        }
     }
 }
 
 impl IssuancePolicy {
     /// Checks: validity from 10 minutes to 1 year; backdate at most 1 hour.
     pub fn validate(&self) -> Result<(), crate::ValidationError> {
-        if self.client_validity < Duration::from_secs(600) || self.client_validity > MAX_CLIENT_VALIDITY {
+        if self.client_validity < Duration::from_secs(600)
+            || self.client_validity > MAX_CLIENT_VALIDITY
+        {
             return Err(crate::ValidationError::new(
                 "client_validity",
                 format!("{}s", self.client_validity.as_secs()),
@@ -99,7 +104,10 @@ pub struct CaMaterial {
 
 impl std::fmt::Debug for CaMaterial {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CaMaterial").field("cert_pem", &self.cert_pem).field("key_pem", &"<redacted>").finish()
+        f.debug_struct("CaMaterial")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish()
     }
 }
 
@@ -140,7 +148,9 @@ pub struct IssuedCertificate {
 
 impl std::fmt::Debug for IssuedCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IssuedCertificate").field("record", &self.record).finish_non_exhaustive()
+        f.debug_struct("IssuedCertificate")
+            .field("record", &self.record)
+            .finish_non_exhaustive()
     }
 }
 
@@ -159,7 +169,9 @@ pub struct ServerCertificate {
 
 impl std::fmt::Debug for ServerCertificate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServerCertificate").field("cert_pem", &self.cert_pem).finish_non_exhaustive()
+        f.debug_struct("ServerCertificate")
+            .field("cert_pem", &self.cert_pem)
+            .finish_non_exhaustive()
     }
 }
 
@@ -173,7 +185,9 @@ pub struct CertificateAuthority {
 
 impl std::fmt::Debug for CertificateAuthority {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CertificateAuthority").field("fingerprint", &self.fingerprint).finish_non_exhaustive()
+        f.debug_struct("CertificateAuthority")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
     }
 }
 
@@ -188,42 +202,68 @@ fn serial_number(s: Serial) -> SerialNumber {
 impl CertificateAuthority {
     /// Generates a new CA: a P-256 key and a self-signed certificate valid from `now` (backdated
     /// 5 minutes) for `validity`.
-    pub fn generate(common_name: &str, now: Timestamp, validity: Duration) -> Result<Self, CaError> {
+    pub fn generate(
+        common_name: &str,
+        now: Timestamp,
+        validity: Duration,
+    ) -> Result<Self, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, common_name);
-        params.distinguished_name.push(DnType::OrganizationName, "fleet");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "fleet");
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         params.serial_number = Some(serial_number(Serial::random()?));
         params.not_before = odt(now.saturating_sub(Duration::from_secs(300)))?;
         params.not_after = odt(now.saturating_add(validity))?;
         let cert = params.self_signed(&key).map_err(CaError::Generate)?;
         let cert_der = cert.der().to_vec();
         let cert_pem = cert.pem();
-        Ok(Self { fingerprint: Fingerprint::of(&cert_der), issuer: Issuer::new(params, key), cert_der, cert_pem })
+        Ok(Self {
+            fingerprint: Fingerprint::of(&cert_der),
+            issuer: Issuer::new(params, key),
+            cert_der,
+            cert_pem,
+        })
     }
 
     /// Loads a CA from its certificate and PKCS#8 private key (PEM). Fails if the key does not
     /// belong to the certificate or the certificate is not a CA.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("private key: {e}")))?;
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("private key: {e}")))?;
         let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .map_err(|_| CaError::Load("certificate is not PEM".into()))?;
         let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
             .map_err(|_| CaError::Load("certificate does not parse".into()))?;
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(CaError::Load("the private key does not belong to the certificate".into()));
+            return Err(CaError::Load(
+                "the private key does not belong to the certificate".into(),
+            ));
         }
         if !cert.is_ca() {
-            return Err(CaError::Load("the certificate is not a CA certificate".into()));
+            return Err(CaError::Load(
+                "the certificate is not a CA certificate".into(),
+            ));
         }
         let cert_der = block.contents.clone();
         let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
             .map_err(|e| CaError::Load(format!("certificate: {e}")))?;
-        Ok(Self { fingerprint: Fingerprint::of(&cert_der), issuer, cert_pem: cert_pem.to_owned(), cert_der })
+        Ok(Self {
+            fingerprint: Fingerprint::of(&cert_der),
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            cert_der,
+        })
     }
 
     /// Loads a CA from stored material.
@@ -233,7 +273,10 @@ impl CertificateAuthority {
 
     /// The PEM forms to store.
     pub fn to_material(&self) -> CaMaterial {
-        CaMaterial { cert_pem: self.cert_pem.clone(), key_pem: self.issuer.key().serialize_pem() }
+        CaMaterial {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.issuer.key().serialize_pem(),
+        }
     }
 
     /// The CA certificate, PEM.
@@ -265,10 +308,15 @@ impl CertificateAuthority {
         let not_after = now.saturating_add(policy.client_validity);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, instance.to_string());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, instance.to_string());
         let uri = instance_uri(instance, tenant);
-        params.subject_alt_names =
-            vec![SanType::URI(uri.clone().try_into().map_err(|_| CaError::InvalidName(uri))?)];
+        params.subject_alt_names = vec![SanType::URI(
+            uri.clone()
+                .try_into()
+                .map_err(|_| CaError::InvalidName(uri))?,
+        )];
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
@@ -276,7 +324,9 @@ impl CertificateAuthority {
         params.not_before = odt(not_before)?;
         params.not_after = odt(not_after)?;
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&csr.params.public_key, &self.issuer).map_err(CaError::Generate)?;
+        let cert = params
+            .signed_by(&csr.params.public_key, &self.issuer)
+            .map_err(CaError::Generate)?;
         Ok(IssuedCertificate {
             der: cert.der().to_vec(),
             pem: cert.pem(),
@@ -287,15 +337,27 @@ impl CertificateAuthority {
 
     /// Issues a TLS server certificate (with a new P-256 key) for `names`: each a DNS name or an
     /// IP address.
-    pub fn issue_server(&self, names: &[String], now: Timestamp, validity: Duration) -> Result<ServerCertificate, CaError> {
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        now: Timestamp,
+        validity: Duration,
+    ) -> Result<ServerCertificate, CaError> {
         let key = KeyPair::generate().map_err(CaError::Generate)?;
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
-        params.distinguished_name.push(DnType::CommonName, names.first().map_or("fleet control plane", |n| n));
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().map_or("fleet control plane", |n| n),
+        );
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(name.clone().try_into().map_err(|_| CaError::InvalidName(name.clone()))?),
+                Err(_) => SanType::DnsName(
+                    name.clone()
+                        .try_into()
+                        .map_err(|_| CaError::InvalidName(name.clone()))?,
+                ),
             };
             params.subject_alt_names.push(san);
         }
@@ -306,7 +368,9 @@ impl CertificateAuthority {
         params.not_before = odt(now.saturating_sub(Duration::from_secs(300)))?;
         params.not_after = odt(now.saturating_add(validity))?;
         params.use_authority_key_identifier_extension = true;
-        let cert = params.signed_by(&key, &self.issuer).map_err(CaError::Generate)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(CaError::Generate)?;
         Ok(ServerCertificate {
             cert_pem: cert.pem(),
             cert_der: cert.der().to_vec(),
@@ -316,7 +380,13 @@ impl CertificateAuthority {
     }
 
     /// A CRL (PEM) listing `revoked`, numbered `number`, valid from `now` until `next_update`.
-    pub fn crl(&self, revoked: &[RevokedCertificate], number: u64, now: Timestamp, next_update: Timestamp) -> Result<String, CaError> {
+    pub fn crl(
+        &self,
+        revoked: &[RevokedCertificate],
+        number: u64,
+        now: Timestamp,
+        next_update: Timestamp,
+    ) -> Result<String, CaError> {
         let revoked_certs = revoked
             .iter()
             .map(|r| {
@@ -347,6 +417,9 @@ impl CertificateAuthority {
         let (_, ca) = x509_parser::parse_x509_certificate(&self.cert_der).ok()?;
         let (_, cert) = x509_parser::parse_x509_certificate(cert_der).ok()?;
         cert.verify_signature(Some(ca.public_key())).ok()?;
-        Some((Fingerprint::of(cert.public_key().raw), Serial::from_der_bytes(cert.raw_serial())?))
+        Some((
+            Fingerprint::of(cert.public_key().raw),
+            Serial::from_der_bytes(cert.raw_serial())?,
+        ))
     }
 }

@@ -162,11 +162,18 @@ pub fn validate_csr(pem: &str) -> Result<ValidatedCsr, CsrError> {
         }
     }
     // The expensive part, last: rcgen verifies the signature while building its parameters.
-    let params = CertificateSigningRequestParams::from_der(&der.as_slice().into()).map_err(|e| match e {
-        rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
-        rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
-        rcgen::Error::UnsupportedSignatureAlgorithm => CsrError::UnsupportedKey("signature algorithm".into()),
-        _ => CsrError::Malformed,
-    })?;
-    Ok(ValidatedCsr { params, key_fingerprint, algorithm })
+    let params =
+        CertificateSigningRequestParams::from_der(&der.as_slice().into()).map_err(|e| match e {
+            rcgen::Error::InvalidCertificationRequestSignature => CsrError::BadSignature,
+            rcgen::Error::UnsupportedExtension => CsrError::UnsupportedExtension,
+            rcgen::Error::UnsupportedSignatureAlgorithm => {
+                CsrError::UnsupportedKey("signature algorithm".into())
+            }
+            _ => CsrError::Malformed,
+        })?;
+    Ok(ValidatedCsr {
+        params,
+        key_fingerprint,
+        algorithm,
+    })
 }

@@ -59,8 +59,8 @@ use crate::identity::{Fingerprint, InstanceIdentity};
 use crate::live::CertificateCheck;
 use crate::store::{CertificateChange, EnrollCommit, EnrollResult, EnrollTarget, FleetStore};
 use crate::token::{
-    CreatedToken, JoinString, LedgerEntry, LedgerOutcome, NewToken, PresentedToken, RegistrationToken, SecretHash,
-    TokenId, TokenSecret, TokenState,
+    CreatedToken, JoinString, LedgerEntry, LedgerOutcome, NewToken, PresentedToken,
+    RegistrationToken, SecretHash, TokenId, TokenSecret, TokenState,
 };
 use crate::{Instance, InstanceId, SystemInfo, TenantId, TenantScope};
 
@@ -76,7 +76,10 @@ pub struct EnrollmentPolicy {
 
 impl Default for EnrollmentPolicy {
     fn default() -> Self {
-        Self { retry_window: Duration::from_secs(600), issuance: IssuancePolicy::default() }
+        Self {
+            retry_window: Duration::from_secs(600),
+            issuance: IssuancePolicy::default(),
+        }
     }
 }
 
@@ -218,14 +221,23 @@ fn scope_allows_token(scope: &TenantScope, t: &RegistrationToken) -> bool {
 impl<S: FleetStore> Fleet<S> {
     /// Creates a registration token. A tenant-scoped operator may only create tokens for its own
     /// tenant (an unset tenant becomes its tenant). The secret is in the result and nowhere else.
-    pub async fn create_token(&self, scope: &TenantScope, mut new: NewToken) -> Result<CreatedToken, FleetError> {
+    pub async fn create_token(
+        &self,
+        scope: &TenantScope,
+        mut new: NewToken,
+    ) -> Result<CreatedToken, FleetError> {
         new.validate()?;
         if let TenantScope::Tenant(t) = scope {
             match &new.tenant {
                 None => new.tenant = Some(t.clone()),
                 Some(x) if x == t => {}
                 Some(x) => {
-                    return Err(ValidationError::new("tenant", x.as_str(), "is outside the operator's tenant").into());
+                    return Err(ValidationError::new(
+                        "tenant",
+                        x.as_str(),
+                        "is outside the operator's tenant",
+                    )
+                    .into());
                 }
             }
         }
@@ -249,9 +261,19 @@ impl<S: FleetStore> Fleet<S> {
             };
             match self.inner.store.insert_token(&token).await {
                 Ok(()) => {
-                    let presented = PresentedToken { id: token.id.clone(), secret };
-                    let join = JoinString { token: presented.clone(), ca_sha256: self.inner.ca.fingerprint() };
-                    return Ok(CreatedToken { token, presented, join });
+                    let presented = PresentedToken {
+                        id: token.id.clone(),
+                        secret,
+                    };
+                    let join = JoinString {
+                        token: presented.clone(),
+                        ca_sha256: self.inner.ca.fingerprint(),
+                    };
+                    return Ok(CreatedToken {
+                        token,
+                        presented,
+                        join,
+                    });
                 }
                 // An id collision (1 in 2.8e12 per pair): draw another.
                 Err(StoreError::AlreadyExists { .. }) if attempts < 3 => attempts += 1,
@@ -261,13 +283,23 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     /// Every token visible in `scope`, oldest first.
-    pub async fn list_tokens(&self, scope: &TenantScope) -> Result<Vec<RegistrationToken>, FleetError> {
+    pub async fn list_tokens(
+        &self,
+        scope: &TenantScope,
+    ) -> Result<Vec<RegistrationToken>, FleetError> {
         let all = self.inner.store.list_tokens().await?;
-        Ok(all.into_iter().filter(|t| scope_allows_token(scope, t)).collect())
+        Ok(all
+            .into_iter()
+            .filter(|t| scope_allows_token(scope, t))
+            .collect())
     }
 
     /// One token, if visible in `scope`.
-    pub async fn get_token(&self, scope: &TenantScope, id: &TokenId) -> Result<RegistrationToken, FleetError> {
+    pub async fn get_token(
+        &self,
+        scope: &TenantScope,
+        id: &TokenId,
+    ) -> Result<RegistrationToken, FleetError> {
         match self.inner.store.get_token(id).await? {
             Some(t) if scope_allows_token(scope, &t) => Ok(t),
             _ => Err(FleetError::TokenNotFound(id.clone())),
@@ -275,13 +307,22 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     /// Revokes a token (idempotent); it registers nothing from now on.
-    pub async fn revoke_token(&self, scope: &TenantScope, id: &TokenId) -> Result<RegistrationToken, FleetError> {
+    pub async fn revoke_token(
+        &self,
+        scope: &TenantScope,
+        id: &TokenId,
+    ) -> Result<RegistrationToken, FleetError> {
         self.get_token(scope, id).await?;
         Ok(self.inner.store.revoke_token(id, self.now()).await?)
     }
 
     /// A token's ledger, newest first, if the token is visible in `scope`.
-    pub async fn token_ledger(&self, scope: &TenantScope, id: &TokenId, limit: usize) -> Result<Vec<LedgerEntry>, FleetError> {
+    pub async fn token_ledger(
+        &self,
+        scope: &TenantScope,
+        id: &TokenId,
+        limit: usize,
+    ) -> Result<Vec<LedgerEntry>, FleetError> {
         self.get_token(scope, id).await?;
         Ok(self.inner.store.ledger(id, limit).await?)
     }
@@ -294,7 +335,14 @@ impl<S: FleetStore> Fleet<S> {
         req: &EnrollRequest,
         key: Option<Fingerprint>,
     ) -> Result<(), StoreError> {
-        let entry = LedgerEntry { token: token.clone(), at: self.now(), outcome, instance, peer: req.peer, key_fingerprint: key };
+        let entry = LedgerEntry {
+            token: token.clone(),
+            at: self.now(),
+            outcome,
+            instance,
+            peer: req.peer,
+            key_fingerprint: key,
+        };
         self.inner.store.append_ledger(&entry).await
     }
 
@@ -307,21 +355,25 @@ impl<S: FleetStore> Fleet<S> {
             return Err(EnrollError::InvalidToken);
         };
         if !token.secret_hash.matches(&supplied) {
-            self.record(&token.id, LedgerOutcome::WrongSecret, None, &req, None).await?;
+            self.record(&token.id, LedgerOutcome::WrongSecret, None, &req, None)
+                .await?;
             return Err(EnrollError::InvalidToken);
         }
         if token.revoked_at.is_some() {
-            self.record(&token.id, LedgerOutcome::Revoked, None, &req, None).await?;
+            self.record(&token.id, LedgerOutcome::Revoked, None, &req, None)
+                .await?;
             return Err(EnrollError::TokenRevoked);
         }
         if let Err(e) = req.system.validate() {
-            self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None).await?;
+            self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None)
+                .await?;
             return Err(e.into());
         }
         let csr = match validate_csr(&req.csr_pem) {
             Ok(csr) => csr,
             Err(e) => {
-                self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None).await?;
+                self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None)
+                    .await?;
                 return Err(e.into());
             }
         };
@@ -329,13 +381,26 @@ impl<S: FleetStore> Fleet<S> {
         let now = self.now();
         let retry_since = now.saturating_sub(self.inner.enrollment.retry_window);
 
-        if let Some(existing) = self.inner.store.find_enrollment(&token.id, &key, retry_since).await? {
-            self.record(&token.id, LedgerOutcome::Retried, Some(existing), &req, Some(key)).await?;
+        if let Some(existing) = self
+            .inner
+            .store
+            .find_enrollment(&token.id, &key, retry_since)
+            .await?
+        {
+            self.record(
+                &token.id,
+                LedgerOutcome::Retried,
+                Some(existing),
+                &req,
+                Some(key),
+            )
+            .await?;
             return self.reissue(existing, &csr).await;
         }
         let state = token.state(now);
         if state != TokenState::Active {
-            self.record(&token.id, state_outcome(state), None, &req, Some(key)).await?;
+            self.record(&token.id, state_outcome(state), None, &req, Some(key))
+                .await?;
             return Err(state_error(state));
         }
 
@@ -345,11 +410,24 @@ impl<S: FleetStore> Fleet<S> {
                 let (identity, old_serial) = match self.check_reenroll(&token, prev, key) {
                     Ok(v) => v,
                     Err(why) => {
-                        self.record(&token.id, LedgerOutcome::ReenrollRefused, None, &req, Some(key)).await?;
+                        self.record(
+                            &token.id,
+                            LedgerOutcome::ReenrollRefused,
+                            None,
+                            &req,
+                            Some(key),
+                        )
+                        .await?;
                         return Err(EnrollError::ReenrollRefused(why));
                     }
                 };
-                let cert = self.inner.ca.issue_client(&csr, identity.instance, identity.tenant.as_ref(), now, issuance)?;
+                let cert = self.inner.ca.issue_client(
+                    &csr,
+                    identity.instance,
+                    identity.tenant.as_ref(),
+                    now,
+                    issuance,
+                )?;
                 let target = EnrollTarget::Existing {
                     instance: identity.instance,
                     expected_serial: old_serial,
@@ -359,7 +437,10 @@ impl<S: FleetStore> Fleet<S> {
             }
             None => {
                 let id = InstanceId::random();
-                let cert = self.inner.ca.issue_client(&csr, id, token.tenant.as_ref(), now, issuance)?;
+                let cert =
+                    self.inner
+                        .ca
+                        .issue_client(&csr, id, token.tenant.as_ref(), now, issuance)?;
                 let instance = Instance {
                     id,
                     tenant: token.tenant.clone(),
@@ -373,11 +454,23 @@ impl<S: FleetStore> Fleet<S> {
                     certificate: Some(cert.record),
                     next_certificate: None,
                 };
-                (EnrollTarget::New(Box::new(instance)), id, token.tenant.clone(), cert)
+                (
+                    EnrollTarget::New(Box::new(instance)),
+                    id,
+                    token.tenant.clone(),
+                    cert,
+                )
             }
         };
         let reenroll = matches!(target, EnrollTarget::Existing { .. });
-        let commit = EnrollCommit { token: token.id.clone(), now, key_fingerprint: key, retry_since, peer: req.peer, target };
+        let commit = EnrollCommit {
+            token: token.id.clone(),
+            now,
+            key_fingerprint: key,
+            retry_since,
+            peer: req.peer,
+            target,
+        };
         match self.inner.store.enroll(&commit).await? {
             EnrollResult::Enrolled { seq } => {
                 self.apply_stored(instance, seq).await?;
@@ -387,15 +480,19 @@ impl<S: FleetStore> Fleet<S> {
                     certificate,
                     ca_pem: self.inner.ca.cert_pem().to_owned(),
                     heartbeat_interval: self.policy().heartbeat_interval(),
-                    outcome: if reenroll { LedgerOutcome::Reenrolled } else { LedgerOutcome::Enrolled },
+                    outcome: if reenroll {
+                        LedgerOutcome::Reenrolled
+                    } else {
+                        LedgerOutcome::Enrolled
+                    },
                 })
             }
             EnrollResult::Retry { instance } => self.reissue(instance, &csr).await,
             EnrollResult::Rejected(state) => Err(state_error(state)),
             EnrollResult::UnknownToken => Err(EnrollError::InvalidToken),
-            EnrollResult::ReenrollRefused => {
-                Err(EnrollError::ReenrollRefused("the previous certificate is no longer the instance's current one"))
-            }
+            EnrollResult::ReenrollRefused => Err(EnrollError::ReenrollRefused(
+                "the previous certificate is no longer the instance's current one",
+            )),
         }
     }
 
@@ -422,7 +519,8 @@ impl<S: FleetStore> Fleet<S> {
         if old_key != key {
             return Err("the CSR key differs from the previous certificate's key");
         }
-        let identity = InstanceIdentity::from_certificate_der(&der).map_err(|_| "the previous certificate names no instance")?;
+        let identity = InstanceIdentity::from_certificate_der(&der)
+            .map_err(|_| "the previous certificate names no instance")?;
         if token.tenant.is_some() && token.tenant != identity.tenant {
             return Err("the token belongs to another tenant");
         }
@@ -430,11 +528,30 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     /// A retried enrollment: a fresh certificate for the instance the first attempt registered.
-    async fn reissue(&self, instance: InstanceId, csr: &crate::csr::ValidatedCsr) -> Result<Enrollment, EnrollError> {
-        let stored = self.inner.store.get_instance(instance).await?.ok_or(EnrollError::InvalidToken)?;
+    async fn reissue(
+        &self,
+        instance: InstanceId,
+        csr: &crate::csr::ValidatedCsr,
+    ) -> Result<Enrollment, EnrollError> {
+        let stored = self
+            .inner
+            .store
+            .get_instance(instance)
+            .await?
+            .ok_or(EnrollError::InvalidToken)?;
         let now = self.now();
-        let cert = self.inner.ca.issue_client(csr, instance, stored.tenant.as_ref(), now, &self.inner.enrollment.issuance)?;
-        let seq = self.inner.store.set_certificate(instance, CertificateChange::Replace(cert.record), now).await?;
+        let cert = self.inner.ca.issue_client(
+            csr,
+            instance,
+            stored.tenant.as_ref(),
+            now,
+            &self.inner.enrollment.issuance,
+        )?;
+        let seq = self
+            .inner
+            .store
+            .set_certificate(instance, CertificateChange::Replace(cert.record), now)
+            .await?;
         self.apply_stored(instance, seq).await?;
         Ok(Enrollment {
             instance,
@@ -451,14 +568,27 @@ impl<S: FleetStore> Fleet<S> {
     /// revoked certificates, certificates of deregistered instances, and a tenant that does not
     /// match the instance's.
     pub async fn authenticate(&self, identity: &InstanceIdentity) -> Result<(), AuthError> {
-        let check = self.view().check_certificate(identity.instance, identity.serial, identity.tenant.as_ref());
+        let check = self.view().check_certificate(
+            identity.instance,
+            identity.serial,
+            identity.tenant.as_ref(),
+        );
         match check {
             CertificateCheck::Current => Ok(()),
             CertificateCheck::UnknownInstance => Err(AuthError::UnknownInstance),
             CertificateCheck::Refused => Err(AuthError::CertificateRevoked),
             CertificateCheck::Staged => {
                 let now = self.now();
-                match self.inner.store.set_certificate(identity.instance, CertificateChange::Promote(identity.serial), now).await {
+                match self
+                    .inner
+                    .store
+                    .set_certificate(
+                        identity.instance,
+                        CertificateChange::Promote(identity.serial),
+                        now,
+                    )
+                    .await
+                {
                     Ok(seq) => {
                         self.apply_stored(identity.instance, seq).await?;
                         Ok(())
@@ -467,7 +597,11 @@ impl<S: FleetStore> Fleet<S> {
                     Err(StoreError::Conflict(_)) => {
                         let seq = self.inner.store.latest_seq().await?;
                         self.apply_stored(identity.instance, seq).await?;
-                        match self.view().check_certificate(identity.instance, identity.serial, identity.tenant.as_ref()) {
+                        match self.view().check_certificate(
+                            identity.instance,
+                            identity.serial,
+                            identity.tenant.as_ref(),
+                        ) {
                             CertificateCheck::Current => Ok(()),
                             _ => Err(AuthError::CertificateRevoked),
                         }
@@ -480,7 +614,11 @@ impl<S: FleetStore> Fleet<S> {
 
     /// [`authenticate`](Self::authenticate), then [`heartbeat`](Self::heartbeat) as that
     /// instance: the one call a transport needs per heartbeat.
-    pub async fn heartbeat_as(&self, identity: &InstanceIdentity, hb: Heartbeat) -> Result<HeartbeatAck, FleetError> {
+    pub async fn heartbeat_as(
+        &self,
+        identity: &InstanceIdentity,
+        hb: Heartbeat,
+    ) -> Result<HeartbeatAck, FleetError> {
         self.authenticate(identity).await.map_err(|e| match e {
             AuthError::Store(s) => FleetError::from(s),
             _ => FleetError::InstanceNotFound(identity.instance),
@@ -490,12 +628,30 @@ impl<S: FleetStore> Fleet<S> {
 
     /// Issues a renewed certificate to an authenticated instance for `csr_pem`. The new
     /// certificate is staged; see the module docs.
-    pub async fn renew(&self, identity: &InstanceIdentity, csr_pem: &str) -> Result<IssuedCertificate, RenewError> {
+    pub async fn renew(
+        &self,
+        identity: &InstanceIdentity,
+        csr_pem: &str,
+    ) -> Result<IssuedCertificate, RenewError> {
         self.authenticate(identity).await?;
         let csr = validate_csr(csr_pem)?;
         let now = self.now();
-        let cert = self.inner.ca.issue_client(&csr, identity.instance, identity.tenant.as_ref(), now, &self.inner.enrollment.issuance)?;
-        let seq = self.inner.store.set_certificate(identity.instance, CertificateChange::Stage(cert.record), now).await?;
+        let cert = self.inner.ca.issue_client(
+            &csr,
+            identity.instance,
+            identity.tenant.as_ref(),
+            now,
+            &self.inner.enrollment.issuance,
+        )?;
+        let seq = self
+            .inner
+            .store
+            .set_certificate(
+                identity.instance,
+                CertificateChange::Stage(cert.record),
+                now,
+            )
+            .await?;
         self.apply_stored(identity.instance, seq).await?;
         Ok(cert)
     }
@@ -503,9 +659,19 @@ impl<S: FleetStore> Fleet<S> {
     /// A CRL (PEM) of every revoked certificate not yet expired, valid for `validity`.
     pub async fn crl(&self, validity: Duration) -> Result<String, FleetError> {
         let now = self.now();
-        let revoked: Vec<_> = self.inner.store.revoked_certificates().await?.into_iter().filter(|r| r.not_after >= now).collect();
+        let revoked: Vec<_> = self
+            .inner
+            .store
+            .revoked_certificates()
+            .await?
+            .into_iter()
+            .filter(|r| r.not_after >= now)
+            .collect();
         let number = u64::try_from(now.as_unix_millis()).unwrap_or(0);
-        self.inner.ca.crl(&revoked, number, now, now.saturating_add(validity)).map_err(FleetError::Ca)
+        self.inner
+            .ca
+            .crl(&revoked, number, now, now.saturating_add(validity))
+            .map_err(FleetError::Ca)
     }
 
     /// Forgets revocations of certificates that have expired; returns how many.
@@ -513,4 +679,3 @@ impl<S: FleetStore> Fleet<S> {
         Ok(self.inner.store.prune_revoked(self.now()).await?)
     }
 }
-

@@ -141,8 +141,9 @@ impl<S: FleetStore> FleetBuilder<S> {
             None => match self.store.load_ca().await? {
                 Some(m) => CertificateAuthority::from_material(&m).map_err(FleetError::Ca)?,
                 None => {
-                    let fresh = CertificateAuthority::generate("fleet CA", self.clock.now(), CA_VALIDITY)
-                        .map_err(FleetError::Ca)?;
+                    let fresh =
+                        CertificateAuthority::generate("fleet CA", self.clock.now(), CA_VALIDITY)
+                            .map_err(FleetError::Ca)?;
                     let stored = self.store.init_ca(&fresh.to_material()).await?;
                     CertificateAuthority::from_material(&stored).map_err(FleetError::Ca)?
                 }

@@ -190,7 +190,10 @@ pub fn instance_uri(instance: InstanceId, tenant: Option<&TenantId>) -> String {
 
 /// Parses a URI written by [`instance_uri`].
 pub fn parse_instance_uri(uri: &str) -> Option<(InstanceId, Option<TenantId>)> {
-    let path = uri.strip_prefix("spiffe://")?.strip_prefix(TRUST_DOMAIN)?.strip_prefix('/')?;
+    let path = uri
+        .strip_prefix("spiffe://")?
+        .strip_prefix(TRUST_DOMAIN)?
+        .strip_prefix('/')?;
     let parts: Vec<&str> = path.split('/').collect();
     match parts.as_slice() {
         ["instances", id] => Some((id.parse().ok()?, None)),
@@ -206,7 +209,9 @@ impl InstanceIdentity {
         use x509_parser::prelude::*;
         let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Malformed)?;
         let serial = Serial::from_der_bytes(cert.raw_serial()).ok_or(IdentityError::BadSerial)?;
-        let san = cert.subject_alternative_name().map_err(|_| IdentityError::Malformed)?;
+        let san = cert
+            .subject_alternative_name()
+            .map_err(|_| IdentityError::Malformed)?;
         let mut found = None;
         for name in san.iter().flat_map(|s| s.value.general_names.iter()) {
             if let GeneralName::URI(uri) = name
@@ -219,7 +224,11 @@ impl InstanceIdentity {
             }
         }
         let (instance, tenant) = found.ok_or(IdentityError::NoInstanceUri)?;
-        Ok(Self { instance, tenant, serial })
+        Ok(Self {
+            instance,
+            tenant,
+            serial,
+        })
     }
 }
 
@@ -231,9 +240,18 @@ mod tests {
     fn uri_round_trip() {
         let id = InstanceId::from_u128(42);
         let t = TenantId::new("acme").unwrap();
-        assert_eq!(parse_instance_uri(&instance_uri(id, Some(&t))), Some((id, Some(t))));
-        assert_eq!(parse_instance_uri(&instance_uri(id, None)), Some((id, None)));
-        assert_eq!(parse_instance_uri("spiffe://other/instances/00000000-0000-0000-0000-00000000002a"), None);
+        assert_eq!(
+            parse_instance_uri(&instance_uri(id, Some(&t))),
+            Some((id, Some(t)))
+        );
+        assert_eq!(
+            parse_instance_uri(&instance_uri(id, None)),
+            Some((id, None))
+        );
+        assert_eq!(
+            parse_instance_uri("spiffe://other/instances/00000000-0000-0000-0000-00000000002a"),
+            None
+        );
         assert_eq!(parse_instance_uri("spiffe://fleet/instances/nope"), None);
     }
 

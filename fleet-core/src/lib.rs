@@ -82,29 +82,29 @@ pub mod store;
 pub mod summary;
 pub mod tag;
 pub mod tenant;
-pub mod token;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 mod timestamp;
+pub mod token;
 
 pub use ca::{CertificateAuthority, IssuancePolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use enroll::{AuthError, EnrollError, EnrollRequest, Enrollment, EnrollmentPolicy, RenewError};
-pub use identity::{Fingerprint, InstanceIdentity, Serial};
-pub use random::RandomError;
-pub use token::{JoinString, MaxUses, NewToken, RegistrationToken, TokenId};
 pub use error::{FleetError, StoreError, ValidationError};
 pub use filter::{Filter, FilterParseError, TagSelector, Term};
 pub use fleet::{Fleet, FleetBuilder, Heartbeat, HeartbeatAck, InstanceDetail, MAX_PAGE_SIZE};
 pub use group::{GroupName, Groups};
+pub use identity::{Fingerprint, InstanceIdentity, Serial};
 pub use instance::{App, Instance, InstanceId, NewInstance, SystemInfo};
 pub use live::{CertificateCheck, Cursor, InstanceView, LiveMetrics, LiveView, Page, StatusChange};
 pub use memory::MemoryStore;
 pub use metrics::{MetricsSample, NetworkRates};
+pub use random::RandomError;
 pub use staleness::{StalenessPolicy, StalenessState, Status, Transition};
 pub use store::FleetStore;
 pub use summary::FleetSummary;
 pub use tag::{TagAuthority, TagKey, TagValue, Tags};
 pub use tenant::{TenantId, TenantScope};
 pub use timestamp::Timestamp;
+pub use token::{JoinString, MaxUses, NewToken, RegistrationToken, TokenId};

@@ -13,8 +13,9 @@ use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::error::{RecordKind, StoreError};
 use crate::identity::{Fingerprint, Serial};
 use crate::store::{
-    CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit, EnrollResult,
-    EnrollTarget, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult, TokenStore,
+    CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit,
+    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult,
+    TokenStore,
 };
 use crate::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
 use crate::{Groups, Instance, InstanceId, Tags, Timestamp};
@@ -34,7 +35,10 @@ struct State {
 }
 
 fn token_not_found(id: &TokenId) -> StoreError {
-    StoreError::NotFound { kind: RecordKind::Token, id: id.to_string() }
+    StoreError::NotFound {
+        kind: RecordKind::Token,
+        id: id.to_string(),
+    }
 }
 
 /// A store in process memory; see the module docs.
@@ -86,19 +90,28 @@ impl State {
     }
 
     fn log(&mut self, commit: &EnrollCommit, outcome: LedgerOutcome, instance: Option<InstanceId>) {
-        self.ledger.entry(commit.token.clone()).or_default().push(LedgerEntry {
-            token: commit.token.clone(),
-            at: commit.now,
-            outcome,
-            instance,
-            peer: commit.peer,
-            key_fingerprint: Some(commit.key_fingerprint),
-        });
+        self.ledger
+            .entry(commit.token.clone())
+            .or_default()
+            .push(LedgerEntry {
+                token: commit.token.clone(),
+                at: commit.now,
+                outcome,
+                instance,
+                peer: commit.peer,
+                key_fingerprint: Some(commit.key_fingerprint),
+            });
     }
 
-    fn recent_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> Option<InstanceId> {
+    fn recent_enrollment(
+        &self,
+        id: &TokenId,
+        key: &Fingerprint,
+        since: Timestamp,
+    ) -> Option<InstanceId> {
         self.ledger.get(id)?.iter().rev().find_map(|e| {
-            let hit = e.outcome.is_success() && e.at >= since && e.key_fingerprint.as_ref() == Some(key);
+            let hit =
+                e.outcome.starts_retry_window() && e.at >= since && e.key_fingerprint.as_ref() == Some(key);
             e.instance.filter(|i| hit && self.instances.contains_key(i))
         })
     }
@@ -229,7 +242,10 @@ impl TokenStore for MemoryStore {
     async fn insert_token(&self, token: &RegistrationToken) -> StoreResult<()> {
         let mut s = self.lock();
         if s.tokens.contains_key(&token.id) {
-            return Err(StoreError::AlreadyExists { kind: RecordKind::Token, id: token.id.to_string() });
+            return Err(StoreError::AlreadyExists {
+                kind: RecordKind::Token,
+                id: token.id.to_string(),
+            });
         }
         s.tokens.insert(token.id.clone(), token.clone());
         Ok(())
@@ -257,16 +273,27 @@ impl TokenStore for MemoryStore {
         if !s.tokens.contains_key(&entry.token) {
             return Err(token_not_found(&entry.token));
         }
-        s.ledger.entry(entry.token.clone()).or_default().push(entry.clone());
+        s.ledger
+            .entry(entry.token.clone())
+            .or_default()
+            .push(entry.clone());
         Ok(())
     }
 
     async fn ledger(&self, id: &TokenId, limit: usize) -> StoreResult<Vec<LedgerEntry>> {
         let s = self.lock();
-        Ok(s.ledger.get(id).map(|l| l.iter().rev().take(limit).cloned().collect()).unwrap_or_default())
+        Ok(s.ledger
+            .get(id)
+            .map(|l| l.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default())
     }
 
-    async fn find_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> StoreResult<Option<InstanceId>> {
+    async fn find_enrollment(
+        &self,
+        id: &TokenId,
+        key: &Fingerprint,
+        since: Timestamp,
+    ) -> StoreResult<Option<InstanceId>> {
         Ok(self.lock().recent_enrollment(id, key, since))
     }
 
@@ -279,14 +306,20 @@ impl TokenStore for MemoryStore {
             s.log(commit, LedgerOutcome::Revoked, None);
             return Ok(EnrollResult::Rejected(TokenState::Revoked));
         }
-        if let Some(instance) = s.recent_enrollment(&commit.token, &commit.key_fingerprint, commit.retry_since) {
+        if let Some(instance) =
+            s.recent_enrollment(&commit.token, &commit.key_fingerprint, commit.retry_since)
+        {
             s.log(commit, LedgerOutcome::Retried, Some(instance));
             return Ok(EnrollResult::Retry { instance });
         }
         match token.state(commit.now) {
             TokenState::Active => {}
             state => {
-                let outcome = if state == TokenState::Expired { LedgerOutcome::Expired } else { LedgerOutcome::Exhausted };
+                let outcome = if state == TokenState::Expired {
+                    LedgerOutcome::Expired
+                } else {
+                    LedgerOutcome::Exhausted
+                };
                 s.log(commit, outcome, None);
                 return Ok(EnrollResult::Rejected(state));
             }
@@ -299,9 +332,14 @@ impl TokenStore for MemoryStore {
                 s.instances.insert(inst.id, (**inst).clone());
                 (inst.id, LedgerOutcome::Enrolled)
             }
-            EnrollTarget::Existing { instance, expected_serial, certificate } => {
+            EnrollTarget::Existing {
+                instance,
+                expected_serial,
+                certificate,
+            } => {
                 let current = s.instances.get(instance).and_then(|i| i.certificate);
-                let ok = token.allow_reenroll && current.is_some_and(|c| c.serial == *expected_serial);
+                let ok =
+                    token.allow_reenroll && current.is_some_and(|c| c.serial == *expected_serial);
                 if !ok {
                     s.log(commit, LedgerOutcome::ReenrollRefused, Some(*instance));
                     return Ok(EnrollResult::ReenrollRefused);
@@ -331,18 +369,34 @@ impl CertificateStore for MemoryStore {
     }
 
     async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial> {
-        Ok(self.lock().ca.get_or_insert_with(|| material.clone()).clone())
+        Ok(self
+            .lock()
+            .ca
+            .get_or_insert_with(|| material.clone())
+            .clone())
     }
 
-    async fn set_certificate(&self, id: InstanceId, change: CertificateChange, now: Timestamp) -> StoreResult<Seq> {
+    async fn set_certificate(
+        &self,
+        id: InstanceId,
+        change: CertificateChange,
+        now: Timestamp,
+    ) -> StoreResult<Seq> {
         let mut s = self.lock();
-        let inst = s.instances.get_mut(&id).ok_or_else(|| StoreError::instance_not_found(id))?;
+        let inst = s
+            .instances
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::instance_not_found(id))?;
         let revoked: [Option<CertificateRecord>; 2] = match change {
-            CertificateChange::Replace(c) => [inst.certificate.replace(c), inst.next_certificate.take()],
+            CertificateChange::Replace(c) => {
+                [inst.certificate.replace(c), inst.next_certificate.take()]
+            }
             CertificateChange::Stage(c) => [inst.next_certificate.replace(c), None],
             CertificateChange::Promote(serial) => {
                 let Some(next) = inst.next_certificate.filter(|n| n.serial == serial) else {
-                    return Err(StoreError::Conflict(format!("certificate {serial} is not the staged one")));
+                    return Err(StoreError::Conflict(format!(
+                        "certificate {serial} is not the staged one"
+                    )));
                 };
                 inst.next_certificate = None;
                 [inst.certificate.replace(next), None]

@@ -37,7 +37,10 @@ mod tests {
     fn alphanumeric_has_the_length_and_alphabet() {
         let s = super::alphanumeric(100).unwrap();
         assert_eq!(s.len(), 100);
-        assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+        assert!(
+            s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        );
         assert_ne!(s, super::alphanumeric(100).unwrap());
     }
 }

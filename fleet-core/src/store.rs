@@ -225,18 +225,23 @@ pub trait TokenStore: Debug + Send + Sync + 'static {
     /// Up to `limit` ledger entries of a token, newest first.
     async fn ledger(&self, id: &TokenId, limit: usize) -> StoreResult<Vec<LedgerEntry>>;
 
-    /// The instance a successful enrollment with this token and key registered at or after
-    /// `since`, if it still exists. A cheap, non-atomic pre-check; [`enroll`](Self::enroll)
+    /// The instance an enrollment (or re-enrollment, not a retry) with this token and key
+    /// registered at or after `since`, if it still exists. A cheap, non-atomic pre-check; [`enroll`](Self::enroll)
     /// decides.
-    async fn find_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> StoreResult<Option<InstanceId>>;
+    async fn find_enrollment(
+        &self,
+        id: &TokenId,
+        key: &Fingerprint,
+        since: Timestamp,
+    ) -> StoreResult<Option<InstanceId>>;
 
     /// Enrolls, **atomically** (one transaction; concurrent calls behave as if run one at a
     /// time):
     ///
     /// 1. unknown token → [`EnrollResult::UnknownToken`], nothing written;
     /// 2. revoked token → ledger `revoked`, [`EnrollResult::Rejected`];
-    /// 3. a successful enrollment of this token with this key at or after `retry_since` whose
-    ///    instance still exists → ledger `retried`, [`EnrollResult::Retry`], no use consumed;
+    /// 3. an enrollment (or re-enrollment, not a retry) of this token with this key at or after
+    ///    `retry_since` whose instance still exists → ledger `retried`, [`EnrollResult::Retry`], no use consumed;
     /// 4. expired or exhausted → ledger entry, [`EnrollResult::Rejected`];
     /// 5. for [`EnrollTarget::Existing`]: the token must allow re-enrollment and the instance
     ///    must exist with `expected_serial` as its current serial, else ledger
@@ -279,7 +284,12 @@ pub trait CertificateStore: Debug + Send + Sync + 'static {
     /// Applies a certificate change to an instance. **Contract:** durable before returning;
     /// atomic with the revocation records it implies and one [`ChangeKind::Upserted`] change,
     /// whose sequence number it returns; [`StoreError::NotFound`] for an unknown instance.
-    async fn set_certificate(&self, id: InstanceId, change: CertificateChange, now: Timestamp) -> StoreResult<Seq>;
+    async fn set_certificate(
+        &self,
+        id: InstanceId,
+        change: CertificateChange,
+        now: Timestamp,
+    ) -> StoreResult<Seq>;
 
     /// Every revoked certificate not yet pruned.
     async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>>;
@@ -289,9 +299,15 @@ pub trait CertificateStore: Debug + Send + Sync + 'static {
 }
 
 /// Everything a control plane needs from its store.
-pub trait FleetStore: InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore {}
+pub trait FleetStore:
+    InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore
+{
+}
 
-impl<T: InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore + ?Sized> FleetStore for T {}
+impl<T: InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore + ?Sized>
+    FleetStore for T
+{
+}
 
 macro_rules! forward {
     ($wrapper:ident) => {
@@ -352,7 +368,11 @@ macro_rules! forward {
             async fn list_tokens(&self) -> StoreResult<Vec<RegistrationToken>> {
                 (**self).list_tokens().await
             }
-            async fn revoke_token(&self, id: &TokenId, now: Timestamp) -> StoreResult<RegistrationToken> {
+            async fn revoke_token(
+                &self,
+                id: &TokenId,
+                now: Timestamp,
+            ) -> StoreResult<RegistrationToken> {
                 (**self).revoke_token(id, now).await
             }
             async fn append_ledger(&self, entry: &LedgerEntry) -> StoreResult<()> {

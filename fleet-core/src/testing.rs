@@ -22,10 +22,13 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::enroll::{AuthError, EnrollError, EnrollRequest, Enrollment};
 use crate::store::{ChangeKind, FleetStore, HeartbeatRecord};
+use crate::token::{LedgerOutcome, MaxUses, NewToken};
 use crate::{
-    App, Filter, Fleet, Groups, Heartbeat, Instance, InstanceId, ManualClock, MetricsSample,
-    NewInstance, Status, StoreError, SystemInfo, Tags, TenantId, TenantScope, Timestamp,
+    App, Filter, Fleet, FleetError, Groups, Heartbeat, Instance, InstanceId, InstanceIdentity,
+    ManualClock, MetricsSample, NewInstance, Status, StoreError, SystemInfo, Tags, TenantId,
+    TenantScope, Timestamp,
 };
 
 /// A store under test, shared by tasks.
@@ -487,6 +490,620 @@ pub async fn fleet_rebuilds_from_store(store: DynStore) {
     assert_eq!(reopened.summary(&all, &TenantScope::All).warning, 9);
 }
 
+/// A fresh P-256 key and a CSR for it (PEM).
+pub fn key_and_csr() -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().expect("key generation");
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    (key, csr)
+}
+
+/// A CSR for an existing key.
+pub fn csr_for(key: &rcgen::KeyPair) -> String {
+    rcgen::CertificateParams::default()
+        .serialize_request(key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+/// A fleet over `store` with a manual clock at [`T0`].
+pub async fn open_fleet(store: &DynStore) -> (Fleet<DynStore>, ManualClock) {
+    let clock = ManualClock::new(T0);
+    let fleet = Fleet::builder(Arc::clone(store))
+        .clock(clock.clone())
+        .open()
+        .await
+        .expect("open");
+    (fleet, clock)
+}
+
+/// An enrollment request for `token` with `csr` and hostname `host`.
+pub fn request(token: &str, csr: &str, host: &str) -> EnrollRequest {
+    EnrollRequest {
+        token: token.to_owned(),
+        csr_pem: csr.to_owned(),
+        system: SystemInfo::with_hostname(host),
+        peer: Some("192.0.2.7:50000".parse().expect("addr")),
+        previous_certificate_pem: None,
+    }
+}
+
+fn identity(e: &Enrollment) -> InstanceIdentity {
+    InstanceIdentity::from_certificate_der(&e.certificate.der).expect("identity")
+}
+
+async fn racing_enrollments(store: DynStore, k: u32) {
+    const N: usize = 200;
+    let (fleet, _) = open_fleet(&store).await;
+    let token = fleet
+        .create_token(
+            &TenantScope::All,
+            NewToken {
+                max_uses: MaxUses::Limited(k),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .expect("token");
+    let csrs: Vec<String> = (0..N).map(|_| key_and_csr().1).collect();
+    let mut tasks = Vec::new();
+    for (i, csr) in csrs.into_iter().enumerate() {
+        let fleet = fleet.clone();
+        let t = token.presented.to_string();
+        tasks.push(tokio::spawn(async move {
+            fleet.enroll(request(&t, &csr, &format!("h{i}"))).await
+        }));
+    }
+    let mut ok = HashSet::new();
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(e) => assert!(
+                ok.insert(e.instance),
+                "instance {} handed out twice",
+                e.instance
+            ),
+            Err(EnrollError::TokenExhausted) => {}
+            Err(e) => panic!("unexpected enrollment error: {e}"),
+        }
+    }
+    let k = k as usize;
+    assert_eq!(ok.len(), N.min(k), "exactly min(N, k) enrollments succeed");
+    assert_eq!(
+        store.count_instances().await.expect("count") as usize,
+        N.min(k),
+        "exactly min(N, k) instances exist"
+    );
+    let ledger = store.ledger(&token.token.id, 10_000).await.expect("ledger");
+    let successes = ledger
+        .iter()
+        .filter(|e| e.outcome == LedgerOutcome::Enrolled)
+        .count();
+    assert_eq!(
+        successes,
+        N.min(k),
+        "the ledger records exactly min(N, k) successes"
+    );
+    assert_eq!(ledger.len(), N, "every attempt is in the ledger");
+    let stored = store
+        .get_token(&token.token.id)
+        .await
+        .expect("get")
+        .expect("token");
+    assert_eq!(stored.uses as usize, N.min(k));
+    assert_eq!(
+        fleet.summary(&Filter::all(), &TenantScope::All).total as usize,
+        N.min(k)
+    );
+}
+
+/// 200 concurrent enrollments with a single-use token register exactly one instance.
+pub async fn racing_enrollments_max_uses_1(store: DynStore) {
+    racing_enrollments(store, 1).await;
+}
+
+/// 200 concurrent enrollments with `max_uses = 7` register exactly 7 instances.
+pub async fn racing_enrollments_max_uses_7(store: DynStore) {
+    racing_enrollments(store, 7).await;
+}
+
+/// 200 concurrent enrollments with `max_uses = 50` register exactly 50 instances.
+pub async fn racing_enrollments_max_uses_50(store: DynStore) {
+    racing_enrollments(store, 50).await;
+}
+
+/// Expired, revoked, unknown, wrong-secret and exhausted tokens change nothing but the ledger.
+pub async fn refused_tokens_change_only_the_ledger(store: DynStore) {
+    let (fleet, clock) = open_fleet(&store).await;
+    let scope = TenantScope::All;
+    let expiring = fleet
+        .create_token(
+            &scope,
+            NewToken {
+                expires_in: Some(Duration::from_secs(60)),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .expect("token");
+    let revoked = fleet
+        .create_token(&scope, NewToken::default())
+        .await
+        .expect("token");
+    fleet
+        .revoke_token(&scope, &revoked.token.id)
+        .await
+        .expect("revoke");
+    let used = fleet
+        .create_token(&scope, NewToken::default())
+        .await
+        .expect("token");
+    fleet
+        .enroll(request(
+            &used.presented.to_string(),
+            &key_and_csr().1,
+            "first",
+        ))
+        .await
+        .expect("first use");
+    clock.advance(Duration::from_secs(60)); // `expiring` expires exactly now
+
+    let snapshot = || async {
+        (
+            store.count_instances().await.expect("count"),
+            store.latest_seq().await.expect("seq"),
+            fleet
+                .list_tokens(&TenantScope::All)
+                .await
+                .expect("tokens")
+                .iter()
+                .map(|t| (t.id.clone(), t.uses, t.revoked_at))
+                .collect::<Vec<_>>(),
+            fleet.summary(&Filter::all(), &TenantScope::All),
+        )
+    };
+    let ledger_len = |t: crate::TokenId| {
+        let store = Arc::clone(&store);
+        async move { store.ledger(&t, 10_000).await.expect("ledger").len() }
+    };
+    let before = snapshot().await;
+    let wrong_secret = format!("{}.{}", used.token.id, "0".repeat(32));
+    let unknown = format!("{}.{}", "zzzzzzzz", "0".repeat(32));
+    let cases: Vec<(String, Option<crate::TokenId>, fn(&EnrollError) -> bool)> = vec![
+        (
+            expiring.presented.to_string(),
+            Some(expiring.token.id.clone()),
+            |e| matches!(e, EnrollError::TokenExpired),
+        ),
+        (
+            revoked.presented.to_string(),
+            Some(revoked.token.id.clone()),
+            |e| matches!(e, EnrollError::TokenRevoked),
+        ),
+        (
+            used.presented.to_string(),
+            Some(used.token.id.clone()),
+            |e| matches!(e, EnrollError::TokenExhausted),
+        ),
+        (wrong_secret, Some(used.token.id.clone()), |e| {
+            matches!(e, EnrollError::InvalidToken)
+        }),
+        (unknown, None, |e| matches!(e, EnrollError::InvalidToken)),
+        ("not a token".into(), None, |e| {
+            matches!(e, EnrollError::InvalidToken)
+        }),
+    ];
+    for (tok, id, expected) in cases {
+        let ledger_before = match &id {
+            Some(id) => ledger_len(id.clone()).await,
+            None => 0,
+        };
+        let err = fleet
+            .enroll(request(&tok, &key_and_csr().1, "intruder"))
+            .await
+            .expect_err("must be refused");
+        assert!(expected(&err), "wrong error for {tok:?}: {err:?}");
+        assert_eq!(
+            snapshot().await,
+            before,
+            "a refused enrollment ({err}) must change nothing"
+        );
+        if let Some(id) = id {
+            assert_eq!(
+                ledger_len(id).await,
+                ledger_before + 1,
+                "the attempt ({err}) is recorded in the ledger"
+            );
+        }
+    }
+    let ledger = store.ledger(&used.token.id, 10).await.expect("ledger");
+    assert_eq!(ledger[0].outcome, LedgerOutcome::WrongSecret);
+    assert_eq!(ledger[1].outcome, LedgerOutcome::Exhausted);
+    assert!(
+        ledger[1].key_fingerprint.is_some() && ledger[1].peer.is_some(),
+        "fingerprint and peer are recorded"
+    );
+}
+
+/// The same token and key retrying within the window get the same instance and a valid
+/// certificate, without consuming a use; after the window they do not.
+pub async fn retry_within_window_returns_the_same_instance(store: DynStore) {
+    let (fleet, clock) = open_fleet(&store).await;
+    let token = fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .expect("token");
+    let t = token.presented.to_string();
+    let (key, csr) = key_and_csr();
+    let first = fleet
+        .enroll(request(&t, &csr, "web-01"))
+        .await
+        .expect("first");
+    clock.advance(Duration::from_secs(30));
+    let again = fleet
+        .enroll(request(&t, &csr_for(&key), "web-01"))
+        .await
+        .expect("retry");
+    assert_eq!(
+        again.instance, first.instance,
+        "a retry returns the same instance"
+    );
+    assert_eq!(again.outcome, LedgerOutcome::Retried);
+    assert_ne!(
+        again.certificate.record.serial,
+        first.certificate.record.serial
+    );
+    assert_eq!(store.count_instances().await.expect("count"), 1);
+    assert_eq!(
+        store
+            .get_token(&token.token.id)
+            .await
+            .expect("get")
+            .expect("token")
+            .uses,
+        1,
+        "no use consumed"
+    );
+    fleet
+        .authenticate(&identity(&again))
+        .await
+        .expect("the new certificate is valid");
+    assert!(
+        matches!(
+            fleet.authenticate(&identity(&first)).await,
+            Err(AuthError::CertificateRevoked)
+        ),
+        "the lost one is superseded"
+    );
+    // Another key is not a retry.
+    assert!(matches!(
+        fleet.enroll(request(&t, &key_and_csr().1, "web-02")).await,
+        Err(EnrollError::TokenExhausted)
+    ));
+    // After the window the same key is not a retry either.
+    clock.advance(Duration::from_secs(600));
+    assert!(matches!(
+        fleet.enroll(request(&t, &csr_for(&key), "web-01")).await,
+        Err(EnrollError::TokenExhausted)
+    ));
+    assert_eq!(store.count_instances().await.expect("count"), 1);
+}
+
+/// No API that takes a tenant scope shows or changes another tenant's instances, tokens or
+/// ledger entries.
+pub async fn tenant_isolation(store: DynStore) {
+    let (fleet, _) = open_fleet(&store).await;
+    let acme = TenantScope::Tenant(TenantId::new("acme").expect("tenant"));
+    let globex_id = TenantId::new("globex").expect("tenant");
+    let globex = TenantScope::Tenant(globex_id.clone());
+    let ta = fleet
+        .create_token(&acme, NewToken::default())
+        .await
+        .expect("token");
+    assert_eq!(
+        ta.token.tenant.as_ref().map(TenantId::as_str),
+        Some("acme"),
+        "a scoped operator's token gets its tenant"
+    );
+    let tg = fleet
+        .create_token(&globex, NewToken::default())
+        .await
+        .expect("token");
+    let cross = NewToken {
+        tenant: Some(globex_id),
+        ..NewToken::default()
+    };
+    assert!(matches!(
+        fleet.create_token(&acme, cross).await,
+        Err(FleetError::Invalid(_))
+    ));
+    let a = fleet
+        .enroll(request(
+            &ta.presented.to_string(),
+            &key_and_csr().1,
+            "acme-1",
+        ))
+        .await
+        .expect("enroll");
+    let g = fleet
+        .enroll(request(
+            &tg.presented.to_string(),
+            &key_and_csr().1,
+            "globex-1",
+        ))
+        .await
+        .expect("enroll");
+    assert_eq!(a.tenant.as_ref().map(TenantId::as_str), Some("acme"));
+    assert_eq!(
+        identity(&g).tenant.as_ref().map(TenantId::as_str),
+        Some("globex"),
+        "the certificate names the tenant"
+    );
+
+    let ids: Vec<_> = fleet
+        .list_tokens(&acme)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    assert_eq!(ids, vec![ta.token.id.clone()]);
+    assert!(matches!(
+        fleet.get_token(&acme, &tg.token.id).await,
+        Err(FleetError::TokenNotFound(_))
+    ));
+    assert!(matches!(
+        fleet.token_ledger(&acme, &tg.token.id, 10).await,
+        Err(FleetError::TokenNotFound(_))
+    ));
+    assert!(matches!(
+        fleet.revoke_token(&acme, &tg.token.id).await,
+        Err(FleetError::TokenNotFound(_))
+    ));
+    assert!(
+        fleet
+            .get_token(&TenantScope::All, &tg.token.id)
+            .await
+            .expect("get")
+            .revoked_at
+            .is_none(),
+        "not revoked"
+    );
+    assert_eq!(
+        fleet
+            .token_ledger(&acme, &ta.token.id, 10)
+            .await
+            .expect("ledger")
+            .len(),
+        1
+    );
+
+    let listed: Vec<_> = fleet
+        .list(&Filter::all(), &acme, None, 100)
+        .items
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    assert_eq!(listed, vec![a.instance]);
+    assert_eq!(fleet.summary(&Filter::all(), &acme).total, 1);
+    assert!(fleet.get(&acme, g.instance).is_none());
+    assert!(matches!(
+        fleet.detail(&acme, g.instance).await,
+        Err(FleetError::InstanceNotFound(_))
+    ));
+    assert_eq!(fleet.summary(&Filter::all(), &TenantScope::All).total, 2);
+}
+
+/// A certificate issued for instance A never acts as instance B: its identity names A, and
+/// claiming B with A's serial is refused.
+pub async fn certificate_of_one_instance_cannot_act_as_another(store: DynStore) {
+    let (fleet, _) = open_fleet(&store).await;
+    let token = fleet
+        .create_token(
+            &TenantScope::All,
+            NewToken {
+                max_uses: MaxUses::Limited(2),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .expect("token");
+    let a = fleet
+        .enroll(request(&token.presented.to_string(), &key_and_csr().1, "a"))
+        .await
+        .expect("a");
+    let b = fleet
+        .enroll(request(&token.presented.to_string(), &key_and_csr().1, "b"))
+        .await
+        .expect("b");
+    let id_a = identity(&a);
+    assert_eq!(id_a.instance, a.instance, "A's certificate names A");
+    let forged = InstanceIdentity {
+        instance: b.instance,
+        ..id_a.clone()
+    };
+    assert!(matches!(
+        fleet.authenticate(&forged).await,
+        Err(AuthError::CertificateRevoked)
+    ));
+    let before = fleet.get(&TenantScope::All, b.instance).expect("b");
+    assert!(
+        fleet
+            .heartbeat_as(&forged, Heartbeat::default())
+            .await
+            .is_err()
+    );
+    assert_eq!(
+        fleet.get(&TenantScope::All, b.instance).expect("b"),
+        before,
+        "B unchanged"
+    );
+    fleet
+        .heartbeat_as(&id_a, Heartbeat::default())
+        .await
+        .expect("A acts as A");
+}
+
+/// Renewal stages a certificate; its first use promotes it and supersedes the old one;
+/// deregistration revokes, and the CRL lists the revoked serials.
+pub async fn renewal_and_revocation(store: DynStore) {
+    let (fleet, clock) = open_fleet(&store).await;
+    let token = fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .expect("token");
+    let e = fleet
+        .enroll(request(&token.presented.to_string(), &key_and_csr().1, "a"))
+        .await
+        .expect("enroll");
+    let old = identity(&e);
+    clock.advance(Duration::from_secs(3600));
+    let renewed = fleet.renew(&old, &key_and_csr().1).await.expect("renew");
+    let new = InstanceIdentity::from_certificate_der(&renewed.der).expect("identity");
+    assert_eq!(new.instance, old.instance);
+    fleet
+        .authenticate(&old)
+        .await
+        .expect("the old certificate stays valid until the new one is used");
+    fleet
+        .authenticate(&new)
+        .await
+        .expect("the new certificate works");
+    assert!(
+        matches!(
+            fleet.authenticate(&old).await,
+            Err(AuthError::CertificateRevoked)
+        ),
+        "first use supersedes the old one"
+    );
+    let stored = store
+        .get_instance(old.instance)
+        .await
+        .expect("get")
+        .expect("instance");
+    assert_eq!(
+        stored.certificate.map(|c| c.serial),
+        Some(new.serial),
+        "durably promoted"
+    );
+
+    fleet
+        .deregister(&TenantScope::All, old.instance)
+        .await
+        .expect("deregister");
+    assert!(matches!(
+        fleet.authenticate(&new).await,
+        Err(AuthError::UnknownInstance)
+    ));
+    let revoked: HashSet<_> = store
+        .revoked_certificates()
+        .await
+        .expect("revoked")
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    assert!(revoked.contains(&old.serial) && revoked.contains(&new.serial));
+    let crl = fleet.crl(Duration::from_secs(3600)).await.expect("crl");
+    assert!(crl.contains("BEGIN X509 CRL"));
+    // Pruning forgets nothing before the certificates expire, everything after.
+    assert_eq!(fleet.prune_revoked().await.expect("prune"), 0);
+    clock.advance(Duration::from_secs(31 * 24 * 3600));
+    assert_eq!(fleet.prune_revoked().await.expect("prune"), 2);
+}
+
+/// An instance whose certificate expired re-enrolls with a re-enrollment token and the same key,
+/// keeping its identity and tags; without permission, or with another key, it cannot.
+pub async fn reenrollment_after_expiry(store: DynStore) {
+    let (fleet, clock) = open_fleet(&store).await;
+    let scope = TenantScope::All;
+    let first = fleet
+        .create_token(&scope, NewToken::default())
+        .await
+        .expect("token");
+    let (key, csr) = key_and_csr();
+    let e = fleet
+        .enroll(request(&first.presented.to_string(), &csr, "db-1"))
+        .await
+        .expect("enroll");
+    fleet
+        .set_tags(
+            &scope,
+            e.instance,
+            Tags::from_pairs([("tier", "critical")]).expect("tags"),
+        )
+        .await
+        .expect("tags");
+    clock.advance(Duration::from_secs(40 * 24 * 3600)); // the certificate expired while offline
+
+    let plain = fleet
+        .create_token(&scope, NewToken::default())
+        .await
+        .expect("token");
+    let mut req = request(&plain.presented.to_string(), &csr_for(&key), "db-1");
+    req.previous_certificate_pem = Some(e.certificate.pem.clone());
+    assert!(
+        matches!(
+            fleet.enroll(req).await,
+            Err(EnrollError::ReenrollRefused(_))
+        ),
+        "the token must allow it"
+    );
+
+    let reenroll = fleet
+        .create_token(
+            &scope,
+            NewToken {
+                allow_reenroll: true,
+                ..NewToken::default()
+            },
+        )
+        .await
+        .expect("token");
+    let mut other_key = request(&reenroll.presented.to_string(), &key_and_csr().1, "db-1");
+    other_key.previous_certificate_pem = Some(e.certificate.pem.clone());
+    assert!(
+        matches!(
+            fleet.enroll(other_key).await,
+            Err(EnrollError::ReenrollRefused(_))
+        ),
+        "the key must match"
+    );
+    assert_eq!(
+        store
+            .get_token(&reenroll.token.id)
+            .await
+            .expect("get")
+            .expect("token")
+            .uses,
+        0,
+        "refusals consume nothing"
+    );
+
+    let mut req = request(&reenroll.presented.to_string(), &csr_for(&key), "db-1");
+    req.previous_certificate_pem = Some(e.certificate.pem.clone());
+    let again = fleet.enroll(req).await.expect("re-enroll");
+    assert_eq!(again.instance, e.instance, "identity kept");
+    assert_eq!(again.outcome, LedgerOutcome::Reenrolled);
+    let view = fleet.get(&scope, e.instance).expect("instance");
+    assert_eq!(
+        view.tags,
+        Tags::from_pairs([("tier", "critical")]).expect("tags"),
+        "tags kept"
+    );
+    assert_eq!(store.count_instances().await.expect("count"), 1);
+    fleet
+        .authenticate(&identity(&again))
+        .await
+        .expect("the new certificate works");
+    assert!(
+        fleet.authenticate(&identity(&e)).await.is_err(),
+        "the expired one is superseded"
+    );
+}
+
 /// Emits one `#[tokio::test]` per conformance property for a store builder.
 ///
 /// The argument is an expression evaluating to a future of `(guard, store)`: the guard (a temp
@@ -507,6 +1124,15 @@ macro_rules! store_conformance_tests {
             concurrent_inserts_all_land,
             concurrent_edits_follow_feed_order,
             fleet_rebuilds_from_store,
+            racing_enrollments_max_uses_1,
+            racing_enrollments_max_uses_7,
+            racing_enrollments_max_uses_50,
+            refused_tokens_change_only_the_ledger,
+            retry_within_window_returns_the_same_instance,
+            tenant_isolation,
+            certificate_of_one_instance_cannot_act_as_another,
+            renewal_and_revocation,
+            reenrollment_after_expiry,
         );
     };
     (@each $build:expr; $($name:ident),* $(,)?) => {

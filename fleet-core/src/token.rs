@@ -37,8 +37,16 @@ pub const MAX_DESCRIPTION_LEN: usize = 512;
 pub const JOIN_PREFIX: &str = "fleet1";
 
 fn check_alnum(what: &'static str, s: &str, len: usize) -> Result<(), ValidationError> {
-    if s.len() != len || !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()) {
-        return Err(ValidationError::new(what, s, "is not a token component this server issues"));
+    if s.len() != len
+        || !s
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(ValidationError::new(
+            what,
+            s,
+            "is not a token component this server issues",
+        ));
     }
     Ok(())
 }
@@ -146,7 +154,10 @@ impl FromStr for PresentedToken {
             .ok_or_else(|| ValidationError::new("token", "<redacted>", "must be <id>.<secret>"))?;
         check_alnum("token secret", secret, TOKEN_SECRET_LEN)
             .map_err(|_| ValidationError::new("token", "<redacted>", "has a malformed secret"))?;
-        Ok(Self { id: TokenId::new(id)?, secret: TokenSecret(secret.to_owned()) })
+        Ok(Self {
+            id: TokenId::new(id)?,
+            secret: TokenSecret(secret.to_owned()),
+        })
     }
 }
 
@@ -174,16 +185,27 @@ impl fmt::Debug for JoinString {
 impl FromStr for JoinString {
     type Err = ValidationError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = || ValidationError::new("join string", "<redacted>", "must be fleet1.<id>.<secret>.<ca-sha256>");
+        let bad = || {
+            ValidationError::new(
+                "join string",
+                "<redacted>",
+                "must be fleet1.<id>.<secret>.<ca-sha256>",
+            )
+        };
         let mut parts = s.split('.');
         if parts.next() != Some(JOIN_PREFIX) {
             return Err(bad());
         }
-        let (Some(id), Some(secret), Some(fp), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+        let (Some(id), Some(secret), Some(fp), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
             return Err(bad());
         };
         let token: PresentedToken = format!("{id}.{secret}").parse().map_err(|_| bad())?;
-        Ok(Self { token, ca_sha256: fp.parse().map_err(|_| bad())? })
+        Ok(Self {
+            token,
+            ca_sha256: fp.parse().map_err(|_| bad())?,
+        })
     }
 }
 
@@ -292,9 +314,15 @@ impl NewToken {
     /// characters; expiry at least one second and at most ten years away.
     pub fn validate(&self) -> Result<(), ValidationError> {
         if self.max_uses == MaxUses::Limited(0) {
-            return Err(ValidationError::new("max_uses", "0", "must be at least 1 (or unlimited)"));
+            return Err(ValidationError::new(
+                "max_uses",
+                "0",
+                "must be at least 1 (or unlimited)",
+            ));
         }
-        if self.description.chars().count() > MAX_DESCRIPTION_LEN || self.description.chars().any(char::is_control) {
+        if self.description.chars().count() > MAX_DESCRIPTION_LEN
+            || self.description.chars().any(char::is_control)
+        {
             return Err(ValidationError::new(
                 "description",
                 self.description.clone(),
@@ -304,7 +332,11 @@ impl NewToken {
         if let Some(e) = self.expires_in
             && (e < Duration::from_secs(1) || e > Duration::from_secs(10 * 366 * 24 * 3600))
         {
-            return Err(ValidationError::new("expires_in", format!("{}s", e.as_secs()), "must be from 1 second to 10 years"));
+            return Err(ValidationError::new(
+                "expires_in",
+                format!("{}s", e.as_secs()),
+                "must be from 1 second to 10 years",
+            ));
         }
         Ok(())
     }
@@ -351,6 +383,12 @@ impl LedgerOutcome {
     pub fn is_success(self) -> bool {
         matches!(self, Self::Enrolled | Self::Retried | Self::Reenrolled)
     }
+
+    /// Whether a later attempt with the same key may count as a retry of this one. Retries do not
+    /// open a new window: the window runs from the enrollment itself and never slides.
+    pub fn starts_retry_window(self) -> bool {
+        matches!(self, Self::Enrolled | Self::Reenrolled)
+    }
 }
 
 /// One use attempt of a token.
@@ -376,21 +414,40 @@ mod tests {
 
     #[test]
     fn token_and_join_string_round_trip() {
-        let t = PresentedToken { id: TokenId::random().unwrap(), secret: TokenSecret::random().unwrap() };
+        let t = PresentedToken {
+            id: TokenId::random().unwrap(),
+            secret: TokenSecret::random().unwrap(),
+        };
         let s = t.to_string();
         assert_eq!(s.len(), TOKEN_ID_LEN + 1 + TOKEN_SECRET_LEN);
         assert_eq!(s.parse::<PresentedToken>().unwrap(), t);
-        let j = JoinString { token: t.clone(), ca_sha256: Fingerprint::of(b"ca") };
+        let j = JoinString {
+            token: t.clone(),
+            ca_sha256: Fingerprint::of(b"ca"),
+        };
         let js = j.to_string();
         assert!(js.starts_with("fleet1."));
         assert_eq!(js.parse::<JoinString>().unwrap(), j);
-        assert_eq!(js.parse::<PresentedToken>().unwrap(), t, "a join string works where a token is expected");
-        assert!(!format!("{t:?}{j:?}").contains(t.secret.expose()), "Debug never shows the secret");
+        assert_eq!(
+            js.parse::<PresentedToken>().unwrap(),
+            t,
+            "a join string works where a token is expected"
+        );
+        assert!(
+            !format!("{t:?}{j:?}").contains(t.secret.expose()),
+            "Debug never shows the secret"
+        );
     }
 
     #[test]
     fn malformed_tokens_are_refused_without_echoing_the_secret() {
-        for bad in ["", "abc", "abcdefgh.short", "ABCDEFGH.0123456789abcdef0123456789abcdef", "fleet1.x.y.z"] {
+        for bad in [
+            "",
+            "abc",
+            "abcdefgh.short",
+            "ABCDEFGH.0123456789abcdef0123456789abcdef",
+            "fleet1.x.y.z",
+        ] {
             let e = bad.parse::<PresentedToken>().unwrap_err();
             assert!(!e.to_string().contains("0123456789abcdef"), "{e}");
         }
@@ -415,7 +472,10 @@ mod tests {
         assert_eq!(t.state(Timestamp::from_unix_secs(99)), TokenState::Active);
         assert_eq!(t.state(Timestamp::from_unix_secs(100)), TokenState::Expired);
         t.uses = 1;
-        assert_eq!(t.state(Timestamp::from_unix_secs(50)), TokenState::Exhausted);
+        assert_eq!(
+            t.state(Timestamp::from_unix_secs(50)),
+            TokenState::Exhausted
+        );
         t.revoked_at = Some(Timestamp::from_unix_secs(1));
         assert_eq!(t.state(Timestamp::from_unix_secs(50)), TokenState::Revoked);
         t.max_uses = MaxUses::Unlimited;
@@ -434,8 +494,29 @@ mod tests {
     #[test]
     fn new_token_validation() {
         assert!(NewToken::default().validate().is_ok());
-        assert!(NewToken { max_uses: MaxUses::Limited(0), ..NewToken::default() }.validate().is_err());
-        assert!(NewToken { description: "x".repeat(513), ..NewToken::default() }.validate().is_err());
-        assert!(NewToken { expires_in: Some(Duration::ZERO), ..NewToken::default() }.validate().is_err());
+        assert!(
+            NewToken {
+                max_uses: MaxUses::Limited(0),
+                ..NewToken::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            NewToken {
+                description: "x".repeat(513),
+                ..NewToken::default()
+            }
+            .validate()
+            .is_err()
+        );
+        assert!(
+            NewToken {
+                expires_in: Some(Duration::ZERO),
+                ..NewToken::default()
+            }
+            .validate()
+            .is_err()
+        );
     }
 }

@@ -426,7 +426,12 @@ impl TokenStore for Flaky {
     async fn ledger(&self, id: &TokenId, n: usize) -> StoreResult<Vec<LedgerEntry>> {
         self.inner.ledger(id, n).await
     }
-    async fn find_enrollment(&self, id: &TokenId, k: &Fingerprint, since: Timestamp) -> StoreResult<Option<InstanceId>> {
+    async fn find_enrollment(
+        &self,
+        id: &TokenId,
+        k: &Fingerprint,
+        since: Timestamp,
+    ) -> StoreResult<Option<InstanceId>> {
         self.inner.find_enrollment(id, k, since).await
     }
     async fn enroll(&self, c: &EnrollCommit) -> StoreResult<EnrollResult> {
@@ -442,7 +447,12 @@ impl CertificateStore for Flaky {
     async fn init_ca(&self, m: &CaMaterial) -> StoreResult<CaMaterial> {
         self.inner.init_ca(m).await
     }
-    async fn set_certificate(&self, id: InstanceId, c: CertificateChange, now: Timestamp) -> StoreResult<Seq> {
+    async fn set_certificate(
+        &self,
+        id: InstanceId,
+        c: CertificateChange,
+        now: Timestamp,
+    ) -> StoreResult<Seq> {
         self.inner.set_certificate(id, c, now).await
     }
     async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>> {

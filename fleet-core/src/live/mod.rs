@@ -529,7 +529,12 @@ impl LiveView {
 
     /// Checks a certificate serial (and the tenant written in the certificate) against the
     /// instance's current and staged certificates.
-    pub fn check_certificate(&self, id: InstanceId, serial: Serial, tenant: Option<&TenantId>) -> CertificateCheck {
+    pub fn check_certificate(
+        &self,
+        id: InstanceId,
+        serial: Serial,
+        tenant: Option<&TenantId>,
+    ) -> CertificateCheck {
         let Some(slot) = self.index.get(&id).and_then(|&s| self.slot(s)) else {
             return CertificateCheck::UnknownInstance;
         };
