@@ -672,7 +672,8 @@ pub async fn refused_tokens_change_only_the_ledger(store: DynStore) {
     let before = snapshot().await;
     let wrong_secret = format!("{}.{}", used.token.id, "0".repeat(32));
     let unknown = format!("{}.{}", "zzzzzzzz", "0".repeat(32));
-    let cases: Vec<(String, Option<crate::TokenId>, fn(&EnrollError) -> bool)> = vec![
+    type Case = (String, Option<crate::TokenId>, fn(&EnrollError) -> bool);
+    let cases: Vec<Case> = vec![
         (
             expiring.presented.to_string(),
             Some(expiring.token.id.clone()),
