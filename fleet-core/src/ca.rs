@@ -195,6 +195,21 @@ fn odt(t: Timestamp) -> Result<time::OffsetDateTime, CaError> {
     t.to_offset_date_time().ok_or(CaError::TimeOutOfRange(t))
 }
 
+/// A DNS name: labels of 1–63 letters, digits and inner hyphens, at most 253 characters, with an
+/// optional leading `*.` wildcard.
+fn is_dns_name(name: &str) -> bool {
+    let bare = name.strip_prefix("*.").unwrap_or(name);
+    !bare.is_empty()
+        && name.len() <= 253
+        && bare.split('.').all(|l| {
+            let b = l.as_bytes();
+            (1..=63).contains(&b.len())
+                && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+                && b[0] != b'-'
+                && b[b.len() - 1] != b'-'
+        })
+}
+
 fn serial_number(s: Serial) -> SerialNumber {
     SerialNumber::from_slice(s.as_bytes())
 }
@@ -336,7 +351,7 @@ impl CertificateAuthority {
     }
 
     /// Issues a TLS server certificate (with a new P-256 key) for `names`: each a DNS name or an
-    /// IP address.
+    /// IP address. [`CaError::InvalidName`] for anything else.
     pub fn issue_server(
         &self,
         names: &[String],
@@ -353,11 +368,12 @@ impl CertificateAuthority {
         for name in names {
             let san = match name.parse::<IpAddr>() {
                 Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(
+                Err(_) if is_dns_name(name) => SanType::DnsName(
                     name.clone()
                         .try_into()
                         .map_err(|_| CaError::InvalidName(name.clone()))?,
                 ),
+                Err(_) => return Err(CaError::InvalidName(name.clone())),
             };
             params.subject_alt_names.push(san);
         }

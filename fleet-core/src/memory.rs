@@ -32,6 +32,8 @@ struct State {
     ledger: HashMap<TokenId, Vec<LedgerEntry>>,
     ca: Option<CaMaterial>,
     revoked: BTreeMap<Serial, RevokedCertificate>,
+    /// Latest enrollment (not retry) per token and key: the retry-window index.
+    enrollments: HashMap<(TokenId, Fingerprint), (InstanceId, Timestamp)>,
 }
 
 fn token_not_found(id: &TokenId) -> StoreError {
@@ -103,17 +105,9 @@ impl State {
             });
     }
 
-    fn recent_enrollment(
-        &self,
-        id: &TokenId,
-        key: &Fingerprint,
-        since: Timestamp,
-    ) -> Option<InstanceId> {
-        self.ledger.get(id)?.iter().rev().find_map(|e| {
-            let hit =
-                e.outcome.starts_retry_window() && e.at >= since && e.key_fingerprint.as_ref() == Some(key);
-            e.instance.filter(|i| hit && self.instances.contains_key(i))
-        })
+    fn recent_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> Option<InstanceId> {
+        let &(instance, at) = self.enrollments.get(&(id.clone(), *key))?;
+        (at >= since && self.instances.contains_key(&instance)).then_some(instance)
     }
 
     fn append(&mut self, instance: InstanceId, kind: ChangeKind, capacity: usize) -> Seq {
@@ -357,6 +351,7 @@ impl TokenStore for MemoryStore {
             t.uses = t.uses.saturating_add(1);
         }
         s.log(commit, outcome, Some(instance));
+        s.enrollments.insert((commit.token.clone(), commit.key_fingerprint), (instance, commit.now));
         let seq = s.append(instance, ChangeKind::Upserted, self.feed_capacity);
         Ok(EnrollResult::Enrolled { seq })
     }
