@@ -15,15 +15,24 @@ use fleet_core::{
 const CSRS: usize = 2_000;
 
 fn benches(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
     let fleet = rt
-        .block_on(Fleet::builder(MemoryStore::new()).clock(clock.clone()).open())
+        .block_on(
+            Fleet::builder(MemoryStore::new())
+                .clock(clock.clone())
+                .open(),
+        )
         .expect("fleet");
     let token = rt
         .block_on(fleet.create_token(
             &TenantScope::All,
-            NewToken { max_uses: MaxUses::Unlimited, ..NewToken::default() },
+            NewToken {
+                max_uses: MaxUses::Unlimited,
+                ..NewToken::default()
+            },
         ))
         .expect("token")
         .presented

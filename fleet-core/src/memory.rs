@@ -105,7 +105,12 @@ impl State {
             });
     }
 
-    fn recent_enrollment(&self, id: &TokenId, key: &Fingerprint, since: Timestamp) -> Option<InstanceId> {
+    fn recent_enrollment(
+        &self,
+        id: &TokenId,
+        key: &Fingerprint,
+        since: Timestamp,
+    ) -> Option<InstanceId> {
         let &(instance, at) = self.enrollments.get(&(id.clone(), *key))?;
         (at >= since && self.instances.contains_key(&instance)).then_some(instance)
     }
@@ -351,7 +356,10 @@ impl TokenStore for MemoryStore {
             t.uses = t.uses.saturating_add(1);
         }
         s.log(commit, outcome, Some(instance));
-        s.enrollments.insert((commit.token.clone(), commit.key_fingerprint), (instance, commit.now));
+        s.enrollments.insert(
+            (commit.token.clone(), commit.key_fingerprint),
+            (instance, commit.now),
+        );
         let seq = s.append(instance, ChangeKind::Upserted, self.feed_capacity);
         Ok(EnrollResult::Enrolled { seq })
     }
