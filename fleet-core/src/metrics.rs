@@ -18,41 +18,41 @@ use crate::error::ValidationError;
 #[serde(deny_unknown_fields)]
 pub struct MetricsSample {
     /// Whole-machine CPU utilization, 0–100.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub cpu_percent: Option<f64>,
     /// Memory in use, bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub memory_used_bytes: Option<u64>,
     /// Memory installed, bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub memory_total_bytes: Option<u64>,
     /// Disk space in use, bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub disk_used_bytes: Option<u64>,
     /// Disk capacity, bytes.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub disk_total_bytes: Option<u64>,
     /// Bytes received since some fixed point (a counter, not a rate).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub network_rx_bytes: Option<u64>,
     /// Bytes sent since some fixed point (a counter, not a rate).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub network_tx_bytes: Option<u64>,
     /// Seconds since the instance booted.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub uptime_secs: Option<u64>,
     /// 1-minute load average.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub load_1m: Option<f64>,
     /// 5-minute load average.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub load_5m: Option<f64>,
     /// 15-minute load average.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub load_15m: Option<f64>,
     /// The agent's own clock when it took the sample. Kept only to measure clock skew; never used
     /// for staleness or rates.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub agent_time: Option<Timestamp>,
 }
 

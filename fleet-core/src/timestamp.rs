@@ -131,13 +131,21 @@ impl fmt::Debug for Timestamp {
 }
 
 impl Serialize for Timestamp {
+    /// RFC 3339 text in human-readable formats (JSON); milliseconds as an `i64` in binary ones.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
+        if serializer.is_human_readable() {
+            serializer.collect_str(self)
+        } else {
+            serializer.serialize_i64(self.0)
+        }
     }
 }
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        if !deserializer.is_human_readable() {
+            return i64::deserialize(deserializer).map(Self);
+        }
         let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
         if let Some(ms) = s.strip_prefix('@').and_then(|r| r.strip_suffix("ms")) {
             return ms.parse().map(Self).map_err(serde::de::Error::custom);

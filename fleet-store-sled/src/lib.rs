@@ -3,10 +3,390 @@
 //! The embedded, crash-safe default store of fleet, on [sled](https://docs.rs/sled) 0.34: one
 //! control-plane process keeps its whole fleet on local disk with no other service to run.
 //!
-//! This crate is being built under issue #4; until then it only reserves its place in the
-//! workspace. Use [`fleet_core::MemoryStore`] meanwhile.
+//! ```no_run
+//! use fleet_core::Fleet;
+//! use fleet_store_sled::SledStore;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = SledStore::open("./fleet-data/db").await?;
+//! let fleet = Fleet::builder(store).open().await?; // rebuilds the live view from disk
+//! # Ok(()) }
+//! ```
+//!
+//! ## Guarantees
+//!
+//! - Every durable write (registration, enrollment, token change, tag/group edit, certificate
+//!   change, deregistration) is one sled transaction across all the trees it touches, flushed to
+//!   disk before the call returns. Enrollment checks the token, counts the use, creates the
+//!   instance, records its serial and the ledger entry in one multi-tree transaction.
+//! - Heartbeats arrive in batches ([`Fleet::flush_heartbeats`](fleet_core::Fleet::flush_heartbeats),
+//!   once per flush interval, latest per instance): one sled batch and one flush per call, never an
+//!   fsync per heartbeat. A crash loses at most the heartbeats since the last flush.
+//! - Secondary indexes — token → ledger, token+key → enrollment (retry window), serial →
+//!   instance — are maintained in the same transaction as the record they index.
+//! - sled calls block; every one runs on tokio's blocking pool, never on an async worker.
+//!
+//! ## Layout
+//!
+//! Every value is a format-version byte and a postcard body; keys scanned in order are big-endian.
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | `format`, `seq`, `ca` | store format; last change-feed sequence number; CA material |
+//! | `instances` | instance id (16 bytes) | the durable record (as registered, with later edits) |
+//! | `state` | instance id | last seen, latest metrics, apps (written by heartbeat batches) |
+//! | `feed` | sequence number (u64 BE) | change-feed entry |
+//! | `tokens` | token id | registration token (secret hash only) |
+//! | `ledger` | token id + u64 BE | ledger entry, in insertion order |
+//! | `enrollments` | token id + key fingerprint | (instance, time) of the last enrollment |
+//! | `serials` | serial (16 bytes) | instance id |
+//! | `revoked` | serial | revoked certificate |
+//!
+//! ## Backup and restore
+//!
+//! [`SledStore::backup_to`] writes a consistent copy with sled's own export/import into a new
+//! directory; restoring is opening that directory with [`SledStore::open`]. The CA key is in the
+//! store (unencrypted): protect the data directory and its backups accordingly.
+//!
+//! ## Caveats
+//!
+//! sled 0.34 is stable but frozen upstream, and can use more disk space than the data it holds;
+//! see the README's figures. For several control-plane replicas use the PostgreSQL store.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod codec;
+mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fleet_core::StoreError;
 
 pub use fleet_core;
+pub use sled;
+
+use codec::decode;
+
+/// Identifies a sled database as a fleet store (the `meta/format` value).
+const FORMAT_MAGIC: &[u8] = b"fleet-store-sled";
+/// Version of the tree layout. A store with another layout version is refused at open.
+pub const LAYOUT_VERSION: u8 = 1;
+/// Change-feed entries kept; older ones are pruned (readers that fall behind reconcile).
+pub const FEED_RETENTION: u64 = 1 << 20;
+
+/// Why a store could not be opened. Every variant names the path.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The path exists and is not a directory.
+    #[error("{path}: not a directory (a sled store is a directory)")]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The directory holds something that is not a fleet sled store.
+    #[error("{path}: not a fleet store ({detail})")]
+    Foreign {
+        /// The path.
+        path: PathBuf,
+        /// What was found.
+        detail: String,
+    },
+    /// A fleet store of another layout version.
+    #[error(
+        "{path}: fleet store layout version {found}, this build reads version {LAYOUT_VERSION}"
+    )]
+    UnsupportedVersion {
+        /// The path.
+        path: PathBuf,
+        /// The version found.
+        found: u8,
+    },
+    /// sled could not open or recover the database: corruption, or I/O failure.
+    #[error("{path}: cannot open the sled database")]
+    Sled {
+        /// The path.
+        path: PathBuf,
+        /// sled's error.
+        #[source]
+        source: sled::Error,
+    },
+    /// sled panicked while reading the database (it does on some corruptions).
+    #[error("{path}: the sled database is corrupt ({detail})")]
+    Corrupt {
+        /// The path.
+        path: PathBuf,
+        /// The panic message.
+        detail: String,
+    },
+    /// A stored record failed to decode while verifying the store.
+    #[error("{path}: invalid record")]
+    Record {
+        /// The path.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: StoreError,
+    },
+    /// The blocking task running the open was cancelled or panicked.
+    #[error("{path}: the open task failed")]
+    Task {
+        /// The path.
+        path: PathBuf,
+    },
+}
+
+#[derive(Debug)]
+pub(crate) struct Trees {
+    pub(crate) db: sled::Db,
+    pub(crate) path: PathBuf,
+    pub(crate) meta: sled::Tree,
+    pub(crate) instances: sled::Tree,
+    pub(crate) state: sled::Tree,
+    pub(crate) feed: sled::Tree,
+    pub(crate) tokens: sled::Tree,
+    pub(crate) ledger: sled::Tree,
+    pub(crate) enrollments: sled::Tree,
+    pub(crate) serials: sled::Tree,
+    pub(crate) revoked: sled::Tree,
+}
+
+/// The sled store; see the crate docs. Cheap to clone (a handle).
+#[derive(Debug, Clone)]
+pub struct SledStore {
+    pub(crate) trees: Arc<Trees>,
+}
+
+/// Figures about an open store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Instances stored.
+    pub instances: usize,
+    /// Bytes sled reports using on disk.
+    pub size_on_disk: u64,
+}
+
+fn sled_files_present(dir: &Path) -> bool {
+    dir.join("conf").is_file() || dir.join("db").is_file()
+}
+
+fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
+    let p = || path.to_path_buf();
+    if path.exists() {
+        if !path.is_dir() {
+            return Err(OpenError::NotADirectory { path: p() });
+        }
+        let non_empty = std::fs::read_dir(path)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(false);
+        if non_empty && !sled_files_present(path) {
+            return Err(OpenError::Foreign {
+                path: p(),
+                detail: "the directory holds other files".into(),
+            });
+        }
+    }
+    let config = sled::Config::new().path(path).flush_every_ms(Some(500));
+    // sled 0.34 panics instead of returning an error on some corrupted files; turn that into an
+    // error naming the path rather than taking the process down.
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(source)) => return Err(OpenError::Sled { path: p(), source }),
+        Err(panic) => {
+            let detail = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_string()))
+                .unwrap_or_else(|| "sled panicked".into());
+            return Err(OpenError::Corrupt { path: p(), detail });
+        }
+    };
+    let tree = |name: &str| {
+        db.open_tree(name)
+            .map_err(|source| OpenError::Sled { path: p(), source })
+    };
+    let trees = Trees {
+        meta: tree("meta")?,
+        instances: tree("instances")?,
+        state: tree("state")?,
+        feed: tree("feed")?,
+        tokens: tree("tokens")?,
+        ledger: tree("ledger")?,
+        enrollments: tree("enrollments")?,
+        serials: tree("serials")?,
+        revoked: tree("revoked")?,
+        path: p(),
+        db,
+    };
+    verify_format(&trees)?;
+    remove_orphans(&trees)?;
+    Ok(trees)
+}
+
+/// Checks (or, on an empty database, writes) the format marker.
+fn verify_format(t: &Trees) -> Result<(), OpenError> {
+    let p = || t.path.clone();
+    let sled_err = |source| OpenError::Sled { path: p(), source };
+    match t.meta.get(b"format").map_err(sled_err)? {
+        Some(v) => {
+            let (version, magic) = v.split_first().ok_or_else(|| OpenError::Foreign {
+                path: p(),
+                detail: "empty format marker".into(),
+            })?;
+            if magic != FORMAT_MAGIC {
+                return Err(OpenError::Foreign {
+                    path: p(),
+                    detail: "unknown format marker".into(),
+                });
+            }
+            if *version != LAYOUT_VERSION {
+                return Err(OpenError::UnsupportedVersion {
+                    path: p(),
+                    found: *version,
+                });
+            }
+            Ok(())
+        }
+        None => {
+            let names = t.db.tree_names();
+            let ours = [
+                "meta",
+                "instances",
+                "state",
+                "feed",
+                "tokens",
+                "ledger",
+                "enrollments",
+                "serials",
+                "revoked",
+            ];
+            let mut has_data = !t.db.is_empty();
+            for name in names.iter().filter(|n| n.as_ref() != b"__sled__default") {
+                let foreign_tree = !ours.iter().any(|o| name.as_ref() == o.as_bytes());
+                let tree = t.db.open_tree(name).map_err(sled_err)?;
+                if foreign_tree || !tree.is_empty() {
+                    has_data = true;
+                }
+            }
+            if has_data {
+                return Err(OpenError::Foreign {
+                    path: p(),
+                    detail: "a sled database without a fleet format marker".into(),
+                });
+            }
+            let mut marker = vec![LAYOUT_VERSION];
+            marker.extend_from_slice(FORMAT_MAGIC);
+            t.meta.insert(b"format", marker).map_err(sled_err)?;
+            t.db.flush().map_err(sled_err)?;
+            Ok(())
+        }
+    }
+}
+
+/// Heartbeat state whose instance is gone (a batch raced a deletion) is removed at open.
+fn remove_orphans(t: &Trees) -> Result<(), OpenError> {
+    let sled_err = |source| OpenError::Sled {
+        path: t.path.clone(),
+        source,
+    };
+    for entry in t.state.iter().keys() {
+        let key = entry.map_err(sled_err)?;
+        if !t.instances.contains_key(&key).map_err(sled_err)? {
+            t.state.remove(&key).map_err(sled_err)?;
+        }
+    }
+    Ok(())
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `path`, verifying that it is a fleet store of
+    /// this layout version. A file, a foreign directory or a corrupt database is an [`OpenError`]
+    /// naming the path, never a panic.
+    pub async fn open(path: impl AsRef<Path>) -> Result<Self, OpenError> {
+        let path = path.as_ref().to_path_buf();
+        let task_path = path.clone();
+        let trees = tokio::task::spawn_blocking(move || open_blocking(&task_path))
+            .await
+            .map_err(|_| OpenError::Task { path })??;
+        Ok(Self {
+            trees: Arc::new(trees),
+        })
+    }
+
+    /// The directory the store lives in.
+    pub fn path(&self) -> &Path {
+        &self.trees.path
+    }
+
+    /// Instance count and disk usage.
+    pub async fn stats(&self) -> Result<StoreStats, StoreError> {
+        self.blocking(|t| {
+            Ok(StoreStats {
+                instances: t.instances.len(),
+                size_on_disk: t.db.size_on_disk().map_err(store::backend)?,
+            })
+        })
+        .await
+    }
+
+    /// Writes a consistent copy of the whole store into the new directory `dest` (sled's
+    /// export/import). Restore by opening `dest` with [`SledStore::open`].
+    pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<(), StoreError> {
+        let dest = dest.as_ref().to_path_buf();
+        self.blocking(move |t| {
+            if dest.exists()
+                && std::fs::read_dir(&dest)
+                    .map(|mut d| d.next().is_some())
+                    .unwrap_or(true)
+            {
+                return Err(StoreError::Conflict(format!(
+                    "backup destination {} is not empty",
+                    dest.display()
+                )));
+            }
+            t.db.flush().map_err(store::backend)?;
+            let copy = sled::Config::new()
+                .path(&dest)
+                .open()
+                .map_err(store::backend)?;
+            copy.import(t.db.export());
+            copy.flush().map_err(store::backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn blocking<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Trees) -> Result<T, StoreError> + Send + 'static,
+    {
+        let trees = Arc::clone(&self.trees);
+        tokio::task::spawn_blocking(move || f(&trees))
+            .await
+            .map_err(|e| StoreError::Backend {
+                backend: "sled",
+                source: Box::new(e),
+            })?
+    }
+}
+
+/// Decodes the value of `key` in `tree`, naming both on failure.
+pub(crate) fn decode_at<T: serde::de::DeserializeOwned>(
+    tree: &str,
+    key: &[u8],
+    bytes: &[u8],
+) -> Result<T, StoreError> {
+    decode(bytes, || format!("{tree}/{}", hex(key)))
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

@@ -1,0 +1,698 @@
+//! The fleet-core store traits on sled trees.
+
+use async_trait::async_trait;
+use fleet_core::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
+use fleet_core::error::RecordKind;
+use fleet_core::identity::Fingerprint;
+use fleet_core::store::{
+    CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit,
+    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult,
+    TokenStore,
+};
+use fleet_core::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
+use fleet_core::{App, Groups, Instance, InstanceId, MetricsSample, StoreError, Tags, Timestamp};
+use serde::{Deserialize, Serialize};
+use sled::Transactional;
+use sled::transaction::{
+    ConflictableTransactionError, ConflictableTransactionResult, TransactionError,
+    TransactionalTree,
+};
+
+use crate::codec::{encode, read_u64, u64_key};
+use crate::{FEED_RETENTION, SledStore, Trees, decode_at};
+
+pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Backend {
+        backend: "sled",
+        source: Box::new(e),
+    }
+}
+
+type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
+
+fn abort<T>(e: StoreError) -> TxResult<T> {
+    Err(ConflictableTransactionError::Abort(e))
+}
+
+fn tx<T>(r: Result<T, StoreError>) -> TxResult<T> {
+    r.map_err(ConflictableTransactionError::Abort)
+}
+
+fn finish<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+    r.map_err(|e| match e {
+        TransactionError::Abort(e) => e,
+        TransactionError::Storage(e) => backend(e),
+    })
+}
+
+/// What heartbeat batches write, separate from the durable record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StateRecord {
+    last_seen: Timestamp,
+    metrics: Option<MetricsSample>,
+    apps: Option<Vec<App>>,
+}
+
+fn token_not_found(id: &TokenId) -> StoreError {
+    StoreError::NotFound {
+        kind: RecordKind::Token,
+        id: id.to_string(),
+    }
+}
+
+/// Allocates the next change-feed sequence number and appends the change, inside a transaction.
+/// Every durable write goes through the one `meta/seq` key, so sequence order is commit order.
+fn append_change(
+    meta: &TransactionalTree,
+    feed: &TransactionalTree,
+    instance: InstanceId,
+    kind: ChangeKind,
+) -> TxResult<Seq> {
+    let seq = read_u64(meta.get(b"seq")?.as_deref()) + 1;
+    meta.insert(b"seq", &u64_key(seq))?;
+    feed.insert(
+        &u64_key(seq),
+        tx(encode(&Change {
+            seq,
+            instance,
+            kind,
+        }))?,
+    )?;
+    Ok(seq)
+}
+
+fn get_instance_tx(instances: &TransactionalTree, id: InstanceId) -> TxResult<Option<Instance>> {
+    match instances.get(id.as_bytes())? {
+        Some(v) => Ok(Some(tx(decode_at("instances", id.as_bytes(), &v))?)),
+        None => Ok(None),
+    }
+}
+
+fn revoke_tx(
+    serials: &TransactionalTree,
+    revoked: &TransactionalTree,
+    instance: InstanceId,
+    cert: Option<CertificateRecord>,
+    now: Timestamp,
+) -> TxResult<()> {
+    if let Some(c) = cert {
+        serials.remove(c.serial.as_bytes())?;
+        if revoked.get(c.serial.as_bytes())?.is_none() {
+            let r = RevokedCertificate {
+                serial: c.serial,
+                not_after: c.not_after,
+                revoked_at: now,
+                instance,
+            };
+            revoked.insert(c.serial.as_bytes(), tx(encode(&r))?)?;
+        }
+    }
+    Ok(())
+}
+
+fn ledger_key(t: &TransactionalTree, token: &TokenId) -> TxResult<Vec<u8>> {
+    let mut key = token.as_str().as_bytes().to_vec();
+    key.extend_from_slice(&u64_key(t.generate_id()?));
+    Ok(key)
+}
+
+fn enrollment_key(token: &TokenId, key: &Fingerprint) -> Vec<u8> {
+    let mut k = token.as_str().as_bytes().to_vec();
+    k.extend_from_slice(key.as_bytes());
+    k
+}
+
+impl Trees {
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend)
+    }
+
+    fn instance(&self, id: InstanceId) -> Result<Option<Instance>, StoreError> {
+        let Some(v) = self.instances.get(id.as_bytes()).map_err(backend)? else {
+            return Ok(None);
+        };
+        let mut inst: Instance = decode_at("instances", id.as_bytes(), &v)?;
+        if let Some(s) = self.state.get(id.as_bytes()).map_err(backend)? {
+            let state: StateRecord = decode_at("state", id.as_bytes(), &s)?;
+            inst.last_seen = state.last_seen;
+            if state.metrics.is_some() {
+                inst.metrics = state.metrics;
+            }
+            if let Some(apps) = state.apps {
+                inst.apps = apps;
+            }
+        }
+        Ok(Some(inst))
+    }
+
+    /// Prunes change-feed entries beyond the retention (best effort, outside transactions).
+    fn prune_feed(&self, seq: Seq) -> Result<(), StoreError> {
+        if !seq.is_multiple_of(4096) || seq <= FEED_RETENTION {
+            return Ok(());
+        }
+        let cut = u64_key(seq - FEED_RETENTION);
+        for key in self.feed.range(..cut.as_slice()).keys() {
+            self.feed.remove(key.map_err(backend)?).map_err(backend)?;
+        }
+        Ok(())
+    }
+
+    fn edit_instance(&self, id: InstanceId, f: impl Fn(&mut Instance)) -> Result<Seq, StoreError> {
+        let r = (&self.meta, &self.instances, &self.feed).transaction(|(meta, instances, feed)| {
+            let Some(mut inst) = get_instance_tx(instances, id)? else {
+                return abort(StoreError::instance_not_found(id));
+            };
+            f(&mut inst);
+            instances.insert(id.as_bytes(), tx(encode(&inst))?)?;
+            append_change(meta, feed, id, ChangeKind::Upserted)
+        });
+        let seq = finish(r)?;
+        self.flush()?;
+        self.prune_feed(seq)?;
+        Ok(seq)
+    }
+}
+
+#[async_trait]
+impl InstanceStore for SledStore {
+    async fn insert_instance(&self, instance: &Instance) -> StoreResult<Seq> {
+        let inst = instance.clone();
+        self.blocking(move |t| {
+            let r = (&t.meta, &t.instances, &t.feed, &t.serials).transaction(
+                |(meta, instances, feed, serials)| {
+                    if instances.get(inst.id.as_bytes())?.is_some() {
+                        return abort(StoreError::instance_exists(inst.id));
+                    }
+                    instances.insert(inst.id.as_bytes(), tx(encode(&inst))?)?;
+                    for c in [inst.certificate, inst.next_certificate]
+                        .into_iter()
+                        .flatten()
+                    {
+                        serials.insert(c.serial.as_bytes(), inst.id.as_bytes())?;
+                    }
+                    append_change(meta, feed, inst.id, ChangeKind::Upserted)
+                },
+            );
+            let seq = finish(r)?;
+            t.flush()?;
+            t.prune_feed(seq)?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn get_instance(&self, id: InstanceId) -> StoreResult<Option<Instance>> {
+        self.blocking(move |t| t.instance(id)).await
+    }
+
+    async fn list_instances(
+        &self,
+        after: Option<InstanceId>,
+        limit: usize,
+    ) -> StoreResult<Vec<Instance>> {
+        self.blocking(move |t| {
+            let iter = match after {
+                Some(a) => t.instances.range((
+                    std::ops::Bound::Excluded(a.as_bytes().to_vec()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => t.instances.iter(),
+            };
+            let mut out = Vec::with_capacity(limit.min(4096));
+            for entry in iter.keys().take(limit) {
+                let key = entry.map_err(backend)?;
+                let id = <[u8; 16]>::try_from(key.as_ref())
+                    .map(InstanceId::from_bytes)
+                    .map_err(|_| StoreError::Corrupt {
+                        detail: format!("instances/{} is not an id", crate::hex(&key)),
+                        source: None,
+                    })?;
+                if let Some(inst) = t.instance(id)? {
+                    out.push(inst);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn set_tags(&self, id: InstanceId, tags: &Tags) -> StoreResult<Seq> {
+        let tags = tags.clone();
+        self.blocking(move |t| t.edit_instance(id, |i| i.tags = tags.clone()))
+            .await
+    }
+
+    async fn set_groups(&self, id: InstanceId, groups: &Groups) -> StoreResult<Seq> {
+        let groups = groups.clone();
+        self.blocking(move |t| t.edit_instance(id, |i| i.groups = groups.clone()))
+            .await
+    }
+
+    async fn delete_instance(&self, id: InstanceId, now: Timestamp) -> StoreResult<Seq> {
+        self.blocking(move |t| {
+            let r = (
+                &t.meta,
+                &t.instances,
+                &t.state,
+                &t.feed,
+                &t.serials,
+                &t.revoked,
+            )
+                .transaction(|(meta, instances, state, feed, serials, revoked)| {
+                    let Some(inst) = get_instance_tx(instances, id)? else {
+                        return abort(StoreError::instance_not_found(id));
+                    };
+                    instances.remove(id.as_bytes())?;
+                    state.remove(id.as_bytes())?;
+                    revoke_tx(serials, revoked, id, inst.certificate, now)?;
+                    revoke_tx(serials, revoked, id, inst.next_certificate, now)?;
+                    append_change(meta, feed, id, ChangeKind::Deleted)
+                });
+            let seq = finish(r)?;
+            t.flush()?;
+            t.prune_feed(seq)?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn count_instances(&self) -> StoreResult<u64> {
+        self.blocking(|t| Ok(t.instances.len() as u64)).await
+    }
+}
+
+#[async_trait]
+impl HeartbeatStore for SledStore {
+    async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
+        let batch = batch.to_vec();
+        self.blocking(move |t| {
+            let mut writes = sled::Batch::default();
+            for rec in batch {
+                let key = rec.id.as_bytes();
+                if !t.instances.contains_key(key).map_err(backend)? {
+                    continue;
+                }
+                let (metrics, apps) = if rec.metrics.is_some() && rec.apps.is_some() {
+                    (rec.metrics, rec.apps)
+                } else {
+                    let old: Option<StateRecord> = match t.state.get(key).map_err(backend)? {
+                        Some(v) => Some(decode_at("state", key, &v)?),
+                        None => None,
+                    };
+                    let (old_m, old_a) = old.map_or((None, None), |o| (o.metrics, o.apps));
+                    (rec.metrics.or(old_m), rec.apps.or(old_a))
+                };
+                writes.insert(
+                    key,
+                    encode(&StateRecord {
+                        last_seen: rec.last_seen,
+                        metrics,
+                        apps,
+                    })?,
+                );
+            }
+            t.state.apply_batch(writes).map_err(backend)?;
+            // One flush per batch (per flush interval), never one per heartbeat.
+            t.flush()
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl ChangeFeed for SledStore {
+    async fn changes_since(&self, after: Seq, limit: usize) -> StoreResult<Vec<Change>> {
+        self.blocking(move |t| {
+            let oldest = match t.feed.first().map_err(backend)? {
+                Some((k, _)) => read_u64(Some(&k)),
+                None => read_u64(t.meta.get(b"seq").map_err(backend)?.as_deref()) + 1,
+            };
+            let last = read_u64(t.meta.get(b"seq").map_err(backend)?.as_deref());
+            if after.saturating_add(1) < oldest && after < last {
+                return Err(StoreError::FeedTruncated {
+                    requested: after,
+                    oldest,
+                });
+            }
+            let start = u64_key(after.saturating_add(1));
+            let mut out = Vec::new();
+            for entry in t.feed.range(start.as_slice()..).take(limit) {
+                let (k, v) = entry.map_err(backend)?;
+                out.push(decode_at("feed", &k, &v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn latest_seq(&self) -> StoreResult<Seq> {
+        self.blocking(|t| Ok(read_u64(t.meta.get(b"seq").map_err(backend)?.as_deref())))
+            .await
+    }
+}
+
+#[async_trait]
+impl TokenStore for SledStore {
+    async fn insert_token(&self, token: &RegistrationToken) -> StoreResult<()> {
+        let token = token.clone();
+        self.blocking(move |t| {
+            let value = encode(&token)?;
+            match t
+                .tokens
+                .compare_and_swap(token.id.as_str(), None as Option<&[u8]>, Some(value))
+                .map_err(backend)?
+            {
+                Ok(()) => t.flush(),
+                Err(_) => Err(StoreError::AlreadyExists {
+                    kind: RecordKind::Token,
+                    id: token.id.to_string(),
+                }),
+            }
+        })
+        .await
+    }
+
+    async fn get_token(&self, id: &TokenId) -> StoreResult<Option<RegistrationToken>> {
+        let id = id.clone();
+        self.blocking(move |t| match t.tokens.get(id.as_str()).map_err(backend)? {
+            Some(v) => Ok(Some(decode_at("tokens", id.as_str().as_bytes(), &v)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<RegistrationToken>> {
+        self.blocking(|t| {
+            let mut all = Vec::new();
+            for entry in t.tokens.iter() {
+                let (k, v) = entry.map_err(backend)?;
+                all.push(decode_at::<RegistrationToken>("tokens", &k, &v)?);
+            }
+            all.sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn revoke_token(&self, id: &TokenId, now: Timestamp) -> StoreResult<RegistrationToken> {
+        let id = id.clone();
+        self.blocking(move |t| {
+            let r = t.tokens.transaction(|tokens| {
+                let Some(v) = tokens.get(id.as_str())? else {
+                    return abort(token_not_found(&id));
+                };
+                let mut token: RegistrationToken =
+                    tx(decode_at("tokens", id.as_str().as_bytes(), &v))?;
+                token.revoked_at.get_or_insert(now);
+                tokens.insert(id.as_str(), tx(encode(&token))?)?;
+                Ok(token)
+            });
+            let token = finish(r)?;
+            t.flush()?;
+            Ok(token)
+        })
+        .await
+    }
+
+    async fn append_ledger(&self, entry: &LedgerEntry) -> StoreResult<()> {
+        let entry = entry.clone();
+        self.blocking(move |t| {
+            let r = (&t.tokens, &t.ledger).transaction(|(tokens, ledger)| {
+                if tokens.get(entry.token.as_str())?.is_none() {
+                    return abort(token_not_found(&entry.token));
+                }
+                let key = ledger_key(ledger, &entry.token)?;
+                ledger.insert(key, tx(encode(&entry))?)?;
+                Ok(())
+            });
+            finish(r)?;
+            t.flush()
+        })
+        .await
+    }
+
+    async fn ledger(&self, id: &TokenId, limit: usize) -> StoreResult<Vec<LedgerEntry>> {
+        let id = id.clone();
+        self.blocking(move |t| {
+            let mut out = Vec::new();
+            for entry in t.ledger.scan_prefix(id.as_str()).rev().take(limit) {
+                let (k, v) = entry.map_err(backend)?;
+                out.push(decode_at("ledger", &k, &v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn find_enrollment(
+        &self,
+        id: &TokenId,
+        key: &Fingerprint,
+        since: Timestamp,
+    ) -> StoreResult<Option<InstanceId>> {
+        let k = enrollment_key(id, key);
+        self.blocking(move |t| {
+            let Some(v) = t.enrollments.get(&k).map_err(backend)? else {
+                return Ok(None);
+            };
+            let (instance, at): (InstanceId, Timestamp) = decode_at("enrollments", &k, &v)?;
+            Ok((at >= since
+                && t.instances
+                    .contains_key(instance.as_bytes())
+                    .map_err(backend)?)
+            .then_some(instance))
+        })
+        .await
+    }
+
+    async fn enroll(&self, commit: &EnrollCommit) -> StoreResult<EnrollResult> {
+        let c = commit.clone();
+        self.blocking(move |t| {
+            let r = (
+                &t.meta,
+                &t.tokens,
+                &t.instances,
+                &t.ledger,
+                &t.enrollments,
+                &t.serials,
+                &t.revoked,
+                &t.feed,
+            )
+                .transaction(
+                    |(meta, tokens, instances, ledger, enrollments, serials, revoked, feed)| {
+                        let log = |outcome: LedgerOutcome,
+                                   instance: Option<InstanceId>|
+                         -> TxResult<()> {
+                            let entry = LedgerEntry {
+                                token: c.token.clone(),
+                                at: c.now,
+                                outcome,
+                                instance,
+                                peer: c.peer,
+                                key_fingerprint: Some(c.key_fingerprint),
+                            };
+                            let key = ledger_key(ledger, &c.token)?;
+                            ledger.insert(key, tx(encode(&entry))?)?;
+                            Ok(())
+                        };
+                        let Some(tv) = tokens.get(c.token.as_str())? else {
+                            return Ok(EnrollResult::UnknownToken);
+                        };
+                        let mut token: RegistrationToken =
+                            tx(decode_at("tokens", c.token.as_str().as_bytes(), &tv))?;
+                        if token.revoked_at.is_some() {
+                            log(LedgerOutcome::Revoked, None)?;
+                            return Ok(EnrollResult::Rejected(TokenState::Revoked));
+                        }
+                        let ekey = enrollment_key(&c.token, &c.key_fingerprint);
+                        if let Some(v) = enrollments.get(&ekey)? {
+                            let (instance, at): (InstanceId, Timestamp) =
+                                tx(decode_at("enrollments", &ekey, &v))?;
+                            if at >= c.retry_since && instances.get(instance.as_bytes())?.is_some()
+                            {
+                                log(LedgerOutcome::Retried, Some(instance))?;
+                                return Ok(EnrollResult::Retry { instance });
+                            }
+                        }
+                        match token.state(c.now) {
+                            TokenState::Active => {}
+                            state => {
+                                let outcome = if state == TokenState::Expired {
+                                    LedgerOutcome::Expired
+                                } else {
+                                    LedgerOutcome::Exhausted
+                                };
+                                log(outcome, None)?;
+                                return Ok(EnrollResult::Rejected(state));
+                            }
+                        }
+                        let (instance, outcome) = match &c.target {
+                            EnrollTarget::New(inst) => {
+                                if instances.get(inst.id.as_bytes())?.is_some() {
+                                    return abort(StoreError::instance_exists(inst.id));
+                                }
+                                instances.insert(inst.id.as_bytes(), tx(encode(&**inst))?)?;
+                                for cert in [inst.certificate, inst.next_certificate]
+                                    .into_iter()
+                                    .flatten()
+                                {
+                                    serials.insert(cert.serial.as_bytes(), inst.id.as_bytes())?;
+                                }
+                                (inst.id, LedgerOutcome::Enrolled)
+                            }
+                            EnrollTarget::Existing {
+                                instance,
+                                expected_serial,
+                                certificate,
+                            } => {
+                                let current = get_instance_tx(instances, *instance)?;
+                                let matches = current
+                                    .as_ref()
+                                    .and_then(|i| i.certificate)
+                                    .is_some_and(|cert| cert.serial == *expected_serial);
+                                let Some(mut inst) =
+                                    current.filter(|_| token.allow_reenroll && matches)
+                                else {
+                                    log(LedgerOutcome::ReenrollRefused, Some(*instance))?;
+                                    return Ok(EnrollResult::ReenrollRefused);
+                                };
+                                let old = inst.certificate.replace(*certificate);
+                                let staged = inst.next_certificate.take();
+                                revoke_tx(serials, revoked, *instance, old, c.now)?;
+                                revoke_tx(serials, revoked, *instance, staged, c.now)?;
+                                serials
+                                    .insert(certificate.serial.as_bytes(), instance.as_bytes())?;
+                                instances.insert(instance.as_bytes(), tx(encode(&inst))?)?;
+                                (*instance, LedgerOutcome::Reenrolled)
+                            }
+                        };
+                        token.uses = token.uses.saturating_add(1);
+                        tokens.insert(c.token.as_str(), tx(encode(&token))?)?;
+                        log(outcome, Some(instance))?;
+                        enrollments.insert(ekey, tx(encode(&(instance, c.now)))?)?;
+                        let seq = append_change(meta, feed, instance, ChangeKind::Upserted)?;
+                        Ok(EnrollResult::Enrolled { seq })
+                    },
+                );
+            let result = finish(r)?;
+            t.flush()?;
+            if let EnrollResult::Enrolled { seq } = result {
+                t.prune_feed(seq)?;
+            }
+            Ok(result)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl CertificateStore for SledStore {
+    async fn load_ca(&self) -> StoreResult<Option<CaMaterial>> {
+        self.blocking(|t| match t.meta.get(b"ca").map_err(backend)? {
+            Some(v) => Ok(Some(decode_at("meta", b"ca", &v)?)),
+            None => Ok(None),
+        })
+        .await
+    }
+
+    async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial> {
+        let material = material.clone();
+        self.blocking(move |t| {
+            let value = encode(&material)?;
+            let stored = match t
+                .meta
+                .compare_and_swap(b"ca", None as Option<&[u8]>, Some(value))
+                .map_err(backend)?
+            {
+                Ok(()) => material,
+                Err(current) => match current.current {
+                    Some(v) => decode_at("meta", b"ca", &v)?,
+                    None => material,
+                },
+            };
+            t.flush()?;
+            Ok(stored)
+        })
+        .await
+    }
+
+    async fn set_certificate(
+        &self,
+        id: InstanceId,
+        change: CertificateChange,
+        now: Timestamp,
+    ) -> StoreResult<Seq> {
+        self.blocking(move |t| {
+            let r = (&t.meta, &t.instances, &t.serials, &t.revoked, &t.feed).transaction(
+                |(meta, instances, serials, revoked, feed)| {
+                    let Some(mut inst) = get_instance_tx(instances, id)? else {
+                        return abort(StoreError::instance_not_found(id));
+                    };
+                    let (added, gone): (Option<CertificateRecord>, [Option<CertificateRecord>; 2]) =
+                        match change {
+                            CertificateChange::Replace(c) => (
+                                Some(c),
+                                [inst.certificate.replace(c), inst.next_certificate.take()],
+                            ),
+                            CertificateChange::Stage(c) => {
+                                (Some(c), [inst.next_certificate.replace(c), None])
+                            }
+                            CertificateChange::Promote(serial) => {
+                                let Some(next) =
+                                    inst.next_certificate.filter(|n| n.serial == serial)
+                                else {
+                                    return abort(StoreError::Conflict(format!(
+                                        "certificate {serial} is not the staged one"
+                                    )));
+                                };
+                                inst.next_certificate = None;
+                                (None, [inst.certificate.replace(next), None])
+                            }
+                        };
+                    for g in gone {
+                        revoke_tx(serials, revoked, id, g, now)?;
+                    }
+                    if let Some(c) = added {
+                        serials.insert(c.serial.as_bytes(), id.as_bytes())?;
+                    }
+                    instances.insert(id.as_bytes(), tx(encode(&inst))?)?;
+                    append_change(meta, feed, id, ChangeKind::Upserted)
+                },
+            );
+            let seq = finish(r)?;
+            t.flush()?;
+            t.prune_feed(seq)?;
+            Ok(seq)
+        })
+        .await
+    }
+
+    async fn revoked_certificates(&self) -> StoreResult<Vec<RevokedCertificate>> {
+        self.blocking(|t| {
+            let mut out = Vec::new();
+            for entry in t.revoked.iter() {
+                let (k, v) = entry.map_err(backend)?;
+                out.push(decode_at("revoked", &k, &v)?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize> {
+        self.blocking(move |t| {
+            let mut n = 0;
+            for entry in t.revoked.iter() {
+                let (k, v) = entry.map_err(backend)?;
+                let r: RevokedCertificate = decode_at("revoked", &k, &v)?;
+                if r.not_after < before {
+                    t.revoked.remove(&k).map_err(backend)?;
+                    n += 1;
+                }
+            }
+            t.flush()?;
+            Ok(n)
+        })
+        .await
+    }
+}
