@@ -1,1 +1,153 @@
-fn main() {}
+//! SledStore figures at 100,000 and 1,000,000 instances:
+//!
+//! - persisted heartbeats per second: `write_heartbeats` batches of 50,000 records with a metrics
+//!   sample each (the write-behind path: one sled batch and one flush per call), median of 5;
+//! - open-to-serving: `SledStore::open` plus `Fleet::open` (which rebuilds the live view) on the
+//!   populated store, and the store's size on disk.
+//!
+//! `taskset -c 1 cargo bench -p fleet-store-sled --bench heartbeats`
+//! (`FLEET_BENCH_SIZES=100000` to run one size).
+
+use std::time::Instant;
+
+use fleet_core::store::{HeartbeatRecord, HeartbeatStore};
+use fleet_core::{
+    Filter, Fleet, Groups, Instance, InstanceId, MetricsSample, SystemInfo, Tags, TenantScope,
+    Timestamp,
+};
+use fleet_store_sled::SledStore;
+
+const T0: i64 = 1_790_000_000_000;
+const BATCH: usize = 50_000;
+
+fn instance(i: u32) -> Instance {
+    Instance {
+        id: InstanceId::from_u128(
+            u128::from(i).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835) | 1,
+        ),
+        tenant: None,
+        system: SystemInfo {
+            hostname: format!("node-{i:07}.example.com"),
+            ip_addresses: vec![std::net::IpAddr::from([
+                10,
+                (i >> 16) as u8,
+                (i >> 8) as u8,
+                i as u8,
+            ])],
+            os: Some("Cloud OS".into()),
+            ..SystemInfo::default()
+        },
+        tags: Tags::from_pairs([
+            (
+                "env",
+                if i % 4 == 0 { "staging" } else { "prod" }.to_string(),
+            ),
+            ("region", format!("r{}", i % 10)),
+            ("team", format!("team-{}", i % 8)),
+            ("tier", "standard".to_string()),
+            ("rack", format!("rack-{}", i % 1000)),
+        ])
+        .expect("tags"),
+        groups: Groups::from_names([format!("group-{}", i % 20)]).expect("groups"),
+        registered_at: Timestamp::from_unix_millis(T0),
+        last_seen: Timestamp::from_unix_millis(T0),
+        metrics: None,
+        apps: Vec::new(),
+        certificate: None,
+        next_certificate: None,
+    }
+}
+
+fn sample(i: u32, round: u64) -> MetricsSample {
+    MetricsSample {
+        cpu_percent: Some(f64::from(i % 1000) / 10.0),
+        memory_used_bytes: Some(4 << 30),
+        memory_total_bytes: Some(16 << 30),
+        disk_used_bytes: Some(100 << 30),
+        disk_total_bytes: Some(500 << 30),
+        network_rx_bytes: Some(round * 1_000_000),
+        network_tx_bytes: Some(round * 500_000),
+        uptime_secs: Some(3600 + round),
+        ..MetricsSample::default()
+    }
+}
+
+async fn run(n: u32) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("db");
+    let store = SledStore::open(&path).await.expect("open");
+    let started = Instant::now();
+    for start in (0..n).step_by(100_000) {
+        let part: Vec<Instance> = (start..(start + 100_000).min(n)).map(instance).collect();
+        store.bulk_insert(part, 10_000).await.expect("bulk insert");
+    }
+    let load = started.elapsed();
+
+    // Every instance heartbeats once with a sample, so the state tree is fully populated.
+    let ids: Vec<InstanceId> = (0..n).map(|i| instance(i).id).collect();
+    let mut round = 0u64;
+    let mut times = Vec::new();
+    let mut written = 0usize;
+    let rounds = (n as usize / BATCH).max(5);
+    for r in 0..rounds {
+        round += 1;
+        let batch: Vec<HeartbeatRecord> = (0..BATCH)
+            .map(|k| {
+                let i = ((r * BATCH + k) % n as usize) as u32;
+                HeartbeatRecord {
+                    id: ids[i as usize],
+                    last_seen: Timestamp::from_unix_millis(T0 + round as i64 * 1000),
+                    metrics: Some(sample(i, round)),
+                    apps: None,
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        store.write_heartbeats(&batch).await.expect("write");
+        times.push(t.elapsed());
+        written += batch.len();
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    let rate = BATCH as f64 / median.as_secs_f64();
+    drop(store);
+
+    let t = Instant::now();
+    let store = SledStore::open(&path).await.expect("reopen");
+    let opened = t.elapsed();
+    let fleet = Fleet::builder(store.clone()).open().await.expect("fleet");
+    let serving = t.elapsed();
+    let total = fleet.summary(&Filter::all(), &TenantScope::All).total;
+    assert_eq!(total, u64::from(n));
+    let stats = store.stats().await.expect("stats");
+    println!(
+        "sled {n} instances: load {:.1} s; heartbeats persisted {:.0}/s (median of {} batches of {BATCH}, {written} written); \
+         open {:.2} s, open-to-serving {:.2} s; {:.0} MiB on disk ({:.0} B/instance)",
+        load.as_secs_f64(),
+        rate,
+        times.len(),
+        opened.as_secs_f64(),
+        serving.as_secs_f64(),
+        stats.size_on_disk as f64 / f64::from(1 << 20),
+        stats.size_on_disk as f64 / f64::from(n),
+    );
+}
+
+fn main() {
+    let sizes: Vec<u32> = std::env::var("FLEET_BENCH_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100_000, 1_000_000]);
+    // `cargo test --benches` runs bench targets with --test: keep that quick.
+    if std::env::args().any(|a| a == "--test") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for n in sizes {
+        rt.block_on(run(n));
+    }
+}

@@ -173,6 +173,43 @@ impl Trees {
     }
 }
 
+impl SledStore {
+    /// Inserts many instances (an import, a migration) in transactions of `chunk` records, each
+    /// flushed once, instead of one transaction and flush per instance. Each instance gets its
+    /// change-feed entry as with [`InstanceStore::insert_instance`]. Stops at the first id that
+    /// already exists ([`StoreError::AlreadyExists`]); the chunks committed before it stay.
+    pub async fn bulk_insert(&self, instances: Vec<Instance>, chunk: usize) -> StoreResult<Seq> {
+        self.blocking(move |t| {
+            let mut seq = 0;
+            for part in instances.chunks(chunk.max(1)) {
+                let r = (&t.meta, &t.instances, &t.feed, &t.serials).transaction(
+                    |(meta, inst_tree, feed, serials)| {
+                        let mut last = 0;
+                        for inst in part {
+                            if inst_tree.get(inst.id.as_bytes())?.is_some() {
+                                return abort(StoreError::instance_exists(inst.id));
+                            }
+                            inst_tree.insert(inst.id.as_bytes(), tx(encode(inst))?)?;
+                            for c in [inst.certificate, inst.next_certificate]
+                                .into_iter()
+                                .flatten()
+                            {
+                                serials.insert(c.serial.as_bytes(), inst.id.as_bytes())?;
+                            }
+                            last = append_change(meta, feed, inst.id, ChangeKind::Upserted)?;
+                        }
+                        Ok(last)
+                    },
+                );
+                seq = finish(r)?;
+                t.flush()?;
+            }
+            Ok(seq)
+        })
+        .await
+    }
+}
+
 #[async_trait]
 impl InstanceStore for SledStore {
     async fn insert_instance(&self, instance: &Instance) -> StoreResult<Seq> {
