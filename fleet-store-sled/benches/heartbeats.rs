@@ -40,7 +40,12 @@ fn instance(i: u32) -> Instance {
         tags: Tags::from_pairs([
             (
                 "env",
-                if i % 4 == 0 { "staging" } else { "prod" }.to_string(),
+                if i.is_multiple_of(4) {
+                    "staging"
+                } else {
+                    "prod"
+                }
+                .to_string(),
             ),
             ("region", format!("r{}", i % 10)),
             ("team", format!("team-{}", i % 8)),

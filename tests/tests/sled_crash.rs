@@ -267,7 +267,7 @@ async fn sled_store_survives_sigkill() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store_dir = dir.path().join("db");
     let mut expected = Expected::default();
-    let mut seed = std::process::id() as u64 ^ 0x9E37_79B9_7F4A_7C15;
+    let mut seed = u64::from(std::process::id()) ^ 0x9E37_79B9_7F4A_7C15;
     let started = Instant::now();
     for i in 0..iterations {
         seed = seed

@@ -105,7 +105,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         token.token.id, e.instance, e.certificate.record.serial
                     )),
                     Err(EnrollError::TokenExhausted) => {
-                        say(&format!("EXHAUSTED {}", token.token.id))
+                        say(&format!("EXHAUSTED {}", token.token.id));
                     }
                     Err(e) => return Err(e.into()),
                 }
