@@ -20,8 +20,13 @@
 //!   disk before the call returns. Enrollment checks the token, counts the use, creates the
 //!   instance, records its serial and the ledger entry in one multi-tree transaction.
 //! - Heartbeats arrive in batches ([`Fleet::flush_heartbeats`](fleet_core::Fleet::flush_heartbeats),
-//!   once per flush interval, latest per instance): one sled batch and one flush per call, never an
-//!   fsync per heartbeat. A crash loses at most the heartbeats since the last flush.
+//!   once per flush interval, latest per instance). A batch is appended to a **journal** file
+//!   beside the database as one checksummed record — one write and one fsync per batch, never one
+//!   per heartbeat — and merged into an in-memory overlay that reads consult. When the journal
+//!   reaches [`JOURNAL_MAX_BYTES`] (or the overlay [`OVERLAY_MAX`] instances) the overlay is
+//!   compacted into the per-instance `state` tree, once per instance however often it
+//!   heartbeated, and the journal is emptied; opening a store replays and compacts what is left.
+//!   A crash loses at most the heartbeats since the last flush.
 //! - Secondary indexes — token → ledger, token+key → enrollment (retry window), serial →
 //!   instance — are maintained in the same transaction as the record they index.
 //! - sled calls block; every one runs on tokio's blocking pool, never on an async worker.
@@ -29,12 +34,13 @@
 //! ## Layout
 //!
 //! Every value is a format-version byte and a postcard body; keys scanned in order are big-endian.
+//! Beside sled's files, `fleet-heartbeats.journal` holds heartbeat batches not yet compacted.
 //!
 //! | tree | key | value |
 //! |---|---|---|
 //! | `meta` | `format`, `seq`, `ca` | store format; last change-feed sequence number; CA material |
 //! | `instances` | instance id (16 bytes) | the durable record (as registered, with later edits) |
-//! | `state` | instance id | last seen, latest metrics, apps (written by heartbeat batches) |
+//! | `state` | instance id | last seen, latest metrics, apps (compacted from the journal) |
 //! | `feed` | sequence number (u64 BE) | change-feed entry |
 //! | `tokens` | token id | registration token (secret hash only) |
 //! | `ledger` | token id + u64 BE | ledger entry, in insertion order |
@@ -61,6 +67,7 @@
 )]
 
 mod codec;
+mod journal;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -79,6 +86,22 @@ const FORMAT_MAGIC: &[u8] = b"fleet-store-sled";
 pub const LAYOUT_VERSION: u8 = 1;
 /// Change-feed entries kept; older ones are pruned (readers that fall behind reconcile).
 pub const FEED_RETENTION: u64 = 1 << 20;
+/// The trees of a fleet store.
+const TREE_NAMES: [&str; 9] = [
+    "meta",
+    "instances",
+    "state",
+    "feed",
+    "tokens",
+    "ledger",
+    "enrollments",
+    "serials",
+    "revoked",
+];
+/// Journal size at which the overlay is compacted into the `state` tree.
+pub const JOURNAL_MAX_BYTES: u64 = 64 << 20;
+/// Instances in the heartbeat overlay that trigger a compaction.
+pub const OVERLAY_MAX: usize = 262_144;
 
 /// Why a store could not be opened. Every variant names the path.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +178,9 @@ pub(crate) struct Trees {
     pub(crate) enrollments: sled::Tree,
     pub(crate) serials: sled::Tree,
     pub(crate) revoked: sled::Tree,
+    /// Heartbeat state journaled but not yet compacted into `state`, with the journal file. The
+    /// mutex also serializes journal appends with compaction.
+    pub(crate) overlay: std::sync::Mutex<store::Overlay>,
 }
 
 /// The sled store; see the crate docs. Cheap to clone (a handle).
@@ -212,6 +238,8 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         db.open_tree(name)
             .map_err(|source| OpenError::Sled { path: p(), source })
     };
+    let (journal, replayed) =
+        journal::Journal::open(path).map_err(|source| OpenError::Record { path: p(), source })?;
     let trees = Trees {
         meta: tree("meta")?,
         instances: tree("instances")?,
@@ -222,11 +250,20 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         enrollments: tree("enrollments")?,
         serials: tree("serials")?,
         revoked: tree("revoked")?,
+        overlay: std::sync::Mutex::new(store::Overlay::new(journal)),
         path: p(),
         db,
     };
     verify_format(&trees)?;
     remove_orphans(&trees)?;
+    if !replayed.is_empty() {
+        if let Ok(mut overlay) = trees.overlay.lock() {
+            replayed.into_iter().for_each(|b| overlay.merge_batch(b));
+        }
+        trees
+            .compact_now()
+            .map_err(|source| OpenError::Record { path: p(), source })?;
+    }
     Ok(trees)
 }
 
@@ -256,20 +293,9 @@ fn verify_format(t: &Trees) -> Result<(), OpenError> {
         }
         None => {
             let names = t.db.tree_names();
-            let ours = [
-                "meta",
-                "instances",
-                "state",
-                "feed",
-                "tokens",
-                "ledger",
-                "enrollments",
-                "serials",
-                "revoked",
-            ];
             let mut has_data = !t.db.is_empty();
             for name in names.iter().filter(|n| n.as_ref() != b"__sled__default") {
-                let foreign_tree = !ours.iter().any(|o| name.as_ref() == o.as_bytes());
+                let foreign_tree = !TREE_NAMES.iter().any(|o| name.as_ref() == o.as_bytes());
                 let tree = t.db.open_tree(name).map_err(sled_err)?;
                 if foreign_tree || !tree.is_empty() {
                     has_data = true;
@@ -351,7 +377,8 @@ impl SledStore {
                     dest.display()
                 )));
             }
-            t.db.flush().map_err(store::backend)?;
+            // Heartbeats still in the journal go into sled first, so the export has them.
+            t.compact_now()?;
             let copy = sled::Config::new()
                 .path(&dest)
                 .open()

@@ -19,7 +19,10 @@ use sled::transaction::{
 };
 
 use crate::codec::{encode, read_u64, u64_key};
-use crate::{FEED_RETENTION, SledStore, Trees, decode_at};
+use std::collections::HashMap;
+
+use crate::journal::Journal;
+use crate::{FEED_RETENTION, JOURNAL_MAX_BYTES, OVERLAY_MAX, SledStore, Trees, decode_at};
 
 pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::Backend {
@@ -47,10 +50,63 @@ fn finish<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError
 
 /// What heartbeat batches write, separate from the durable record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct StateRecord {
+pub(crate) struct StateRecord {
     last_seen: Timestamp,
     metrics: Option<MetricsSample>,
     apps: Option<Vec<App>>,
+}
+
+impl StateRecord {
+    /// `newer` on top of `self`: the newer time; fields `newer` lacks are kept.
+    fn merged(self, newer: Self) -> Self {
+        Self {
+            last_seen: newer.last_seen,
+            metrics: newer.metrics.or(self.metrics),
+            apps: newer.apps.or(self.apps),
+        }
+    }
+
+    fn from_record(r: HeartbeatRecord) -> (InstanceId, Self) {
+        (
+            r.id,
+            Self {
+                last_seen: r.last_seen,
+                metrics: r.metrics,
+                apps: r.apps,
+            },
+        )
+    }
+}
+
+/// Heartbeat state journaled but not yet compacted into the `state` tree, and the journal.
+#[derive(Debug)]
+pub(crate) struct Overlay {
+    states: HashMap<InstanceId, StateRecord>,
+    pub(crate) journal: Journal,
+}
+
+impl Overlay {
+    pub(crate) fn new(journal: Journal) -> Self {
+        Self {
+            states: HashMap::new(),
+            journal,
+        }
+    }
+
+    pub(crate) fn merge_batch(&mut self, batch: Vec<HeartbeatRecord>) {
+        for rec in batch {
+            let (id, state) = StateRecord::from_record(rec);
+            self.merge(id, state);
+        }
+    }
+
+    fn merge(&mut self, id: InstanceId, rec: StateRecord) {
+        let merged = match self.states.remove(&id) {
+            Some(old) => old.merged(rec),
+            None => rec,
+        };
+        self.states.insert(id, merged);
+    }
 }
 
 fn token_not_found(id: &TokenId) -> StoreError {
@@ -127,13 +183,71 @@ impl Trees {
         self.db.flush().map(|_| ()).map_err(backend)
     }
 
+    fn overlay(&self) -> std::sync::MutexGuard<'_, Overlay> {
+        // Every update of the overlay completes before anything that could panic.
+        self.overlay
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Appends a heartbeat batch to the journal (one record, one fsync), merges it into the
+    /// overlay, and compacts when the journal or overlay grew past its limit.
+    fn journal_heartbeats(&self, batch: Vec<HeartbeatRecord>) -> Result<(), StoreError> {
+        let mut overlay = self.overlay();
+        overlay.journal.append(&batch)?;
+        overlay.merge_batch(batch);
+        if overlay.journal.len >= JOURNAL_MAX_BYTES || overlay.states.len() >= OVERLAY_MAX {
+            self.compact(&mut overlay)?;
+        }
+        Ok(())
+    }
+
+    /// Folds the overlay into the `state` tree (skipping instances that no longer exist) and
+    /// clears the journal. A crash in between leaves the journal, which is replayed at open;
+    /// replaying is idempotent.
+    fn compact(&self, overlay: &mut Overlay) -> Result<(), StoreError> {
+        let mut writes = sled::Batch::default();
+        for (id, rec) in overlay.states.drain() {
+            let key = id.as_bytes();
+            if !self.instances.contains_key(key).map_err(backend)? {
+                continue;
+            }
+            let rec = if rec.metrics.is_some() && rec.apps.is_some() {
+                rec
+            } else {
+                match self.state.get(key).map_err(backend)? {
+                    Some(v) => decode_at::<StateRecord>("state", key, &v)?.merged(rec),
+                    None => rec,
+                }
+            };
+            writes.insert(key, encode(&rec)?);
+        }
+        self.state.apply_batch(writes).map_err(backend)?;
+        self.flush()?;
+        overlay.journal.clear()
+    }
+
+    /// Compacts whatever the journal holds (before a backup, or on demand).
+    pub(crate) fn compact_now(&self) -> Result<(), StoreError> {
+        let mut overlay = self.overlay();
+        self.compact(&mut overlay)
+    }
+
     fn instance(&self, id: InstanceId) -> Result<Option<Instance>, StoreError> {
         let Some(v) = self.instances.get(id.as_bytes()).map_err(backend)? else {
             return Ok(None);
         };
         let mut inst: Instance = decode_at("instances", id.as_bytes(), &v)?;
-        if let Some(s) = self.state.get(id.as_bytes()).map_err(backend)? {
-            let state: StateRecord = decode_at("state", id.as_bytes(), &s)?;
+        let stored = match self.state.get(id.as_bytes()).map_err(backend)? {
+            Some(s) => Some(decode_at::<StateRecord>("state", id.as_bytes(), &s)?),
+            None => None,
+        };
+        let pending = self.overlay().states.get(&id).cloned();
+        let state = match (stored, pending) {
+            (Some(s), Some(p)) => Some(s.merged(p)),
+            (s, p) => s.or(p),
+        };
+        if let Some(state) = state {
             inst.last_seen = state.last_seen;
             if state.metrics.is_some() {
                 inst.metrics = state.metrics;
@@ -321,38 +435,11 @@ impl InstanceStore for SledStore {
 #[async_trait]
 impl HeartbeatStore for SledStore {
     async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
         let batch = batch.to_vec();
-        self.blocking(move |t| {
-            let mut writes = sled::Batch::default();
-            for rec in batch {
-                let key = rec.id.as_bytes();
-                if !t.instances.contains_key(key).map_err(backend)? {
-                    continue;
-                }
-                let (metrics, apps) = if rec.metrics.is_some() && rec.apps.is_some() {
-                    (rec.metrics, rec.apps)
-                } else {
-                    let old: Option<StateRecord> = match t.state.get(key).map_err(backend)? {
-                        Some(v) => Some(decode_at("state", key, &v)?),
-                        None => None,
-                    };
-                    let (old_m, old_a) = old.map_or((None, None), |o| (o.metrics, o.apps));
-                    (rec.metrics.or(old_m), rec.apps.or(old_a))
-                };
-                writes.insert(
-                    key,
-                    encode(&StateRecord {
-                        last_seen: rec.last_seen,
-                        metrics,
-                        apps,
-                    })?,
-                );
-            }
-            t.state.apply_batch(writes).map_err(backend)?;
-            // One flush per batch (per flush interval), never one per heartbeat.
-            t.flush()
-        })
-        .await
+        self.blocking(move |t| t.journal_heartbeats(batch)).await
     }
 }
 
