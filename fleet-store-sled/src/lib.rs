@@ -255,7 +255,6 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         db,
     };
     verify_format(&trees)?;
-    remove_orphans(&trees)?;
     if !replayed.is_empty() {
         if let Ok(mut overlay) = trees.overlay.lock() {
             replayed.into_iter().for_each(|b| overlay.merge_batch(b));
@@ -314,21 +313,6 @@ fn verify_format(t: &Trees) -> Result<(), OpenError> {
             Ok(())
         }
     }
-}
-
-/// Heartbeat state whose instance is gone (a batch raced a deletion) is removed at open.
-fn remove_orphans(t: &Trees) -> Result<(), OpenError> {
-    let sled_err = |source| OpenError::Sled {
-        path: t.path.clone(),
-        source,
-    };
-    for entry in t.state.iter().keys() {
-        let key = entry.map_err(sled_err)?;
-        if !t.instances.contains_key(&key).map_err(sled_err)? {
-            t.state.remove(&key).map_err(sled_err)?;
-        }
-    }
-    Ok(())
 }
 
 impl SledStore {

@@ -237,7 +237,12 @@ impl Trees {
         let Some(v) = self.instances.get(id.as_bytes()).map_err(backend)? else {
             return Ok(None);
         };
-        let mut inst: Instance = decode_at("instances", id.as_bytes(), &v)?;
+        self.with_state(id, &v).map(Some)
+    }
+
+    /// Decodes a stored record and lays the heartbeat state (stored, then journaled) over it.
+    fn with_state(&self, id: InstanceId, record: &[u8]) -> Result<Instance, StoreError> {
+        let mut inst: Instance = decode_at("instances", id.as_bytes(), record)?;
         let stored = match self.state.get(id.as_bytes()).map_err(backend)? {
             Some(s) => Some(decode_at::<StateRecord>("state", id.as_bytes(), &s)?),
             None => None,
@@ -256,7 +261,7 @@ impl Trees {
                 inst.apps = apps;
             }
         }
-        Ok(Some(inst))
+        Ok(inst)
     }
 
     /// Prunes change-feed entries beyond the retention (best effort, outside transactions).
@@ -370,17 +375,15 @@ impl InstanceStore for SledStore {
                 None => t.instances.iter(),
             };
             let mut out = Vec::with_capacity(limit.min(4096));
-            for entry in iter.keys().take(limit) {
-                let key = entry.map_err(backend)?;
+            for entry in iter.take(limit) {
+                let (key, value) = entry.map_err(backend)?;
                 let id = <[u8; 16]>::try_from(key.as_ref())
                     .map(InstanceId::from_bytes)
                     .map_err(|_| StoreError::Corrupt {
                         detail: format!("instances/{} is not an id", crate::hex(&key)),
                         source: None,
                     })?;
-                if let Some(inst) = t.instance(id)? {
-                    out.push(inst);
-                }
+                out.push(t.with_state(id, &value)?);
             }
             Ok(out)
         })
@@ -420,6 +423,14 @@ impl InstanceStore for SledStore {
                     append_change(meta, feed, id, ChangeKind::Deleted)
                 });
             let seq = finish(r)?;
+            {
+                // A compaction that checked this instance before the deletion committed may have
+                // written its state after it; compactions hold the overlay lock, so once we have
+                // it, removing the state again leaves no orphan behind.
+                let mut overlay = t.overlay();
+                overlay.states.remove(&id);
+                t.state.remove(id.as_bytes()).map_err(backend)?;
+            }
             t.flush()?;
             t.prune_feed(seq)?;
             Ok(seq)
