@@ -25,7 +25,8 @@
 //!   per heartbeat — and merged into an in-memory overlay that reads consult. When the journal
 //!   reaches [`JOURNAL_MAX_BYTES`] (or the overlay [`OVERLAY_MAX`] instances) the overlay is
 //!   compacted into the per-instance `state` tree, once per instance however often it
-//!   heartbeated, and the journal is emptied; opening a store replays and compacts what is left.
+//!   heartbeated, and the journal is emptied; opening a store replays what is left into the
+//!   overlay.
 //!   A crash loses at most the heartbeats since the last flush.
 //! - Secondary indexes — token → ledger, token+key → enrollment (retry window), serial →
 //!   instance — are maintained in the same transaction as the record they index.
@@ -40,7 +41,7 @@
 //! |---|---|---|
 //! | `meta` | `format`, `seq`, `ca` | store format; last change-feed sequence number; CA material |
 //! | `instances` | instance id (16 bytes) | the durable record (as registered, with later edits) |
-//! | `state` | instance id | last seen, latest metrics, apps (compacted from the journal) |
+//! | `state` | first 2 bytes of the instance id | last seen, latest metrics, apps of the instances in that page (compacted from the journal) |
 //! | `feed` | sequence number (u64 BE) | change-feed entry |
 //! | `tokens` | token id | registration token (secret hash only) |
 //! | `ledger` | token id + u64 BE | ledger entry, in insertion order |
@@ -255,13 +256,10 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         db,
     };
     verify_format(&trees)?;
-    if !replayed.is_empty() {
-        if let Ok(mut overlay) = trees.overlay.lock() {
-            replayed.into_iter().for_each(|b| overlay.merge_batch(b));
-        }
-        trees
-            .compact_now()
-            .map_err(|source| OpenError::Record { path: p(), source })?;
+    // Replayed heartbeats stay in the overlay (reads see them) until the next compaction, so
+    // opening does not pay for one.
+    if let Ok(mut overlay) = trees.overlay.lock() {
+        replayed.into_iter().for_each(|b| overlay.merge_batch(b));
     }
     Ok(trees)
 }

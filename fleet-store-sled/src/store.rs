@@ -19,7 +19,7 @@ use sled::transaction::{
 };
 
 use crate::codec::{encode, read_u64, u64_key};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use crate::journal::Journal;
 use crate::{FEED_RETENTION, JOURNAL_MAX_BYTES, OVERLAY_MAX, SledStore, Trees, decode_at};
@@ -107,6 +107,23 @@ impl Overlay {
         };
         self.states.insert(id, merged);
     }
+}
+
+/// The `state` page of an instance: the first two bytes of its (random) id, so 65,536 pages of
+/// about 15 instances each at a million instances. Compaction rewrites each touched page once.
+fn page_of(id: InstanceId) -> [u8; 2] {
+    let b = id.as_bytes();
+    [b[0], b[1]]
+}
+
+fn encode_page(states: &BTreeMap<InstanceId, StateRecord>) -> Result<Vec<u8>, StoreError> {
+    let entries: Vec<(&InstanceId, &StateRecord)> = states.iter().collect();
+    encode(&entries)
+}
+
+fn decode_page(page: &[u8], bytes: &[u8]) -> Result<BTreeMap<InstanceId, StateRecord>, StoreError> {
+    let entries: Vec<(InstanceId, StateRecord)> = decode_at("state", page, bytes)?;
+    Ok(entries.into_iter().collect())
 }
 
 fn token_not_found(id: &TokenId) -> StoreError {
@@ -202,29 +219,43 @@ impl Trees {
         Ok(())
     }
 
-    /// Folds the overlay into the `state` tree (skipping instances that no longer exist) and
-    /// clears the journal. A crash in between leaves the journal, which is replayed at open;
-    /// replaying is idempotent.
+    /// Folds the overlay into the `state` tree page by page (skipping instances that no longer
+    /// exist) and clears the journal. A crash in between leaves the journal, which is replayed at
+    /// open; replaying is idempotent.
     fn compact(&self, overlay: &mut Overlay) -> Result<(), StoreError> {
-        let mut writes = sled::Batch::default();
+        let mut by_page: BTreeMap<[u8; 2], Vec<(InstanceId, StateRecord)>> = BTreeMap::new();
         for (id, rec) in overlay.states.drain() {
-            let key = id.as_bytes();
-            if !self.instances.contains_key(key).map_err(backend)? {
-                continue;
+            if self
+                .instances
+                .contains_key(id.as_bytes())
+                .map_err(backend)?
+            {
+                by_page.entry(page_of(id)).or_default().push((id, rec));
             }
-            let rec = if rec.metrics.is_some() && rec.apps.is_some() {
-                rec
-            } else {
-                match self.state.get(key).map_err(backend)? {
-                    Some(v) => decode_at::<StateRecord>("state", key, &v)?.merged(rec),
+        }
+        let mut writes = sled::Batch::default();
+        for (page, updates) in by_page {
+            let mut states = self.read_page(page)?;
+            for (id, rec) in updates {
+                let merged = match states.remove(&id) {
+                    Some(old) => old.merged(rec),
                     None => rec,
-                }
-            };
-            writes.insert(key, encode(&rec)?);
+                };
+                states.insert(id, merged);
+            }
+            writes.insert(&page, encode_page(&states)?);
         }
         self.state.apply_batch(writes).map_err(backend)?;
         self.flush()?;
         overlay.journal.clear()
+    }
+
+    /// The stored heartbeat states of one page.
+    fn read_page(&self, page: [u8; 2]) -> Result<BTreeMap<InstanceId, StateRecord>, StoreError> {
+        match self.state.get(page).map_err(backend)? {
+            Some(v) => decode_page(&page, &v),
+            None => Ok(BTreeMap::new()),
+        }
     }
 
     /// Compacts whatever the journal holds (before a backup, or on demand).
@@ -237,16 +268,20 @@ impl Trees {
         let Some(v) = self.instances.get(id.as_bytes()).map_err(backend)? else {
             return Ok(None);
         };
-        self.with_state(id, &v).map(Some)
+        let page = self.read_page(page_of(id))?;
+        self.with_state(id, &v, &page).map(Some)
     }
 
-    /// Decodes a stored record and lays the heartbeat state (stored, then journaled) over it.
-    fn with_state(&self, id: InstanceId, record: &[u8]) -> Result<Instance, StoreError> {
+    /// Decodes a stored record and lays the heartbeat state (stored in `page`, then journaled)
+    /// over it.
+    fn with_state(
+        &self,
+        id: InstanceId,
+        record: &[u8],
+        page: &BTreeMap<InstanceId, StateRecord>,
+    ) -> Result<Instance, StoreError> {
         let mut inst: Instance = decode_at("instances", id.as_bytes(), record)?;
-        let stored = match self.state.get(id.as_bytes()).map_err(backend)? {
-            Some(s) => Some(decode_at::<StateRecord>("state", id.as_bytes(), &s)?),
-            None => None,
-        };
+        let stored = page.get(&id).cloned();
         let pending = self.overlay().states.get(&id).cloned();
         let state = match (stored, pending) {
             (Some(s), Some(p)) => Some(s.merged(p)),
@@ -262,6 +297,18 @@ impl Trees {
             }
         }
         Ok(inst)
+    }
+
+    /// Removes an instance's heartbeat state from its page (outside a transaction).
+    fn forget_state(&self, id: InstanceId) -> Result<(), StoreError> {
+        let page = page_of(id);
+        let mut states = self.read_page(page)?;
+        if states.remove(&id).is_some() {
+            self.state
+                .insert(page, encode_page(&states)?)
+                .map_err(backend)?;
+        }
+        Ok(())
     }
 
     /// Prunes change-feed entries beyond the retention (best effort, outside transactions).
@@ -375,6 +422,8 @@ impl InstanceStore for SledStore {
                 None => t.instances.iter(),
             };
             let mut out = Vec::with_capacity(limit.min(4096));
+            // Ids come in ascending order, so pages do too: each is decoded once per scan.
+            let mut page: Option<([u8; 2], BTreeMap<InstanceId, StateRecord>)> = None;
             for entry in iter.take(limit) {
                 let (key, value) = entry.map_err(backend)?;
                 let id = <[u8; 16]>::try_from(key.as_ref())
@@ -383,7 +432,12 @@ impl InstanceStore for SledStore {
                         detail: format!("instances/{} is not an id", crate::hex(&key)),
                         source: None,
                     })?;
-                out.push(t.with_state(id, &value)?);
+                let key = page_of(id);
+                if page.as_ref().is_none_or(|(k, _)| *k != key) {
+                    page = Some((key, t.read_page(key)?));
+                }
+                let states = page.as_ref().map(|(_, p)| p);
+                out.push(t.with_state(id, &value, states.unwrap_or(&BTreeMap::new()))?);
             }
             Ok(out)
         })
@@ -417,7 +471,13 @@ impl InstanceStore for SledStore {
                         return abort(StoreError::instance_not_found(id));
                     };
                     instances.remove(id.as_bytes())?;
-                    state.remove(id.as_bytes())?;
+                    let page = page_of(id);
+                    if let Some(v) = state.get(page)? {
+                        let mut states = tx(decode_page(&page, &v))?;
+                        if states.remove(&id).is_some() {
+                            state.insert(&page, tx(encode_page(&states))?)?;
+                        }
+                    }
                     revoke_tx(serials, revoked, id, inst.certificate, now)?;
                     revoke_tx(serials, revoked, id, inst.next_certificate, now)?;
                     append_change(meta, feed, id, ChangeKind::Deleted)
@@ -429,7 +489,7 @@ impl InstanceStore for SledStore {
                 // it, removing the state again leaves no orphan behind.
                 let mut overlay = t.overlay();
                 overlay.states.remove(&id);
-                t.state.remove(id.as_bytes()).map_err(backend)?;
+                t.forget_state(id)?;
             }
             t.flush()?;
             t.prune_feed(seq)?;
