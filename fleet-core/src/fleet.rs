@@ -58,7 +58,7 @@ use crate::{
 /// Validity of a CA generated on first open (10 years).
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Page size used when reading the store to build or reconcile the live view.
-const REBUILD_PAGE: usize = 1000;
+const REBUILD_PAGE: usize = 4096;
 /// Largest page a list call returns.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
@@ -514,20 +514,24 @@ impl<S: FleetStore> Fleet<S> {
     async fn reconcile(&self, cursor: &mut Seq) -> Result<usize, FleetError> {
         let seq = self.inner.store.latest_seq().await?;
         let mut seen = HashSet::new();
-        let mut after = None;
         let mut applied = 0;
-        loop {
-            let page = self.inner.store.list_instances(after, REBUILD_PAGE).await?;
-            let Some(last) = page.last().map(|i| i.id) else {
-                break;
+        let mut page = self.inner.store.list_instances(None, REBUILD_PAGE).await?;
+        // While this page goes into the view, the store already reads the next one (a store that
+        // reads on a blocking thread, like sled's, does both at once).
+        while let Some(last) = page.last().map(|i| i.id) {
+            let apply = async {
+                let now = self.now();
+                let mut view = self.view_mut();
+                let mut n = 0;
+                for inst in &page {
+                    seen.insert(inst.id);
+                    n += usize::from(view.upsert(inst, 0, now));
+                }
+                n
             };
-            let now = self.now();
-            let mut view = self.view_mut();
-            for inst in &page {
-                seen.insert(inst.id);
-                applied += usize::from(view.upsert(inst, 0, now));
-            }
-            after = Some(last);
+            let (next, n) = tokio::join!(biased; self.inner.store.list_instances(Some(last), REBUILD_PAGE), apply);
+            applied += n;
+            page = next?;
         }
         let stale: Vec<InstanceId> = {
             let view = self.view();

@@ -100,9 +100,10 @@ const TREE_NAMES: [&str; 9] = [
     "revoked",
 ];
 /// Journal size at which the overlay is compacted into the `state` tree.
-pub const JOURNAL_MAX_BYTES: u64 = 64 << 20;
-/// Instances in the heartbeat overlay that trigger a compaction.
-pub const OVERLAY_MAX: usize = 262_144;
+pub const JOURNAL_MAX_BYTES: u64 = 128 << 20;
+/// Instances in the heartbeat overlay that trigger a compaction (the overlay holds up to this many
+/// latest heartbeat states in memory, about 250 bytes each).
+pub const OVERLAY_MAX: usize = 1 << 20;
 
 /// Why a store could not be opened. Every variant names the path.
 #[derive(Debug, thiserror::Error)]
