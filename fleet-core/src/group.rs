@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
@@ -17,15 +18,15 @@ pub const MAX_GROUPS: usize = 64;
 
 /// A validated group name.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct GroupName(pub(crate) String);
+#[serde(try_from = "CompactString", into = "CompactString")]
+pub struct GroupName(pub(crate) CompactString);
 
 impl GroupName {
     /// Validates a group name.
-    pub fn new(name: impl Into<String>) -> Result<Self, ValidationError> {
-        let name = name.into();
-        match check_name(&name, MAX_NAME_LEN, true) {
-            Ok(()) => Ok(Self(name)),
+    pub fn new(name: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let name = name.as_ref();
+        match check_name(name, MAX_NAME_LEN, true) {
+            Ok(()) => Ok(Self(CompactString::new(name))),
             Err(reason) => Err(ValidationError::new("group name", name, reason)),
         }
     }

@@ -26,6 +26,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
@@ -52,13 +53,13 @@ pub enum TagAuthority {
 
 /// A validated tag key.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TagKey(pub(crate) String);
+#[serde(try_from = "CompactString", into = "CompactString")]
+pub struct TagKey(pub(crate) CompactString);
 
 /// A validated tag value (possibly empty).
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TagValue(pub(crate) String);
+#[serde(try_from = "CompactString", into = "CompactString")]
+pub struct TagValue(pub(crate) CompactString);
 
 pub(crate) fn is_alnum(b: u8) -> bool {
     b.is_ascii_alphanumeric()
@@ -117,16 +118,16 @@ fn check_prefix(p: &str) -> Result<(), &'static str> {
 
 impl TagKey {
     /// Validates a tag key (see the module docs for the rules).
-    pub fn new(key: impl Into<String>) -> Result<Self, ValidationError> {
-        let key = key.into();
+    pub fn new(key: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let key = key.as_ref();
         let res = match key.split_once('/') {
             Some((prefix, name)) => {
                 check_prefix(prefix).and_then(|()| check_name(name, MAX_NAME_LEN, false))
             }
-            None => check_name(&key, MAX_NAME_LEN, false),
+            None => check_name(key, MAX_NAME_LEN, false),
         };
         match res {
-            Ok(()) => Ok(Self(key)),
+            Ok(()) => Ok(Self(CompactString::new(key))),
             Err(reason) => Err(ValidationError::new("tag key", key, reason)),
         }
     }
@@ -155,7 +156,7 @@ impl TagKey {
         if authority == TagAuthority::Agent && self.is_reserved() {
             return Err(ValidationError::new(
                 "tag key",
-                self.0.clone(),
+                self.0.as_str(),
                 "uses a prefix reserved for operators",
             ));
         }
@@ -165,13 +166,13 @@ impl TagKey {
 
 impl TagValue {
     /// Validates a tag value (see the module docs for the rules).
-    pub fn new(value: impl Into<String>) -> Result<Self, ValidationError> {
-        let value = value.into();
+    pub fn new(value: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let value = value.as_ref();
         if value.is_empty() {
-            return Ok(Self(value));
+            return Ok(Self(CompactString::default()));
         }
-        match check_name(&value, MAX_VALUE_LEN, false) {
-            Ok(()) => Ok(Self(value)),
+        match check_name(value, MAX_VALUE_LEN, false) {
+            Ok(()) => Ok(Self(CompactString::new(value))),
             Err(reason) => Err(ValidationError::new("tag value", value, reason)),
         }
     }
@@ -196,9 +197,20 @@ macro_rules! string_newtype_impls {
                 Self::new(s)
             }
         }
+        impl TryFrom<compact_str::CompactString> for $t {
+            type Error = ValidationError;
+            fn try_from(s: compact_str::CompactString) -> Result<Self, Self::Error> {
+                Self::new(s)
+            }
+        }
         impl From<$t> for String {
             fn from(v: $t) -> String {
-                v.0
+                v.0.into()
+            }
+        }
+        impl From<$t> for compact_str::CompactString {
+            fn from(v: $t) -> compact_str::CompactString {
+                v.0.into()
             }
         }
         impl AsRef<str> for $t {

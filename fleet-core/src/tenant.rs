@@ -5,6 +5,7 @@
 //! registers. Every read API takes a [`TenantScope`], so isolation is a typed argument rather than
 //! a filter a caller might forget.
 
+use compact_str::CompactString;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
@@ -12,15 +13,15 @@ use crate::tag::{MAX_NAME_LEN, check_name, string_newtype_impls};
 
 /// A validated tenant id.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct TenantId(pub(crate) String);
+#[serde(try_from = "CompactString", into = "CompactString")]
+pub struct TenantId(pub(crate) CompactString);
 
 impl TenantId {
     /// Validates a tenant id.
-    pub fn new(id: impl Into<String>) -> Result<Self, ValidationError> {
-        let id = id.into();
-        match check_name(&id, MAX_NAME_LEN, true) {
-            Ok(()) => Ok(Self(id)),
+    pub fn new(id: impl AsRef<str>) -> Result<Self, ValidationError> {
+        let id = id.as_ref();
+        match check_name(id, MAX_NAME_LEN, true) {
+            Ok(()) => Ok(Self(CompactString::new(id))),
             Err(reason) => Err(ValidationError::new("tenant id", id, reason)),
         }
     }

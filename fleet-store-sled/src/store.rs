@@ -66,6 +66,17 @@ impl StateRecord {
         }
     }
 
+    /// Takes `newer` in place: its time, and each field it carries.
+    fn absorb(&mut self, newer: Self) {
+        self.last_seen = newer.last_seen;
+        if newer.metrics.is_some() {
+            self.metrics = newer.metrics;
+        }
+        if newer.apps.is_some() {
+            self.apps = newer.apps;
+        }
+    }
+
     fn from_record(r: HeartbeatRecord) -> (InstanceId, Self) {
         (
             r.id,
@@ -101,11 +112,12 @@ impl Overlay {
     }
 
     fn merge(&mut self, id: InstanceId, rec: StateRecord) {
-        let merged = match self.states.remove(&id) {
-            Some(old) => old.merged(rec),
-            None => rec,
-        };
-        self.states.insert(id, merged);
+        match self.states.entry(id) {
+            std::collections::hash_map::Entry::Occupied(mut e) => e.get_mut().absorb(rec),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(rec);
+            }
+        }
     }
 }
 
@@ -225,23 +237,28 @@ impl Trees {
     fn compact(&self, overlay: &mut Overlay) -> Result<(), StoreError> {
         let mut by_page: BTreeMap<[u8; 2], Vec<(InstanceId, StateRecord)>> = BTreeMap::new();
         for (id, rec) in overlay.states.drain() {
-            if self
-                .instances
-                .contains_key(id.as_bytes())
-                .map_err(backend)?
-            {
-                by_page.entry(page_of(id)).or_default().push((id, rec));
-            }
+            by_page.entry(page_of(id)).or_default().push((id, rec));
         }
         let mut writes = sled::Batch::default();
         for (page, updates) in by_page {
             let mut states = self.read_page(page)?;
             for (id, rec) in updates {
-                let merged = match states.remove(&id) {
-                    Some(old) => old.merged(rec),
-                    None => rec,
-                };
-                states.insert(id, merged);
+                match states.get_mut(&id) {
+                    // Already in its page: the instance existed when it was first compacted, and
+                    // a deregistration removes it from the page under this same lock.
+                    Some(old) => old.absorb(rec),
+                    // New to the page: skip it if the instance is gone (a heartbeat that raced
+                    // its deregistration), so no orphan state is written.
+                    None => {
+                        if self
+                            .instances
+                            .contains_key(id.as_bytes())
+                            .map_err(backend)?
+                        {
+                            states.insert(id, rec);
+                        }
+                    }
+                }
             }
             writes.insert(&page, encode_page(&states)?);
         }

@@ -340,7 +340,7 @@ impl LiveView {
     }
 
     fn tenant_of(&self, slot: &Slot) -> Option<TenantId> {
-        (slot.tenant != NO_ID).then(|| TenantId(self.tenant_names.name(slot.tenant).to_owned()))
+        (slot.tenant != NO_ID).then(|| TenantId(self.tenant_names.name(slot.tenant).into()))
     }
 
     /// Adds or updates an instance from its durable record, as of store version `version`.
@@ -885,8 +885,8 @@ impl LiveView {
                 .iter()
                 .map(|&(k, v)| {
                     (
-                        TagKey(self.key_names.name(k).to_owned()),
-                        TagValue(self.value_names.name(v).to_owned()),
+                        TagKey(self.key_names.name(k).into()),
+                        TagValue(self.value_names.name(v).into()),
                     )
                 })
                 .collect(),
@@ -894,7 +894,7 @@ impl LiveView {
         let groups = Groups(
             slot.groups
                 .iter()
-                .map(|&g| GroupName(self.group_names.name(g).to_owned()))
+                .map(|&g| GroupName(self.group_names.name(g).into()))
                 .collect(),
         );
         let opt = |v: u64| (v != ABSENT).then_some(v);
