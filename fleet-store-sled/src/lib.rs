@@ -345,6 +345,13 @@ impl SledStore {
         .await
     }
 
+    /// Prepares for a clean shutdown: compacts the heartbeat journal into the database and
+    /// flushes, so the next open has nothing to replay. Call it after the last
+    /// [`Fleet::flush_heartbeats`](fleet_core::Fleet::flush_heartbeats); the store stays usable.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.blocking(|t| t.compact_now()).await
+    }
+
     /// Writes a consistent copy of the whole store into the new directory `dest` (sled's
     /// export/import). Restore by opening `dest` with [`SledStore::open`].
     pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<(), StoreError> {

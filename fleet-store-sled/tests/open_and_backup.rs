@@ -216,3 +216,57 @@ async fn backup_restores_the_same_fleet() {
         "3 uses, then exhausted"
     );
 }
+
+#[tokio::test]
+async fn close_compacts_the_journal_and_reopen_sees_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
+    let store = SledStore::open(&path).await.unwrap();
+    let fleet = Fleet::builder(store.clone())
+        .clock(clock.clone())
+        .open()
+        .await
+        .unwrap();
+    let token = fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let id = fleet
+        .enroll(request(&token.presented.to_string(), &key_and_csr().1, "a"))
+        .await
+        .unwrap()
+        .instance;
+    clock.advance(Duration::from_secs(7));
+    let m = MetricsSample {
+        cpu_percent: Some(12.0),
+        ..MetricsSample::default()
+    };
+    fleet
+        .heartbeat(
+            id,
+            Heartbeat {
+                metrics: Some(m.clone()),
+                apps: None,
+            },
+        )
+        .unwrap();
+    fleet.flush_heartbeats().await.unwrap();
+    let journal = path.join("fleet-heartbeats.journal");
+    assert!(
+        std::fs::metadata(&journal).unwrap().len() > 0,
+        "the batch is journaled"
+    );
+    store.close().await.unwrap();
+    assert_eq!(
+        std::fs::metadata(&journal).unwrap().len(),
+        0,
+        "close compacts the journal"
+    );
+    drop(fleet);
+    drop(store);
+    let reopened = SledStore::open(&path).await.unwrap();
+    let inst = reopened.get_instance(id).await.unwrap().unwrap();
+    assert_eq!(inst.last_seen, clock.now());
+    assert_eq!(inst.metrics, Some(m));
+}
