@@ -6,7 +6,8 @@ use std::time::Duration;
 use fleet_core::store::{CertificateStore, ChangeFeed, InstanceStore, TokenStore};
 use fleet_core::testing::{key_and_csr, request};
 use fleet_core::{
-    Filter, Fleet, Heartbeat, ManualClock, MetricsSample, NewToken, Tags, TenantScope, Timestamp,
+    Clock, Filter, Fleet, Heartbeat, ManualClock, MetricsSample, NewToken, Tags, TenantScope,
+    Timestamp,
 };
 use fleet_store_sled::{OpenError, SledStore, sled};
 
