@@ -1,13 +1,74 @@
 //! # fleet-agent-proto
 //!
-//! The wire protocol between fleet agents and the control plane (JSON over HTTPS with mutual
-//! TLS): message types, limits and error codes, with a `server` feature (a hyper service any
-//! control plane can mount) and a `client` feature (the agent side).
+//! Protocol v1 between fleet agents and the control plane: JSON over HTTPS (HTTP/1.1 or HTTP/2),
+//! `Content-Type: application/json`, versioned paths.
 //!
-//! This crate is being built under issue #5; until then it only reserves its place in the
-//! workspace.
+//! | route | authentication | request | response |
+//! |---|---|---|---|
+//! | `POST /v1/enroll` | TLS, no client certificate; the registration token in the body | [`EnrollRequest`] (≤ 16 KiB) | [`EnrollResponse`] |
+//! | `POST /v1/heartbeat` | client certificate issued by the fleet CA | [`HeartbeatRequest`] (≤ 64 KiB) | [`HeartbeatResponse`] |
+//! | `POST /v1/renew` | client certificate issued by the fleet CA | [`RenewRequest`] (≤ 16 KiB) | [`RenewResponse`] |
+//!
+//! Every error is an [`ErrorBody`], `{"error": {"code": "...", "message": "..."}}`, with the HTTP
+//! status of its [`ErrorCode`]; codes are stable snake_case strings.
+//!
+//! ```
+//! use fleet_agent_proto::{HeartbeatRequest, HeartbeatResponse};
+//!
+//! // `{}` is a valid, liveness-only heartbeat.
+//! let hb: HeartbeatRequest = serde_json::from_str("{}")?;
+//! assert!(hb.metrics.is_none());
+//! let reply = HeartbeatResponse { commands: vec![], next_heartbeat_secs: 15 };
+//! assert_eq!(serde_json::to_string(&reply)?, r#"{"commands":[],"next_heartbeat_secs":15}"#);
+//! # Ok::<(), serde_json::Error>(())
+//! ```
+//!
+//! The HTTP server (feature `server`) and the agent side (feature `client`) arrive with issue #5's
+//! remaining work; this crate already fixes the contract they speak.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
+mod error;
+mod messages;
+
+pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use fleet_core;
+pub use messages::{
+    AgentCommand, CommandOutcome, CommandResult, EnrollRequest, EnrollResponse, HeartbeatRequest,
+    HeartbeatResponse, RenewRequest, RenewResponse,
+};
+
+use std::time::Duration;
+
+/// The protocol version, as it appears in paths.
+pub const VERSION: &str = "v1";
+/// Path of the enrollment route.
+pub const ENROLL_PATH: &str = "/v1/enroll";
+/// Path of the heartbeat route.
+pub const HEARTBEAT_PATH: &str = "/v1/heartbeat";
+/// Path of the renewal route.
+pub const RENEW_PATH: &str = "/v1/renew";
+/// The one accepted request content type.
+pub const CONTENT_TYPE: &str = "application/json";
+
+/// Largest enrollment request body.
+pub const MAX_ENROLL_BODY: usize = 16 * 1024;
+/// Largest heartbeat request body.
+pub const MAX_HEARTBEAT_BODY: usize = 64 * 1024;
+/// Largest renewal request body.
+pub const MAX_RENEW_BODY: usize = 16 * 1024;
+/// Longest command output an agent reports; longer output is cut at a character boundary.
+pub const MAX_COMMAND_OUTPUT: usize = 16 * 1024;
+
+/// Default time a server gives a client to send its request headers.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a server gives a client to complete the TLS handshake.
+pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time after which a server closes a keep-alive connection: longer than two
+/// heartbeat intervals, so agents keep their connections.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
