@@ -23,8 +23,8 @@
 //! # Ok::<(), serde_json::Error>(())
 //! ```
 //!
-//! The HTTP server (feature `server`) and the agent side (feature `client`) arrive with issue #5's
-//! remaining work; this crate already fixes the contract they speak.
+//! Feature `server`: [`server::AgentServer`], a hyper + rustls server for these routes that any
+//! control plane can run. The agent side (feature `client`) arrives with issue #5's remaining work.
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -35,6 +35,9 @@
 
 mod error;
 mod messages;
+#[cfg(feature = "server")]
+#[cfg_attr(docsrs, doc(cfg(feature = "server")))]
+pub mod server;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use fleet_core;

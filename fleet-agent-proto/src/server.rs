@@ -1,0 +1,445 @@
+//! The agent server (feature `server`): protocol v1 over HTTPS with hyper 1.x and rustls.
+//!
+//! One listener serves both enrollment (TLS without a client certificate; the token authenticates)
+//! and the mTLS routes (the client certificate authenticates). rustls verifies any client
+//! certificate presented against the fleet CA during the handshake — a certificate from another
+//! CA fails the handshake — and each route enforces its own authentication: the heartbeat and
+//! renewal routes answer `401 unauthenticated` without a certificate and check the certificate's
+//! serial against the instance's current one, so revocation applies to the next request.
+//!
+//! Protections, each configurable in [`ServerConfig`] with safe defaults: a TLS handshake timeout,
+//! a header read timeout, body limits per route, a connection cap, and a limiter on failed token
+//! attempts per peer address (answering `429 rate_limited`).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleet_core::ca::ServerCertificate;
+use fleet_core::store::FleetStore;
+use fleet_core::{EnrollError, Fleet, Heartbeat, InstanceIdentity, Timestamp};
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::WebPkiClientVerifier;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::{
+    CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT, ENROLL_PATH,
+    EnrollRequest, EnrollResponse, ErrorBody, ErrorCode, HEARTBEAT_PATH, HeartbeatRequest,
+    HeartbeatResponse, MAX_ENROLL_BODY, MAX_HEARTBEAT_BODY, MAX_RENEW_BODY, RENEW_PATH,
+    RenewRequest, RenewResponse,
+};
+
+/// Server limits and timeouts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// Time a client has to complete the TLS handshake.
+    pub tls_handshake_timeout: Duration,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout: Duration,
+    /// Connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Failed token attempts allowed per peer address within `failed_attempt_window`.
+    pub max_failed_token_attempts: u32,
+    /// The window of the failed-attempt limiter.
+    pub failed_attempt_window: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: 10_000,
+            max_failed_token_attempts: 20,
+            failed_attempt_window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Why the server could not be set up or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The TLS configuration was refused by rustls.
+    #[error("TLS configuration")]
+    Tls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// Accepting connections failed.
+    #[error("listener")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the rustls server configuration: the server certificate and key, client certificates
+/// optional but verified against the fleet CA when presented, ALPN h2 and http/1.1, the `ring`
+/// provider.
+pub fn tls_config(
+    ca_der: &[u8],
+    server: &ServerCertificate,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .allow_unauthenticated()
+            .build()?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server.key_der.clone()));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![CertificateDer::from(server.cert_der.clone())], key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Counts failed token attempts per peer address in a fixed window.
+#[derive(Debug, Default)]
+struct Limiter {
+    by_peer: HashMap<IpAddr, (Timestamp, u32)>,
+}
+
+/// The agent server over a [`Fleet`].
+#[derive(Debug)]
+pub struct AgentServer<S> {
+    fleet: Fleet<S>,
+    tls: Arc<rustls::ServerConfig>,
+    config: ServerConfig,
+    limiter: Mutex<Limiter>,
+}
+
+/// Who is calling: the transport's view of a connection.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Remote address.
+    pub addr: SocketAddr,
+    /// The identity of a verified client certificate, if one was presented.
+    pub identity: Option<InstanceIdentity>,
+}
+
+type Body = Full<Bytes>;
+
+fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, http::HeaderValue::from_static(JSON));
+    resp
+}
+
+fn error(code: ErrorCode, message: impl Into<String>) -> Response<Body> {
+    let status =
+        StatusCode::from_u16(code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut resp = json_response(status, &ErrorBody::new(code, message));
+    if code == ErrorCode::StoreUnavailable || code == ErrorCode::RateLimited {
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("5"),
+        );
+    }
+    resp
+}
+
+async fn read_json<T: DeserializeOwned>(
+    req: Request<Incoming>,
+    limit: usize,
+) -> Result<T, Response<Body>> {
+    let is_json = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|m| m.trim().eq_ignore_ascii_case(JSON))
+        });
+    if !is_json {
+        return Err(error(
+            ErrorCode::UnsupportedMediaType,
+            "send Content-Type: application/json",
+        ));
+    }
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(error(
+            ErrorCode::BodyTooLarge,
+            format!("the body limit of this route is {limit} bytes"),
+        ));
+    }
+    let bytes = match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(error(
+                ErrorCode::BodyTooLarge,
+                format!("the body limit of this route is {limit} bytes"),
+            ));
+        }
+        Err(_) => {
+            return Err(error(
+                ErrorCode::MalformedRequest,
+                "the request body could not be read",
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            ErrorCode::MalformedRequest,
+            format!("invalid JSON body: {e}"),
+        )
+    })
+}
+
+impl<S: FleetStore> AgentServer<S> {
+    /// A server for `fleet` with TLS configuration `tls` (see [`tls_config`]).
+    pub fn new(fleet: Fleet<S>, tls: Arc<rustls::ServerConfig>, config: ServerConfig) -> Self {
+        Self {
+            fleet,
+            tls,
+            config,
+            limiter: Mutex::new(Limiter::default()),
+        }
+    }
+
+    fn limited(&self, ip: IpAddr) -> bool {
+        let now = self.fleet.now();
+        let limiter = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        limiter.by_peer.get(&ip).is_some_and(|&(start, n)| {
+            now.duration_since(start) < self.config.failed_attempt_window
+                && n >= self.config.max_failed_token_attempts
+        })
+    }
+
+    fn record_failure(&self, ip: IpAddr) {
+        let now = self.fleet.now();
+        let mut limiter = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = limiter.by_peer.entry(ip).or_insert((now, 0));
+        if now.duration_since(entry.0) >= self.config.failed_attempt_window {
+            *entry = (now, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+        // Bound the table: forget peers whose window has passed once it grows large.
+        if limiter.by_peer.len() > 100_000 {
+            let window = self.config.failed_attempt_window;
+            limiter
+                .by_peer
+                .retain(|_, (start, _)| now.duration_since(*start) < window);
+        }
+    }
+
+    /// Handles one request from `peer` (exposed so that embedders can route to it themselves).
+    pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let path = req.uri().path().to_owned();
+        let known = [ENROLL_PATH, HEARTBEAT_PATH, RENEW_PATH].contains(&path.as_str());
+        if !known {
+            return error(ErrorCode::NotFound, format!("no route {path}"));
+        }
+        if req.method() != Method::POST {
+            return error(ErrorCode::MethodNotAllowed, "use POST");
+        }
+        match path.as_str() {
+            ENROLL_PATH => self.enroll(req, peer).await,
+            HEARTBEAT_PATH => self.heartbeat(req, peer).await,
+            _ => self.renew(req, peer).await,
+        }
+    }
+
+    async fn enroll(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let ip = peer.addr.ip();
+        if self.limited(ip) {
+            return error(
+                ErrorCode::RateLimited,
+                "too many failed enrollment attempts from this address",
+            );
+        }
+        let body: EnrollRequest = match read_json(req, MAX_ENROLL_BODY).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        let request = fleet_core::EnrollRequest {
+            token: body.token,
+            csr_pem: body.csr_pem,
+            system: body.system,
+            peer: Some(peer.addr),
+            previous_certificate_pem: body.previous_certificate_pem,
+        };
+        match self.fleet.enroll(request).await {
+            Ok(e) => json_response(
+                StatusCode::OK,
+                &EnrollResponse {
+                    instance_id: e.instance,
+                    certificate_pem: e.certificate.pem,
+                    ca_pem: e.ca_pem,
+                    heartbeat_interval_secs: e.heartbeat_interval.as_secs(),
+                },
+            ),
+            Err(e) => {
+                if matches!(
+                    e,
+                    EnrollError::InvalidToken
+                        | EnrollError::TokenExpired
+                        | EnrollError::TokenRevoked
+                        | EnrollError::TokenExhausted
+                ) {
+                    self.record_failure(ip);
+                }
+                error(ErrorCode::from(&e), e.to_string())
+            }
+        }
+    }
+
+    async fn authenticated(&self, peer: &Peer) -> Result<InstanceIdentity, Response<Body>> {
+        let Some(identity) = &peer.identity else {
+            return Err(error(
+                ErrorCode::Unauthenticated,
+                "this route needs a client certificate issued by the fleet CA",
+            ));
+        };
+        match self.fleet.authenticate(identity).await {
+            Ok(()) => Ok(identity.clone()),
+            Err(e) => Err(error(ErrorCode::from(&e), e.to_string())),
+        }
+    }
+
+    async fn heartbeat(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let identity = match self.authenticated(peer).await {
+            Ok(i) => i,
+            Err(resp) => return resp,
+        };
+        let body: HeartbeatRequest = match read_json(req, MAX_HEARTBEAT_BODY).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        match self.fleet.heartbeat(
+            identity.instance,
+            Heartbeat {
+                metrics: body.metrics,
+                apps: body.apps,
+            },
+        ) {
+            Ok(ack) => json_response(
+                StatusCode::OK,
+                &HeartbeatResponse {
+                    commands: Vec::new(),
+                    next_heartbeat_secs: ack.next_heartbeat.as_secs(),
+                },
+            ),
+            Err(e) => error(ErrorCode::from(&e), e.to_string()),
+        }
+    }
+
+    async fn renew(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let identity = match self.authenticated(peer).await {
+            Ok(i) => i,
+            Err(resp) => return resp,
+        };
+        let body: RenewRequest = match read_json(req, MAX_RENEW_BODY).await {
+            Ok(b) => b,
+            Err(resp) => return resp,
+        };
+        match self.fleet.renew(&identity, &body.csr_pem).await {
+            Ok(cert) => json_response(
+                StatusCode::OK,
+                &RenewResponse {
+                    certificate_pem: cert.pem,
+                },
+            ),
+            Err(e) => error(ErrorCode::from(&e), e.to_string()),
+        }
+    }
+
+    /// Accepts connections on `listener` until `shutdown` completes, then stops accepting and
+    /// lets open connections finish their current request.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), ServerError> {
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.tls));
+        let permits = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let permit = tokio::select! {
+                () = &mut shutdown => break,
+                p = Arc::clone(&permits).acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let (tcp, addr) = tokio::select! {
+                () = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    // Transient accept errors (e.g. too many open files): keep serving.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let server = Arc::clone(&self);
+            let acceptor = acceptor.clone();
+            let watcher = graceful.watcher();
+            let handshake_timeout = self.config.tls_handshake_timeout;
+            let header_timeout = self.config.header_read_timeout;
+            tokio::spawn(async move {
+                let _permit = permit;
+                let Ok(Ok(tls)) =
+                    tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
+                else {
+                    return;
+                };
+                let identity = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .and_then(|chain| chain.first())
+                    .and_then(|leaf| InstanceIdentity::from_certificate_der(leaf).ok());
+                let peer = Arc::new(Peer { addr, identity });
+                let service = hyper::service::service_fn(move |req| {
+                    let server = Arc::clone(&server);
+                    let peer = Arc::clone(&peer);
+                    async move { Ok::<_, Infallible>(server.handle(req, &peer).await) }
+                });
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                builder.http2().timer(TokioTimer::new());
+                let conn = builder
+                    .serve_connection(TokioIo::new(tls), service)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+        Ok(())
+    }
+}
