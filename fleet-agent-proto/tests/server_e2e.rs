@@ -1,0 +1,457 @@
+//! The agent server end to end, over real TLS on 127.0.0.1 with an ephemeral port: enrollment,
+//! heartbeats over mTLS, staleness with a manual clock, renewal, deregistration, a foreign CA at
+//! the handshake, and every documented refusal changing nothing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
+use fleet_agent_proto::{EnrollResponse, ErrorBody, ErrorCode};
+use fleet_core::store::InstanceStore;
+use fleet_core::{
+    CertificateAuthority, Clock, Fleet, ManualClock, MaxUses, MemoryStore, NewToken, Status,
+    SystemClock, TenantScope, Timestamp,
+};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+
+struct Harness {
+    fleet: Fleet<Arc<MemoryStore>>,
+    clock: ManualClock,
+    /// Where the manual clock started: the real time, since rustls checks certificate validity
+    /// against the real clock.
+    t0: Timestamp,
+    addr: SocketAddr,
+    ca_der: Vec<u8>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Harness {
+    async fn start(config: ServerConfig) -> Self {
+        let t0 = SystemClock.now();
+        let clock = ManualClock::new(t0);
+        let fleet = Fleet::builder(Arc::new(MemoryStore::new()))
+            .clock(clock.clone())
+            .open()
+            .await
+            .unwrap();
+        // The server certificate must be valid by the machine's real clock (rustls checks it).
+        let server_cert = fleet
+            .ca()
+            .issue_server(
+                &["localhost".into(), "127.0.0.1".into()],
+                t0,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
+        let tls = tls_config(fleet.ca().cert_der(), &server_cert).unwrap();
+        let server = Arc::new(AgentServer::new(fleet.clone(), tls, config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            server
+                .serve(listener, async {
+                    let _ = rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Self {
+            ca_der: fleet.ca().cert_der().to_vec(),
+            fleet,
+            clock,
+            t0,
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("server stops")
+            .unwrap();
+    }
+}
+
+/// A client identity: certificate and PKCS#8 key (DER).
+#[derive(Clone)]
+struct ClientId {
+    cert: Vec<u8>,
+    key: Vec<u8>,
+}
+
+fn client_config(ca_der: &[u8], id: Option<&ClientId>) -> Arc<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(ca_der.to_vec())).unwrap();
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let cfg = match id {
+        Some(id) => builder
+            .with_client_auth_cert(
+                vec![CertificateDer::from(id.cert.clone())],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(id.key.clone())),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    };
+    Arc::new(cfg)
+}
+
+/// POSTs `body` with `content_type` to `path`; returns the status and body, or the TLS/IO error.
+async fn post_raw(
+    addr: SocketAddr,
+    ca_der: &[u8],
+    id: Option<&ClientId>,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), String> {
+    let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+    let connector = tokio_rustls::TlsConnector::from(client_config(ca_der, id));
+    let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| format!("tls: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post(path)
+        .header("host", "localhost")
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))
+        .map_err(|e| e.to_string())?;
+    let resp = match sender.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            // With TLS 1.3 a refused client certificate surfaces as an alert after the client's
+            // side of the handshake: show the connection's own error.
+            let detail = match conn.await {
+                Ok(Err(c)) => format!("{c:?}"),
+                other => format!("{other:?}"),
+            };
+            return Err(format!("request: {e} ({detail})"));
+        }
+    };
+    let status = resp.status().as_u16();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok((status, bytes.to_vec()))
+}
+
+async fn post(
+    h: &Harness,
+    id: Option<&ClientId>,
+    path: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let (status, bytes) = post_raw(
+        h.addr,
+        &h.ca_der,
+        id,
+        path,
+        "application/json",
+        serde_json::to_vec(&body).unwrap(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+fn code(v: &serde_json::Value) -> ErrorCode {
+    serde_json::from_value::<ErrorBody>(v.clone())
+        .map(|b| b.error.code)
+        .unwrap_or_else(|_| panic!("not an error body: {v}"))
+}
+
+fn csr() -> (rcgen::KeyPair, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .unwrap()
+        .pem()
+        .unwrap();
+    (key, csr)
+}
+
+fn pem_to_der(pem: &str) -> Vec<u8> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .unwrap()
+        .1
+        .contents
+}
+
+async fn enroll(h: &Harness, token: &str, host: &str) -> (ClientId, EnrollResponse) {
+    let (key, csr) = csr();
+    let (status, body) = post(
+        h,
+        None,
+        "/v1/enroll",
+        serde_json::json!({"token": token, "csr_pem": csr, "system": {"hostname": host}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let resp: EnrollResponse = serde_json::from_value(body).unwrap();
+    (
+        ClientId {
+            cert: pem_to_der(&resp.certificate_pem),
+            key: key.serialize_der(),
+        },
+        resp,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enroll_heartbeat_staleness_renew_deregister() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (id, resp) = enroll(&h, &token.join.to_string(), "web-01").await;
+    assert_eq!(resp.heartbeat_interval_secs, 15);
+    assert_eq!(pem_to_der(&resp.ca_pem), h.ca_der);
+
+    // Heartbeats over mTLS keep it online.
+    let (status, body) = post(
+        &h,
+        Some(&id),
+        "/v1/heartbeat",
+        serde_json::json!({"sequence": 1, "metrics": {"cpu_percent": 12.5}}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["next_heartbeat_secs"], 15);
+    assert_eq!(body["commands"], serde_json::json!([]));
+    let (status, _) = post(&h, Some(&id), "/v1/heartbeat", serde_json::json!({})).await;
+    assert_eq!(status, 200);
+    let instance = resp.instance_id;
+    assert_eq!(h.fleet.view().status(instance), Some(Status::Online));
+
+    // Renewal (before the manual clock runs ahead: rustls checks validity against the real
+    // clock): the new certificate works, and its first use retires the old one.
+    let (key2, csr2) = csr();
+    let (status, body) = post(
+        &h,
+        Some(&id),
+        "/v1/renew",
+        serde_json::json!({"csr_pem": csr2}),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let id2 = ClientId {
+        cert: pem_to_der(body["certificate_pem"].as_str().unwrap()),
+        key: key2.serialize_der(),
+    };
+    assert_eq!(
+        post(&h, Some(&id), "/v1/heartbeat", serde_json::json!({}))
+            .await
+            .0,
+        200,
+        "old still valid"
+    );
+    assert_eq!(
+        post(&h, Some(&id2), "/v1/heartbeat", serde_json::json!({}))
+            .await
+            .0,
+        200
+    );
+    let (status, body) = post(&h, Some(&id), "/v1/heartbeat", serde_json::json!({})).await;
+    assert_eq!((status, code(&body)), (403, ErrorCode::CertificateRevoked));
+
+    // Silence: warning after 60 s, offline after 5 min, with threshold-crossing times.
+    h.clock.advance(Duration::from_secs(61));
+    let changes = h.fleet.sweep();
+    assert_eq!(changes.len(), 1);
+    assert_eq!(
+        (changes[0].transition.to, changes[0].transition.at),
+        (
+            Status::Warning,
+            h.t0.saturating_add(Duration::from_secs(60))
+        )
+    );
+    h.clock.advance(Duration::from_secs(240));
+    let changes = h.fleet.sweep();
+    assert_eq!(changes[0].transition.to, Status::Offline);
+    assert_eq!(
+        changes[0].transition.at,
+        h.t0.saturating_add(Duration::from_millis(300_001))
+    );
+    let (status, _) = post(&h, Some(&id2), "/v1/heartbeat", serde_json::json!({})).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        h.fleet.view().status(instance),
+        Some(Status::Online),
+        "back online"
+    );
+
+    // Deregistration: the next heartbeat is refused.
+    h.fleet
+        .deregister(&TenantScope::All, instance)
+        .await
+        .unwrap();
+    let (status, body) = post(&h, Some(&id2), "/v1/heartbeat", serde_json::json!({})).await;
+    assert_eq!((status, code(&body)), (403, ErrorCode::CertificateRevoked));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_have_their_documented_errors_and_change_nothing() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let token = h
+        .fleet
+        .create_token(
+            &TenantScope::All,
+            NewToken {
+                max_uses: MaxUses::Limited(1),
+                expires_in: Some(Duration::from_secs(600)),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .unwrap();
+    let t = token.presented.to_string();
+    let store = Arc::clone(h.fleet.store());
+    let count = || {
+        let store = Arc::clone(&store);
+        async move { store.count_instances().await.unwrap() }
+    };
+
+    let (_, good_csr) = csr();
+    let cases: Vec<(&str, &str, Vec<u8>, u16, ErrorCode)> = vec![
+        ("/v1/enroll", "application/json", serde_json::to_vec(&serde_json::json!({"token": format!("{}.{}", token.token.id, "0".repeat(32)), "csr_pem": good_csr, "system": {"hostname": "x"}})).unwrap(), 401, ErrorCode::InvalidToken),
+        ("/v1/enroll", "application/json", serde_json::to_vec(&serde_json::json!({"token": t, "csr_pem": "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", "system": {"hostname": "x"}})).unwrap(), 400, ErrorCode::InvalidCsr),
+        ("/v1/enroll", "application/json", b"{not json".to_vec(), 400, ErrorCode::MalformedRequest),
+        ("/v1/enroll", "application/json", serde_json::to_vec(&serde_json::json!({"token": t, "csr_pem": good_csr, "system": {"hostname": "x"}, "extra": 1})).unwrap(), 400, ErrorCode::MalformedRequest),
+        ("/v1/enroll", "text/plain", b"{}".to_vec(), 415, ErrorCode::UnsupportedMediaType),
+        ("/v1/enroll", "application/json", vec![b' '; 17 * 1024], 413, ErrorCode::BodyTooLarge),
+        ("/v1/heartbeat", "application/json", b"{}".to_vec(), 401, ErrorCode::Unauthenticated),
+        ("/v1/renew", "application/json", b"{}".to_vec(), 401, ErrorCode::Unauthenticated),
+        ("/v1/nope", "application/json", b"{}".to_vec(), 404, ErrorCode::NotFound),
+    ];
+    for (path, ct, body, status, expected) in cases {
+        let (got, bytes) = post_raw(h.addr, &h.ca_der, None, path, ct, body)
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!((got, code(&v)), (status, expected), "{path} {ct}: {v}");
+        assert_eq!(count().await, 0, "{expected} must change nothing");
+    }
+    let stored = h
+        .fleet
+        .get_token(&TenantScope::All, &token.token.id)
+        .await
+        .unwrap();
+    assert_eq!(stored.uses, 0, "no use consumed");
+
+    // Used up, then expired.
+    enroll(&h, &t, "first").await;
+    let (status, body) = post(
+        &h,
+        None,
+        "/v1/enroll",
+        serde_json::json!({"token": t, "csr_pem": csr().1, "system": {"hostname": "second"}}),
+    )
+    .await;
+    assert_eq!((status, code(&body)), (403, ErrorCode::TokenExhausted));
+    let expiring = h
+        .fleet
+        .create_token(
+            &TenantScope::All,
+            NewToken {
+                expires_in: Some(Duration::from_secs(60)),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .unwrap();
+    h.clock.advance(Duration::from_secs(61));
+    let (status, body) = post(&h, None, "/v1/enroll", serde_json::json!({"token": expiring.presented.to_string(), "csr_pem": csr().1, "system": {"hostname": "late"}})).await;
+    assert_eq!((status, code(&body)), (401, ErrorCode::TokenExpired));
+    assert_eq!(count().await, 1, "only the one good enrollment exists");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_another_ca_fails_the_handshake() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let other =
+        CertificateAuthority::generate("other", SystemClock.now(), Duration::from_secs(86_400))
+            .unwrap();
+    let (key, csr) = csr();
+    let csr = fleet_core::csr::validate_csr(&csr).unwrap();
+    let foreign = other
+        .issue_client(
+            &csr,
+            fleet_core::InstanceId::random(),
+            None,
+            SystemClock.now(),
+            &fleet_core::IssuancePolicy::default(),
+        )
+        .unwrap();
+    let id = ClientId {
+        cert: foreign.der,
+        key: key.serialize_der(),
+    };
+    let res = post_raw(
+        h.addr,
+        &h.ca_der,
+        Some(&id),
+        "/v1/heartbeat",
+        "application/json",
+        b"{}".to_vec(),
+    )
+    .await;
+    assert!(res.is_err(), "the handshake must fail: {res:?}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_token_attempts_are_rate_limited_per_peer() {
+    let config = ServerConfig {
+        max_failed_token_attempts: 3,
+        ..ServerConfig::default()
+    };
+    let h = Harness::start(config).await;
+    let bad = serde_json::json!({"token": format!("{}.{}", "abcdefgh", "0".repeat(32)), "csr_pem": csr().1, "system": {"hostname": "x"}});
+    for _ in 0..3 {
+        let (status, body) = post(&h, None, "/v1/enroll", bad.clone()).await;
+        assert_eq!((status, code(&body)), (401, ErrorCode::InvalidToken));
+    }
+    let (status, body) = post(&h, None, "/v1/enroll", bad.clone()).await;
+    assert_eq!((status, code(&body)), (429, ErrorCode::RateLimited));
+    // Even a valid token is refused from this address until the window passes.
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let good = serde_json::json!({"token": token.presented.to_string(), "csr_pem": csr().1, "system": {"hostname": "y"}});
+    assert_eq!(post(&h, None, "/v1/enroll", good.clone()).await.0, 429);
+    h.clock.advance(Duration::from_secs(61));
+    assert_eq!(post(&h, None, "/v1/enroll", good).await.0, 200);
+    h.stop().await;
+}
