@@ -455,3 +455,69 @@ async fn failed_token_attempts_are_rate_limited_per_peer() {
     assert_eq!(post(&h, None, "/v1/enroll", good).await.0, 200);
     h.stop().await;
 }
+
+/// Runs a command line tool; it is part of the build image (CI installs it when missing), so its
+/// absence is a failure.
+fn run(dir: &std::path::Path, program: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("{program} is required for this test (apt-get install {program}): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "{program} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolling_and_heartbeating_with_openssl_and_curl() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("ca.pem"), h.fleet.ca().cert_pem()).unwrap();
+    let port = h.addr.port();
+    let url = |path: &str| format!("https://localhost:{port}{path}");
+    let resolve = format!("localhost:{port}:127.0.0.1");
+    let token_string = token.presented.to_string();
+    let base = url("/v1/enroll");
+    let hb = url("/v1/heartbeat");
+    let out = tokio::task::spawn_blocking(move || {
+        // The agent's key and CSR, as an operator would make them by hand.
+        run(&d, "openssl", &["req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", "key.pem", "-out", "csr.pem", "-subj", "/CN=by-hand"]);
+        let csr = std::fs::read_to_string(d.join("csr.pem")).unwrap();
+        let body = serde_json::json!({"token": token_string, "csr_pem": csr, "system": {"hostname": "by-hand"}});
+        std::fs::write(d.join("enroll.json"), body.to_string()).unwrap();
+        let enrolled = run(&d, "curl", &["-sS", "--fail-with-body", "--resolve", &resolve, "--cacert", "ca.pem",
+            "-H", "Content-Type: application/json", "--data", "@enroll.json", &base]);
+        let reply: serde_json::Value = serde_json::from_str(&enrolled).unwrap();
+        std::fs::write(d.join("cert.pem"), reply["certificate_pem"].as_str().unwrap()).unwrap();
+        let beat = run(&d, "curl", &["-sS", "--fail-with-body", "--resolve", &resolve, "--cacert", "ca.pem",
+            "--cert", "cert.pem", "--key", "key.pem", "-H", "Content-Type: application/json",
+            "--data", r#"{"metrics": {"cpu_percent": 3.5}}"#, &hb]);
+        (reply, beat)
+    })
+    .await
+    .unwrap();
+    let (reply, beat) = out;
+    let instance: fleet_core::InstanceId = reply["instance_id"].as_str().unwrap().parse().unwrap();
+    let beat: serde_json::Value = serde_json::from_str(&beat).unwrap();
+    assert_eq!(beat["next_heartbeat_secs"], 15);
+    let view = h
+        .fleet
+        .get(&TenantScope::All, instance)
+        .expect("enrolled by hand");
+    assert_eq!(view.hostname, "by-hand");
+    assert_eq!(view.metrics.and_then(|m| m.cpu_percent), Some(3.5));
+    h.stop().await;
+}
