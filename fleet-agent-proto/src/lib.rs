@@ -24,7 +24,9 @@
 //! ```
 //!
 //! Feature `server`: [`server::AgentServer`], a hyper + rustls server for these routes that any
-//! control plane can run. The agent side (feature `client`) arrives with issue #5's remaining work.
+//! control plane can run. Feature `client`: [`client`], the agent side — enrollment with CA pinning
+//! by fingerprint, heartbeats and renewal over mTLS, and the cadence helpers (jitter, backoff,
+//! renewal time).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -33,6 +35,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 mod error;
 mod messages;
 #[cfg(feature = "server")]

@@ -99,7 +99,14 @@ pub fn tls_config(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(vec![CertificateDer::from(server.cert_der.clone())], key)?;
+        // The CA follows the leaf so that agents can pin it by fingerprint on first contact.
+        .with_single_cert(
+            vec![
+                CertificateDer::from(server.cert_der.clone()),
+                CertificateDer::from(ca_der.to_vec()),
+            ],
+            key,
+        )?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
 }

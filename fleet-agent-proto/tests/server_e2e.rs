@@ -521,3 +521,85 @@ async fn enrolling_and_heartbeating_with_openssl_and_curl() {
     assert_eq!(view.metrics.and_then(|m| m.cpu_percent), Some(3.5));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_client_pins_the_ca_enrolls_heartbeats_and_renews() {
+    use fleet_agent_proto::client::{self, AgentClient, Endpoint};
+    let h = Harness::start(ServerConfig::default()).await;
+    let endpoint = Endpoint {
+        server_name: "localhost".into(),
+        address: h.addr.to_string(),
+    };
+    let token = h
+        .fleet
+        .create_token(
+            &TenantScope::All,
+            NewToken {
+                max_uses: MaxUses::Limited(2),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .unwrap();
+
+    // A join string pinning another CA is refused before the token is ever sent.
+    let mut wrong = token.join.clone();
+    wrong.ca_sha256 = fleet_core::Fingerprint::of(b"some other CA");
+    let err = client::enroll(
+        &endpoint,
+        &wrong,
+        fleet_core::SystemInfo::with_hostname("x"),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, client::ClientError::Transport(_)), "{err}");
+    let ledger = h
+        .fleet
+        .token_ledger(&TenantScope::All, &token.token.id, 10)
+        .await
+        .unwrap();
+    assert!(
+        ledger.is_empty(),
+        "the token never reached a server with another CA"
+    );
+
+    let identity = client::enroll(
+        &endpoint,
+        &token.join,
+        fleet_core::SystemInfo::with_hostname("agent-1"),
+        None,
+    )
+    .await
+    .unwrap();
+    let mut agent = AgentClient::new(endpoint.clone(), identity.clone()).unwrap();
+    let reply = agent
+        .heartbeat(&fleet_agent_proto::HeartbeatRequest::default())
+        .await
+        .unwrap();
+    assert_eq!(reply.next_heartbeat_secs, 15);
+    assert_eq!(
+        h.fleet.view().status(identity.instance_id),
+        Some(Status::Online)
+    );
+
+    let (nb, na) = client::validity(&identity.certificate_pem).unwrap();
+    assert_eq!(
+        na.duration_since(nb),
+        Duration::from_secs(30 * 86_400 + 300)
+    );
+    agent.renew().await.unwrap();
+    assert_ne!(agent.identity().certificate_pem, identity.certificate_pem);
+    agent
+        .heartbeat(&fleet_agent_proto::HeartbeatRequest::default())
+        .await
+        .unwrap();
+    // The pre-renewal identity is now superseded.
+    let old = AgentClient::new(endpoint, identity).unwrap();
+    let err = old
+        .heartbeat(&fleet_agent_proto::HeartbeatRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::CertificateRevoked), "{err}");
+    h.stop().await;
+}

@@ -1,0 +1,410 @@
+//! The agent side (feature `client`): enroll with a join string, then heartbeat and renew over
+//! mutual TLS.
+//!
+//! **Pinning.** On first contact the agent does not yet trust any CA. The server sends the fleet
+//! CA certificate after its own in the TLS chain; the agent accepts the connection only if one
+//! certificate of that chain has the SHA-256 fingerprint carried by the join string, and the
+//! server certificate verifies against it (and names the host dialled). After enrollment the agent
+//! trusts exactly the CA it received.
+//!
+//! **Cadence.** [`next_delay`] spreads heartbeats with ±10 % jitter around the server's interval;
+//! [`backoff`] grows the delay after failures, exponentially up to a cap, with full jitter.
+//! [`renewal_due`] says when to renew: at a jittered 70–90 % of the certificate's lifetime.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_core::{Fingerprint, InstanceId, JoinString, SystemInfo, Timestamp};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::net::TcpStream;
+
+use crate::{
+    ENROLL_PATH, EnrollRequest, EnrollResponse, ErrorBody, ErrorCode, HEARTBEAT_PATH,
+    HeartbeatRequest, HeartbeatResponse, RENEW_PATH, RenewRequest, RenewResponse,
+};
+
+/// What an enrolled agent keeps (in its state directory, readable only by itself).
+#[derive(Clone, Serialize, serde::Deserialize)]
+pub struct AgentIdentity {
+    /// Its instance id.
+    pub instance_id: InstanceId,
+    /// Its private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// Its client certificate, PEM.
+    pub certificate_pem: String,
+    /// The fleet CA certificate, PEM.
+    pub ca_pem: String,
+}
+
+impl std::fmt::Debug for AgentIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentIdentity")
+            .field("instance_id", &self.instance_id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The server answered with a protocol error.
+    #[error("server refused: {} ({})", .0.error.code, .0.error.message)]
+    Refused(ErrorBody),
+    /// Connecting, TLS or HTTP failed (retry with backoff).
+    #[error("transport: {0}")]
+    Transport(String),
+    /// Local key or certificate material is unusable.
+    #[error("credentials: {0}")]
+    Credentials(String),
+}
+
+impl ClientError {
+    /// The protocol error code, if the server answered with one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Refused(b) => Some(b.error.code),
+            _ => None,
+        }
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Accepts a server chain only if it contains the pinned CA and the leaf verifies against it.
+#[derive(Debug)]
+struct PinnedCa {
+    pin: Fingerprint,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for PinnedCa {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let ca = intermediates
+            .iter()
+            .find(|c| Fingerprint::of(c) == self.pin)
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            Arc::clone(&self.provider),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+fn pem_der(pem: &str) -> Result<Vec<u8>, ClientError> {
+    x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map(|(_, p)| p.contents)
+        .map_err(|_| ClientError::Credentials("not PEM".into()))
+}
+
+/// A connection target: host name (as the certificate names it) and `host:port` to dial.
+#[derive(Debug, Clone)]
+pub struct Endpoint {
+    /// Name checked against the server certificate.
+    pub server_name: String,
+    /// Address to connect to.
+    pub address: String,
+}
+
+async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
+    endpoint: &Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+    body: &Req,
+) -> Result<Resp, ClientError> {
+    let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
+    let tcp = TcpStream::connect(&endpoint.address)
+        .await
+        .map_err(|e| transport(&e))?;
+    let name = ServerName::try_from(endpoint.server_name.clone()).map_err(|e| transport(&e))?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| transport(&e))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| transport(&e))?;
+    tokio::spawn(conn);
+    let json = serde_json::to_vec(body).map_err(|e| transport(&e))?;
+    let req = http::Request::post(path)
+        .header(http::header::HOST, endpoint.server_name.as_str())
+        .header(http::header::CONTENT_TYPE, crate::CONTENT_TYPE)
+        .body(Full::new(Bytes::from(json)))
+        .map_err(|e| transport(&e))?;
+    let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
+    let ok = resp.status().is_success();
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| transport(&e))?
+        .to_bytes();
+    if ok {
+        serde_json::from_slice(&bytes).map_err(|e| transport(&e))
+    } else {
+        Err(serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(ClientError::Refused)
+            .unwrap_or_else(|_| {
+                ClientError::Transport(format!(
+                    "unexpected reply: {}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            }))
+    }
+}
+
+/// Enrolls: makes a P-256 key and CSR, pins the CA from the join string, and returns the identity
+/// to keep. `previous` re-enrolls an instance whose certificate expired (same key).
+pub async fn enroll(
+    endpoint: &Endpoint,
+    join: &JoinString,
+    system: SystemInfo,
+    previous: Option<&AgentIdentity>,
+) -> Result<AgentIdentity, ClientError> {
+    let key = match previous {
+        Some(p) => rcgen::KeyPair::from_pem(&p.key_pem)
+            .map_err(|e| ClientError::Credentials(e.to_string()))?,
+        None => rcgen::KeyPair::generate().map_err(|e| ClientError::Credentials(e.to_string()))?,
+    };
+    let csr = rcgen::CertificateParams::default()
+        .serialize_request(&key)
+        .and_then(|c| c.pem())
+        .map_err(|e| ClientError::Credentials(e.to_string()))?;
+    let provider = provider();
+    let verifier = Arc::new(PinnedCa {
+        pin: join.ca_sha256,
+        provider: Arc::clone(&provider),
+    });
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ClientError::Transport(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let body = EnrollRequest {
+        token: join.token.to_string(),
+        csr_pem: csr,
+        system,
+        previous_certificate_pem: previous.map(|p| p.certificate_pem.clone()),
+    };
+    let reply: EnrollResponse = exchange(endpoint, Arc::new(tls), ENROLL_PATH, &body).await?;
+    if Fingerprint::of(&pem_der(&reply.ca_pem)?) != join.ca_sha256 {
+        return Err(ClientError::Credentials(
+            "the CA in the reply is not the pinned one".into(),
+        ));
+    }
+    Ok(AgentIdentity {
+        instance_id: reply.instance_id,
+        key_pem: key.serialize_pem(),
+        certificate_pem: reply.certificate_pem,
+        ca_pem: reply.ca_pem,
+    })
+}
+
+/// An enrolled agent's connection settings.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    endpoint: Endpoint,
+    identity: AgentIdentity,
+    tls: Arc<rustls::ClientConfig>,
+}
+
+impl AgentClient {
+    /// A client that trusts the identity's CA and presents its certificate.
+    pub fn new(endpoint: Endpoint, identity: AgentIdentity) -> Result<Self, ClientError> {
+        let tls = Self::tls(&identity)?;
+        Ok(Self {
+            endpoint,
+            identity,
+            tls,
+        })
+    }
+
+    fn tls(identity: &AgentIdentity) -> Result<Arc<rustls::ClientConfig>, ClientError> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(pem_der(&identity.ca_pem)?))
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let key = rcgen::KeyPair::from_pem(&identity.key_pem)
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let cfg = rustls::ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| ClientError::Transport(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![CertificateDer::from(pem_der(&identity.certificate_pem)?)],
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        Ok(Arc::new(cfg))
+    }
+
+    /// The identity in use.
+    pub fn identity(&self) -> &AgentIdentity {
+        &self.identity
+    }
+
+    /// Sends one heartbeat.
+    pub async fn heartbeat(
+        &self,
+        req: &HeartbeatRequest,
+    ) -> Result<HeartbeatResponse, ClientError> {
+        exchange(&self.endpoint, Arc::clone(&self.tls), HEARTBEAT_PATH, req).await
+    }
+
+    /// Renews: a new key and CSR; on success the client switches to the new identity.
+    pub async fn renew(&mut self) -> Result<(), ClientError> {
+        let key =
+            rcgen::KeyPair::generate().map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .and_then(|c| c.pem())
+            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        let reply: RenewResponse = exchange(
+            &self.endpoint,
+            Arc::clone(&self.tls),
+            RENEW_PATH,
+            &RenewRequest { csr_pem: csr },
+        )
+        .await?;
+        let identity = AgentIdentity {
+            key_pem: key.serialize_pem(),
+            certificate_pem: reply.certificate_pem,
+            ..self.identity.clone()
+        };
+        self.tls = Self::tls(&identity)?;
+        self.identity = identity;
+        Ok(())
+    }
+}
+
+/// The validity period of a PEM certificate.
+pub fn validity(certificate_pem: &str) -> Result<(Timestamp, Timestamp), ClientError> {
+    let der = pem_der(certificate_pem)?;
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| ClientError::Credentials(e.to_string()))?;
+    let v = cert.validity();
+    Ok((
+        Timestamp::from_unix_secs(v.not_before.timestamp()),
+        Timestamp::from_unix_secs(v.not_after.timestamp()),
+    ))
+}
+
+/// When to renew a certificate valid from `not_before` to `not_after`: at `fraction` (drawn by
+/// the caller from 0.7..=0.9) of its lifetime.
+pub fn renewal_due(not_before: Timestamp, not_after: Timestamp, fraction: f64) -> Timestamp {
+    let life = not_after.duration_since(not_before);
+    not_before.saturating_add(life.mul_f64(fraction.clamp(0.7, 0.9)))
+}
+
+/// The delay before the next heartbeat: the server's interval with ±10 % jitter (`unit` drawn
+/// uniformly from 0..1).
+pub fn next_delay(interval: Duration, unit: f64) -> Duration {
+    interval.mul_f64(0.9 + 0.2 * unit.clamp(0.0, 1.0))
+}
+
+/// The delay after `failures` consecutive failures: exponential from 1 s, capped at `cap`, with
+/// full jitter (`unit` drawn uniformly from 0..1), so a restarted control plane is not hit by every
+/// agent at once.
+pub fn backoff(failures: u32, cap: Duration, unit: f64) -> Duration {
+    let exp = Duration::from_secs(1).saturating_mul(1u32 << failures.min(16));
+    exp.min(cap).mul_f64(unit.clamp(0.0, 1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cadence_helpers() {
+        let nb = Timestamp::from_unix_secs(0);
+        let na = Timestamp::from_unix_secs(1000);
+        assert_eq!(renewal_due(nb, na, 0.8), Timestamp::from_unix_secs(800));
+        assert_eq!(
+            renewal_due(nb, na, 0.1),
+            Timestamp::from_unix_secs(700),
+            "clamped to 70 %"
+        );
+        assert_eq!(
+            next_delay(Duration::from_secs(10), 0.0),
+            Duration::from_secs(9)
+        );
+        assert_eq!(
+            next_delay(Duration::from_secs(10), 1.0),
+            Duration::from_secs(11)
+        );
+        assert_eq!(
+            backoff(0, Duration::from_secs(90), 1.0),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            backoff(3, Duration::from_secs(90), 1.0),
+            Duration::from_secs(8)
+        );
+        assert_eq!(
+            backoff(30, Duration::from_secs(90), 1.0),
+            Duration::from_secs(90)
+        );
+        assert_eq!(
+            backoff(30, Duration::from_secs(90), 0.5),
+            Duration::from_secs(45)
+        );
+    }
+}
