@@ -596,3 +596,27 @@ async fn invalid_policy_is_refused_at_open() {
         .unwrap_err();
     assert!(err.to_string().contains("offline_after"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn maintenance_flushes_sweeps_and_reports() {
+    let (fleet, clock) = fleet().await;
+    let a = fleet.register(new("a", None)).await.unwrap();
+    fleet.heartbeat(a.id, Heartbeat::default()).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let upkeep = fleet.spawn_maintenance(fleet_core::MaintenanceConfig::default(), move |event| {
+        let _ = tx.send(event);
+    });
+    // Paused tokio time: the timers fire as soon as the task idles; the fleet's clock decides status.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(fleet.pending_heartbeats(), 0, "flushed");
+    clock.advance(Duration::from_secs(61));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    match rx.try_recv() {
+        Ok(fleet_core::MaintenanceEvent::StatusChanges(changes)) => {
+            assert_eq!(changes[0].instance, a.id);
+            assert_eq!(changes[0].transition.to, Status::Warning);
+        }
+        other => panic!("expected status changes, got {other:?}"),
+    }
+    upkeep.shutdown().await;
+}

@@ -1,0 +1,107 @@
+//! Background upkeep of a [`Fleet`]: flushing batched heartbeats, sweeping for status changes and
+//! following the store's change feed, each on its own timer.
+//!
+//! Timers only pace the work; every decision still takes its time from the fleet's [`Clock`]
+//! (a sweep computes transitions at their threshold-crossing times, whenever it runs).
+//!
+//! [`Clock`]: crate::Clock
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::live::StatusChange;
+use crate::store::FleetStore;
+use crate::{Fleet, FleetError};
+
+/// How often each chore runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaintenanceConfig {
+    /// Heartbeat write-behind interval: the most last-seen time a crash can lose.
+    pub flush_every: Duration,
+    /// Sweep interval: how late a status change may be noticed (its recorded time is exact).
+    pub sweep_every: Duration,
+    /// Change-feed polling interval: how far behind other replicas this view may be.
+    pub sync_every: Duration,
+}
+
+impl Default for MaintenanceConfig {
+    fn default() -> Self {
+        Self {
+            flush_every: Duration::from_secs(1),
+            sweep_every: Duration::from_secs(1),
+            sync_every: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the upkeep reports to its observer.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum MaintenanceEvent {
+    /// A sweep found status changes.
+    StatusChanges(Vec<StatusChange>),
+    /// A heartbeat flush failed; the records are kept for the next one.
+    FlushFailed(FleetError),
+    /// Following the change feed failed; it is retried at the next tick.
+    SyncFailed(FleetError),
+}
+
+/// The running upkeep; stop it with [`Maintenance::shutdown`].
+#[derive(Debug)]
+pub struct Maintenance {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Maintenance {
+    /// Stops the timers and waits for the task; the caller then does a final
+    /// [`Fleet::flush_heartbeats`].
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+impl<S: FleetStore> Fleet<S> {
+    /// Starts the upkeep on the current tokio runtime; `observe` receives what it finds.
+    pub fn spawn_maintenance(
+        &self,
+        config: MaintenanceConfig,
+        observe: impl Fn(MaintenanceEvent) + Send + Sync + 'static,
+    ) -> Maintenance {
+        let (stop, mut stopped) = watch::channel(false);
+        let fleet = self.clone();
+        let task = tokio::spawn(async move {
+            let mut flush = tokio::time::interval(config.flush_every);
+            let mut sweep = tokio::time::interval(config.sweep_every);
+            let mut sync = tokio::time::interval(config.sync_every);
+            for t in [&mut flush, &mut sweep, &mut sync] {
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            }
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    _ = flush.tick() => {
+                        if let Err(e) = fleet.flush_heartbeats().await {
+                            observe(MaintenanceEvent::FlushFailed(e));
+                        }
+                    }
+                    _ = sweep.tick() => {
+                        let changes = fleet.sweep();
+                        if !changes.is_empty() {
+                            observe(MaintenanceEvent::StatusChanges(changes));
+                        }
+                    }
+                    _ = sync.tick() => {
+                        if let Err(e) = fleet.sync().await {
+                            observe(MaintenanceEvent::SyncFailed(e));
+                        }
+                    }
+                }
+            }
+        });
+        Maintenance { stop, task }
+    }
+}
