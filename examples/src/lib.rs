@@ -1,4 +1,7 @@
-//! Runnable examples of fleet. The binaries (`control-panel`, `agent`, `fleet-bench`) arrive with
-//! issues #5 and #8; see `examples/README.md`.
+//! Runnable examples of fleet; see `examples/README.md` for where to start. The library holds the
+//! pieces the binaries share: the operator API and the demo agents.
 
 #![forbid(unsafe_code)]
+
+pub mod demo;
+pub mod operator;

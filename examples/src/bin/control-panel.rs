@@ -1,0 +1,239 @@
+//! The control panel: the whole product on one machine.
+//!
+//! ```text
+//! cargo run --release -p fleet-examples --bin control-panel -- serve --demo-agents 25
+//! ```
+//!
+//! Keeps the fleet in a SledStore under `--data-dir` (created on first start with the CA in
+//! `ca.pem` / `ca-key.pem` (0600) and an operator token in `operator-token` (0600)), serves agents
+//! over mutual TLS on `--agent-listen` and the operator API on `--operator-listen` (loopback by
+//! default). SIGINT/SIGTERM flush batched heartbeats and compact the store before exiting.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fleet_agent_proto::client::Endpoint;
+use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
+use fleet_core::token::TokenSecret;
+use fleet_core::{
+    CertificateAuthority, Fleet, MaintenanceConfig, MaintenanceEvent, MaxUses, NewToken,
+    StalenessPolicy, TenantScope,
+};
+use fleet_examples::operator::OperatorApi;
+use fleet_store_sled::SledStore;
+use tokio::net::TcpListener;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "control-panel",
+    version,
+    about = "Fleet management control panel"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the control panel.
+    Serve(Serve),
+}
+
+#[derive(Parser, Debug)]
+struct Serve {
+    /// Where the store, the CA and the operator token live.
+    #[arg(long, default_value = "./fleet-data")]
+    data_dir: PathBuf,
+    /// Address of the agent listener (mutual TLS).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    agent_listen: String,
+    /// Address of the operator API (plain HTTP: keep it on loopback).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    operator_listen: String,
+    /// Extra DNS names or IPs the agent listener's certificate is valid for (localhost and
+    /// 127.0.0.1 always are).
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Simulated agents to run in-process over real TLS.
+    #[arg(long, default_value_t = 0)]
+    demo_agents: usize,
+    /// Seconds of silence after which an instance is `warning`.
+    #[arg(long, default_value_t = 60)]
+    warning_after: u64,
+    /// Seconds of silence after which (strictly more than) an instance is `offline`.
+    #[arg(long, default_value_t = 300)]
+    offline_after: u64,
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
+        let _ = ctrl_c.await;
+        return;
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn serve(args: Serve) -> Result<()> {
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    let store = SledStore::open(args.data_dir.join("db"))
+        .await
+        .context("opening the store")?;
+    let policy = StalenessPolicy::new(
+        Duration::from_secs(args.warning_after),
+        Duration::from_secs(args.offline_after),
+    )
+    .context("--warning-after/--offline-after")?;
+
+    // The CA: the files in the data dir if present, else the store's (created on first start).
+    let ca_pem = args.data_dir.join("ca.pem");
+    let ca_key = args.data_dir.join("ca-key.pem");
+    let mut builder = Fleet::builder(store.clone()).policy(policy);
+    if ca_pem.exists() && ca_key.exists() {
+        let ca = CertificateAuthority::from_pem(
+            &std::fs::read_to_string(&ca_pem)?,
+            &std::fs::read_to_string(&ca_key)?,
+        )
+        .with_context(|| format!("loading the CA from {}", args.data_dir.display()))?;
+        builder = builder.ca(ca);
+    }
+    let started = std::time::Instant::now();
+    let fleet = builder.open().await.context("rebuilding the fleet view")?;
+    tracing::info!(
+        instances = fleet.view().len(),
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "fleet loaded"
+    );
+    if !ca_pem.exists() {
+        let material = fleet.ca().to_material();
+        std::fs::write(&ca_pem, &material.cert_pem)?;
+        write_private(&ca_key, &material.key_pem)?;
+        tracing::info!(path = %ca_pem.display(), "wrote the CA certificate (ca-key.pem is 0600)");
+    }
+    let token_path = args.data_dir.join("operator-token");
+    if !token_path.exists() {
+        write_private(&token_path, TokenSecret::random()?.expose())?;
+        tracing::info!(path = %token_path.display(), "created the operator token (0600)");
+    }
+    let operator_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
+
+    // The agent listener's certificate, signed by the fleet CA.
+    let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
+    names.extend(args.server_names.iter().cloned());
+    let server_cert =
+        fleet
+            .ca()
+            .issue_server(&names, fleet.now(), Duration::from_secs(365 * 86_400))?;
+    let tls = tls_config(fleet.ca().cert_der(), &server_cert)?;
+    let agent_listener = TcpListener::bind(&args.agent_listen)
+        .await
+        .with_context(|| format!("binding {}", args.agent_listen))?;
+    let agent_addr = agent_listener.local_addr()?;
+    let operator_listener = TcpListener::bind(&args.operator_listen)
+        .await
+        .with_context(|| format!("binding {}", args.operator_listen))?;
+    let operator_addr = operator_listener.local_addr()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.changed().await;
+    };
+    let agent_server = Arc::new(AgentServer::new(
+        fleet.clone(),
+        tls,
+        ServerConfig::default(),
+    ));
+    let agent_task = tokio::spawn(agent_server.serve(agent_listener, stopped(stop_rx.clone())));
+    let api = Arc::new(OperatorApi::new(fleet.clone(), &operator_token));
+    let api_task = tokio::spawn(api.serve(operator_listener, stopped(stop_rx.clone())));
+    let upkeep = fleet.spawn_maintenance(MaintenanceConfig::default(), |event| match event {
+        MaintenanceEvent::StatusChanges(changes) => {
+            for c in changes {
+                tracing::info!(instance = %c.instance, from = %c.transition.from, to = %c.transition.to, at = %c.transition.at, "status change");
+            }
+        }
+        MaintenanceEvent::FlushFailed(e) => tracing::warn!(error = %e, "heartbeat flush failed; will retry"),
+        MaintenanceEvent::SyncFailed(e) => tracing::warn!(error = %e, "change-feed sync failed; will retry"),
+        other => tracing::debug!(?other, "maintenance"),
+    });
+    tracing::info!(%agent_addr, operator_api = %format!("http://{operator_addr}"), token_file = %token_path.display(), "control panel running");
+
+    let demo = if args.demo_agents > 0 {
+        let token = fleet
+            .create_token(
+                &TenantScope::All,
+                NewToken {
+                    max_uses: MaxUses::Limited(u32::try_from(args.demo_agents).unwrap_or(u32::MAX)),
+                    expires_in: Some(Duration::from_secs(3600)),
+                    description: "demo agents".into(),
+                    ..NewToken::default()
+                },
+            )
+            .await?;
+        let endpoint = Endpoint {
+            server_name: "localhost".into(),
+            address: format!("127.0.0.1:{}", agent_addr.port()),
+        };
+        tracing::info!(count = args.demo_agents, "starting demo agents");
+        Some(tokio::spawn(fleet_examples::demo::run(
+            args.demo_agents,
+            endpoint,
+            token.join,
+            stop_rx.clone(),
+        )))
+    } else {
+        None
+    };
+
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    if let Some(d) = demo {
+        let _ = d.await;
+    }
+    let _ = agent_task.await;
+    let _ = api_task.await;
+    upkeep.shutdown().await;
+    fleet
+        .flush_heartbeats()
+        .await
+        .context("final heartbeat flush")?;
+    store.close().await.context("closing the store")?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    match Cli::parse().command {
+        Command::Serve(args) => serve(args).await,
+    }
+}

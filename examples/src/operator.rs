@@ -1,0 +1,407 @@
+//! The operator API of the control panel: JSON over HTTP on a loopback listener, every route
+//! behind `Authorization: Bearer <operator token>`.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /api/v1/tokens` | create a registration token; the secret and join string are in this reply only |
+//! | `GET /api/v1/tokens` | list tokens |
+//! | `GET /api/v1/tokens/{id}` | one token with its ledger |
+//! | `POST /api/v1/tokens/{id}/revoke` | revoke |
+//! | `GET /api/v1/summary?filter=EXPR` | fleet summary for a filter |
+//! | `GET /api/v1/instances?filter=EXPR&limit=N&cursor=C` | a page of instances |
+//! | `GET /api/v1/instances/{id}` | one instance's detail |
+//! | `PUT /api/v1/instances/{id}/tags` / `.../groups` | replace tags (object) / groups (array) |
+//! | `DELETE /api/v1/instances/{id}` | deregister and revoke |
+//!
+//! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
+//! position of the mistake.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleet_core::store::FleetStore;
+use fleet_core::token::MaxUses;
+use fleet_core::{
+    Cursor, Filter, Fleet, FleetError, Groups, InstanceId, NewToken, Tags, TenantId, TenantScope,
+    TokenId,
+};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+use tokio::net::TcpListener;
+
+/// Largest operator request body.
+const MAX_BODY: usize = 64 * 1024;
+
+type Body = Full<Bytes>;
+
+fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut r = Response::new(Full::new(Bytes::from(bytes)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response<Body> {
+    let mut r = json(
+        status,
+        &serde_json::json!({"error": {"code": code, "message": message.into()}}),
+    );
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        r.headers_mut().insert(
+            hyper::header::RETRY_AFTER,
+            hyper::header::HeaderValue::from_static("5"),
+        );
+    }
+    r
+}
+
+fn fleet_error(e: &FleetError) -> Response<Body> {
+    match e {
+        FleetError::InstanceNotFound(_) | FleetError::TokenNotFound(_) => {
+            error(StatusCode::NOT_FOUND, "not_found", e.to_string())
+        }
+        FleetError::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
+        FleetError::Filter(f) => {
+            let mut r = json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": {"code": "invalid_filter", "message": f.to_string(), "position": f.position}}),
+            );
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+            r
+        }
+        e if e.is_unavailable() => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            e.to_string(),
+        ),
+        e => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// `max_uses` as operators write it: a number, or `"unlimited"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum MaxUsesInput {
+    Count(u32),
+    Word(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    #[serde(default)]
+    max_uses: Option<MaxUsesInput>,
+    #[serde(default)]
+    expires_in_secs: Option<u64>,
+    #[serde(default)]
+    tenant: Option<TenantId>,
+    #[serde(default)]
+    tags: Tags,
+    #[serde(default)]
+    groups: Groups,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    allow_reenroll: bool,
+}
+
+/// The operator API over a fleet.
+#[derive(Debug)]
+pub struct OperatorApi<S> {
+    fleet: Fleet<S>,
+    token_hash: [u8; 32],
+}
+
+fn sha256(s: &str) -> [u8; 32] {
+    *fleet_core::Fingerprint::of(s.as_bytes()).as_bytes()
+}
+
+fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+async fn body_json<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+) -> Result<T, Response<Body>> {
+    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => {
+            return Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the body limit is 64 KiB",
+            ));
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "malformed_request",
+            format!("invalid JSON: {e}"),
+        )
+    })
+}
+
+impl<S: FleetStore> OperatorApi<S> {
+    /// An API answering to the bearer `operator_token`, with global (all-tenant) scope.
+    pub fn new(fleet: Fleet<S>, operator_token: &str) -> Self {
+        Self {
+            fleet,
+            token_hash: sha256(operator_token),
+        }
+    }
+
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let presented = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        bool::from(sha256(presented).ct_eq(&self.token_hash))
+    }
+
+    /// Handles one request.
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        if !self.authorized(&req) {
+            return error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "send Authorization: Bearer <operator token>",
+            );
+        }
+        let scope = TenantScope::All;
+        let path: Vec<String> = req
+            .uri()
+            .path()
+            .trim_matches('/')
+            .split('/')
+            .map(str::to_owned)
+            .collect();
+        let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+        let method = req.method().clone();
+        match (method, parts.as_slice()) {
+            (Method::POST, ["api", "v1", "tokens"]) => self.create_token(req).await,
+            (Method::GET, ["api", "v1", "tokens"]) => match self.fleet.list_tokens(&scope).await {
+                Ok(tokens) => json(StatusCode::OK, &serde_json::json!({"items": tokens})),
+                Err(e) => fleet_error(&e),
+            },
+            (Method::GET, ["api", "v1", "tokens", id]) => {
+                let Ok(id) = TokenId::new(*id) else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such token");
+                };
+                let token = match self.fleet.get_token(&scope, &id).await {
+                    Ok(t) => t,
+                    Err(e) => return fleet_error(&e),
+                };
+                match self.fleet.token_ledger(&scope, &id, 1000).await {
+                    Ok(ledger) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({"token": token, "ledger": ledger}),
+                    ),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::POST, ["api", "v1", "tokens", id, "revoke"]) => {
+                let Ok(id) = TokenId::new(*id) else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such token");
+                };
+                match self.fleet.revoke_token(&scope, &id).await {
+                    Ok(t) => json(StatusCode::OK, &t),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::GET, ["api", "v1", "summary"]) => {
+                match Filter::parse(query(&req).get("filter").map_or("", String::as_str)) {
+                    Ok(f) => json(StatusCode::OK, &self.fleet.summary(&f, &scope)),
+                    Err(e) => fleet_error(&FleetError::Filter(e)),
+                }
+            }
+            (Method::GET, ["api", "v1", "instances"]) => self.list(&req, &scope),
+            (Method::GET, ["api", "v1", "instances", id]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                match self.fleet.detail(&scope, id).await {
+                    Ok(d) => {
+                        let cert =
+                            fleet_core::store::InstanceStore::get_instance(self.fleet.store(), id)
+                                .await
+                                .ok()
+                                .flatten()
+                                .and_then(|i| i.certificate);
+                        let mut v = serde_json::to_value(&d).unwrap_or_default();
+                        v["certificate"] = serde_json::to_value(cert).unwrap_or_default();
+                        json(StatusCode::OK, &v)
+                    }
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::PUT, ["api", "v1", "instances", id, "tags"]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                let tags: Tags = match body_json(req).await {
+                    Ok(t) => t,
+                    Err(r) => return r,
+                };
+                match self.fleet.set_tags(&scope, id, tags).await {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::PUT, ["api", "v1", "instances", id, "groups"]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                let groups: Groups = match body_json(req).await {
+                    Ok(g) => g,
+                    Err(r) => return r,
+                };
+                match self.fleet.set_groups(&scope, id, groups).await {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::DELETE, ["api", "v1", "instances", id]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                match self.fleet.deregister(&scope, id).await {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            _ => error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {} {}", req.method(), req.uri().path()),
+            ),
+        }
+    }
+
+    fn list(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
+        let q = query(req);
+        let filter = match Filter::parse(q.get("filter").map_or("", String::as_str)) {
+            Ok(f) => f,
+            Err(e) => return fleet_error(&FleetError::Filter(e)),
+        };
+        let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+            None => 100,
+            Some(Ok(n)) if (1..=fleet_core::MAX_PAGE_SIZE).contains(&n) => n,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    "limit must be from 1 to 1000",
+                );
+            }
+        };
+        let cursor = match q.get("cursor").map(|c| c.parse::<Cursor>()) {
+            None => None,
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
+        };
+        json(
+            StatusCode::OK,
+            &self.fleet.list(&filter, scope, cursor, limit),
+        )
+    }
+
+    async fn create_token(&self, req: Request<Incoming>) -> Response<Body> {
+        let input: CreateToken = match body_json(req).await {
+            Ok(i) => i,
+            Err(r) => return r,
+        };
+        let max_uses = match input.max_uses {
+            None => MaxUses::default(),
+            Some(MaxUsesInput::Count(n)) => MaxUses::Limited(n),
+            Some(MaxUsesInput::Word(w)) if w == "unlimited" => MaxUses::Unlimited,
+            Some(MaxUsesInput::Word(w)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    format!("max_uses must be a number or \"unlimited\", not {w:?}"),
+                );
+            }
+        };
+        let new = NewToken {
+            expires_in: input.expires_in_secs.map(Duration::from_secs),
+            max_uses,
+            tenant: input.tenant,
+            tags: input.tags,
+            groups: input.groups,
+            description: input.description,
+            allow_reenroll: input.allow_reenroll,
+        };
+        match self.fleet.create_token(&TenantScope::All, new).await {
+            Ok(created) => json(
+                StatusCode::CREATED,
+                &serde_json::json!({
+                    "id": created.token.id,
+                    "token": created.presented.to_string(),
+                    "join": created.join.to_string(),
+                    "ca_sha256": created.join.ca_sha256,
+                    "expires_at": created.token.expires_at,
+                    "max_uses": created.token.max_uses,
+                }),
+            ),
+            Err(e) => fleet_error(&e),
+        }
+    }
+
+    /// Serves plain HTTP on `listener` (bind it to loopback) until `shutdown` completes.
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> std::io::Result<()> {
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let (tcp, _) = tokio::select! {
+                () = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let api = Arc::clone(&self);
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req| {
+                    let api = Arc::clone(&api);
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10));
+                let conn = builder
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
+        Ok(())
+    }
+}
