@@ -33,10 +33,10 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::{
-    CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT, ENROLL_PATH,
-    EnrollRequest, EnrollResponse, ErrorBody, ErrorCode, HEARTBEAT_PATH, HeartbeatRequest,
-    HeartbeatResponse, MAX_ENROLL_BODY, MAX_HEARTBEAT_BODY, MAX_RENEW_BODY, RENEW_PATH,
-    RenewRequest, RenewResponse,
+    CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_TLS_HANDSHAKE_TIMEOUT, ENROLL_PATH, EnrollRequest, EnrollResponse, ErrorBody,
+    ErrorCode, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, MAX_ENROLL_BODY,
+    MAX_HEARTBEAT_BODY, MAX_RENEW_BODY, RENEW_PATH, RenewRequest, RenewResponse,
 };
 
 /// Server limits and timeouts.
@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub tls_handshake_timeout: Duration,
     /// Time a client has to send a request's headers.
     pub header_read_timeout: Duration,
+    /// A connection with no traffic for this long is closed (keep it above two heartbeat
+    /// intervals so agents keep their connections).
+    pub idle_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// Failed token attempts allowed per peer address within `failed_attempt_window`.
@@ -59,6 +62,7 @@ impl Default for ServerConfig {
         Self {
             tls_handshake_timeout: DEFAULT_TLS_HANDSHAKE_TIMEOUT,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: 10_000,
             max_failed_token_attempts: 20,
             failed_attempt_window: Duration::from_secs(60),
@@ -414,6 +418,7 @@ impl<S: FleetStore> AgentServer<S> {
             let watcher = graceful.watcher();
             let handshake_timeout = self.config.tls_handshake_timeout;
             let header_timeout = self.config.header_read_timeout;
+            let idle_timeout = self.config.idle_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
                 let Ok(Ok(tls)) =
@@ -440,13 +445,104 @@ impl<S: FleetStore> AgentServer<S> {
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout);
                 builder.http2().timer(TokioTimer::new());
+                let activity = Activity::new(tls);
+                let last = activity.clock();
                 let conn = builder
-                    .serve_connection(TokioIo::new(tls), service)
+                    .serve_connection(TokioIo::new(activity), service)
                     .into_owned();
-                let _ = watcher.watch(conn).await;
+                // A connection quiet for `idle_timeout` is dropped (closed); one busy with traffic
+                // is left alone, and a shutdown lets its current request finish.
+                tokio::select! {
+                    _ = watcher.watch(conn) => {}
+                    () = idle(last, idle_timeout) => {}
+                }
             });
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
         Ok(())
+    }
+}
+
+/// Wraps a connection's I/O and records when it last moved bytes.
+struct Activity<IO> {
+    inner: IO,
+    started: std::time::Instant,
+    last: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<IO> Activity<IO> {
+    fn new(inner: IO) -> Self {
+        Self {
+            inner,
+            started: std::time::Instant::now(),
+            last: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        }
+    }
+
+    fn clock(&self) -> (std::time::Instant, Arc<std::sync::atomic::AtomicU64>) {
+        (self.started, Arc::clone(&self.last))
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl<IO: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Activity<IO> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.touch();
+        }
+        r
+    }
+}
+
+impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Activity<IO> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        r
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Completes once the connection has moved no bytes for `timeout`.
+async fn idle(
+    (started, last): (std::time::Instant, Arc<std::sync::atomic::AtomicU64>),
+    timeout: Duration,
+) {
+    loop {
+        let quiet_since = Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
+        let quiet_for = started.elapsed().saturating_sub(quiet_since);
+        if quiet_for >= timeout {
+            return;
+        }
+        tokio::time::sleep(timeout - quiet_for).await;
     }
 }

@@ -603,3 +603,101 @@ async fn the_agent_client_pins_the_ca_enrolls_heartbeats_and_renews() {
     assert_eq!(err.code(), Some(ErrorCode::CertificateRevoked), "{err}");
     h.stop().await;
 }
+
+async fn connect(
+    h: &Harness,
+    id: Option<&ClientId>,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let mut cfg = (*client_config(&h.ca_der, id)).clone();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+fn heartbeat_request() -> hyper::Request<Full<Bytes>> {
+    hyper::Request::post("https://localhost/v1/heartbeat")
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_over_http2() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (id, _) = enroll(&h, &token.presented.to_string(), "h2-agent").await;
+    let tls = connect(&h, Some(&id), &[b"h2"]).await;
+    assert_eq!(
+        tls.get_ref().1.alpn_protocol(),
+        Some(&b"h2"[..]),
+        "the server speaks HTTP/2"
+    );
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    // Several heartbeats multiplexed on the one connection.
+    for _ in 0..3 {
+        let resp = sender.send_request(heartbeat_request()).await.unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quiet_connections_are_closed_after_the_idle_timeout() {
+    let config = ServerConfig {
+        idle_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let h = Harness::start(config).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (id, _) = enroll(&h, &token.presented.to_string(), "idle-agent").await;
+    let tls = connect(&h, Some(&id), &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(
+        sender
+            .send_request(heartbeat_request())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // The connection is kept alive while in use…
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        sender
+            .send_request(heartbeat_request())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // …and closed by the server once it has been quiet for the idle timeout (transport timing,
+    // not fleet status: this is the one place a test waits on the real clock).
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the server closes the idle connection")
+        .unwrap()
+        .ok();
+    assert!(sender.send_request(heartbeat_request()).await.is_err());
+    h.stop().await;
+}
