@@ -28,7 +28,7 @@ struct Args {
     /// The join string printed when the operator created the token.
     #[arg(long)]
     join: String,
-    /// The control panel's agent listener, e.g. https://cp.example.com:8443.
+    /// The control panel's agent listener, e.g. `https://cp.example.com:8443`.
     #[arg(long)]
     server: String,
     /// Where the agent keeps its key and certificate.
