@@ -71,6 +71,7 @@ pub mod error;
 pub mod filter;
 mod fleet;
 pub mod group;
+pub mod history;
 pub mod identity;
 pub mod instance;
 pub mod live;
