@@ -658,7 +658,7 @@ async fn heartbeats_over_http2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_connections_are_closed_after_the_idle_timeout() {
     let config = ServerConfig {
-        idle_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_millis(1000),
         ..ServerConfig::default()
     };
     let h = Harness::start(config).await;
@@ -682,7 +682,7 @@ async fn quiet_connections_are_closed_after_the_idle_timeout() {
         200
     );
     // The connection is kept alive while in use…
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         sender
             .send_request(heartbeat_request())
