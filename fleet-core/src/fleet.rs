@@ -44,15 +44,16 @@ use serde::{Deserialize, Serialize};
 use crate::ca::CertificateAuthority;
 use crate::enroll::EnrollmentPolicy;
 use crate::error::{FleetError, StoreError};
+use crate::history::History;
 use crate::instance::validate_apps;
 use crate::live::{Cursor, InstanceView, LiveView, Page, StatusChange};
 use crate::staleness::{StalenessPolicy, Status, Transitions};
-use crate::store::{ChangeKind, FleetStore, HeartbeatRecord, Seq};
+use crate::store::{ChangeKind, FleetStore, HeartbeatRecord, Seq, StatusChangeQuery};
 use crate::summary::FleetSummary;
 use crate::tag::TagAuthority;
 use crate::{
     App, Clock, Filter, Groups, Instance, InstanceId, MetricsSample, NewInstance, SystemClock,
-    SystemInfo, Tags, TenantScope,
+    SystemInfo, Tags, TenantScope, Timestamp,
 };
 
 /// Validity of a CA generated on first open (10 years).
@@ -157,6 +158,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 enrollment: self.enrollment,
                 view: RwLock::new(view),
                 pending: Mutex::new(FxHashMap::default()),
+                changes: Mutex::new(Vec::new()),
                 feed: tokio::sync::Mutex::new(0),
                 flush: tokio::sync::Mutex::new(()),
             }),
@@ -178,6 +180,8 @@ pub(crate) struct Inner<S> {
     pub(crate) enrollment: EnrollmentPolicy,
     view: RwLock<LiveView>,
     pending: Mutex<FxHashMap<InstanceId, HeartbeatRecord>>,
+    /// Status changes not yet recorded in the store (written with the heartbeat batch).
+    changes: Mutex<Vec<StatusChange>>,
     /// Change-feed cursor; the lock also serializes `sync`.
     feed: tokio::sync::Mutex<Seq>,
     /// Serializes `flush_heartbeats`.
@@ -232,7 +236,7 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     /// The current time by the fleet's clock.
-    pub fn now(&self) -> crate::Timestamp {
+    pub fn now(&self) -> Timestamp {
         self.inner.clock.now()
     }
 
@@ -311,6 +315,13 @@ impl<S: FleetStore> Fleet<S> {
             let status = view.status(id).unwrap_or(Status::Online);
             (transitions, status, view.policy().heartbeat_interval())
         };
+        if !transitions.is_empty() {
+            self.changes()
+                .extend(transitions.iter().map(|transition| StatusChange {
+                    instance: id,
+                    transition,
+                }));
+        }
         let record = HeartbeatRecord {
             id,
             last_seen: now,
@@ -334,6 +345,15 @@ impl<S: FleetStore> Fleet<S> {
     /// (merged with anything newer) and the error is returned.
     pub async fn flush_heartbeats(&self) -> Result<usize, FleetError> {
         let _serial = self.inner.flush.lock().await;
+        let changes = std::mem::take(&mut *self.changes());
+        if !changes.is_empty()
+            && let Err(e) = self.inner.store.record_status_changes(&changes).await
+        {
+            let mut pending = self.changes();
+            let newer = std::mem::replace(&mut *pending, changes);
+            pending.extend(newer);
+            return Err(e.into());
+        }
         let batch: Vec<HeartbeatRecord> =
             std::mem::take(&mut *self.pending()).into_values().collect();
         if batch.is_empty() {
@@ -422,10 +442,85 @@ impl<S: FleetStore> Fleet<S> {
         &self.inner.ca
     }
 
-    /// Applies every status change due now; see [`LiveView::sweep`].
+    /// Applies every status change due now (see [`LiveView::sweep`]) and queues them to be
+    /// recorded in the store with the next [`flush_heartbeats`](Self::flush_heartbeats).
     pub fn sweep(&self) -> Vec<StatusChange> {
         let now = self.now();
-        self.view_mut().sweep(now)
+        let changes = self.view_mut().sweep(now);
+        if !changes.is_empty() {
+            self.changes().extend(changes.iter().copied());
+        }
+        changes
+    }
+
+    fn changes(&self) -> MutexGuard<'_, Vec<StatusChange>> {
+        self.inner
+            .changes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Recorded status changes (alerts) matching `query`, newest first, including those not yet
+    /// flushed. Within a tenant scope, only changes of that tenant's current instances.
+    pub async fn status_changes(
+        &self,
+        scope: &TenantScope,
+        query: &StatusChangeQuery,
+    ) -> Result<Vec<StatusChange>, FleetError> {
+        let mut wide = query.clone();
+        wide.limit = usize::MAX;
+        let mut all = self.inner.store.status_changes(&wide).await?;
+        let pending: Vec<StatusChange> = self
+            .changes()
+            .iter()
+            .filter(|c| query.matches(c))
+            .copied()
+            .collect();
+        for c in pending {
+            if !all.contains(&c) {
+                all.push(c);
+            }
+        }
+        if let TenantScope::Tenant(_) = scope {
+            let view = self.view();
+            all.retain(|c| {
+                view.tenant(c.instance)
+                    .is_some_and(|t| scope.allows(t.as_ref()))
+            });
+        }
+        all.sort_by_key(|c| std::cmp::Reverse(c.transition.at));
+        all.truncate(query.limit);
+        Ok(all)
+    }
+
+    /// An instance's uptime in percent over `[from, to)` (capped at now), from its exact status
+    /// history; `None` when the window lies before its registration. See [`crate::history`].
+    pub async fn uptime(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> Result<Option<f64>, FleetError> {
+        let view = self
+            .get(scope, id)
+            .ok_or(FleetError::InstanceNotFound(id))?;
+        let query = StatusChangeQuery {
+            instance: Some(id),
+            since: None,
+            until: None,
+            limit: usize::MAX,
+        };
+        let mut changes = self.status_changes(scope, &query).await?;
+        // Oldest first; at equal times the store's order (newest first) reversed is recording order.
+        changes.reverse();
+        let mut history = History::new(view.registered_at, Status::Online);
+        for c in changes {
+            // A change that does not continue the history is skipped rather than failing the
+            // whole computation.
+            let _ = history.record(c.transition);
+        }
+        Ok(history.uptime_percent(from, to.min(self.now())))
     }
 
     /// Summary of the instances `filter` selects within `scope` (from the live view).

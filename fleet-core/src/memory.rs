@@ -12,10 +12,11 @@ use async_trait::async_trait;
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::error::{RecordKind, StoreError};
 use crate::identity::{Fingerprint, Serial};
+use crate::live::StatusChange;
 use crate::store::{
     CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit,
-    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult,
-    TokenStore,
+    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq,
+    StatusChangeQuery, StoreResult, TokenStore,
 };
 use crate::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
 use crate::{Groups, Instance, InstanceId, Tags, Timestamp};
@@ -34,6 +35,9 @@ struct State {
     revoked: BTreeMap<Serial, RevokedCertificate>,
     /// Latest enrollment (not retry) per token and key: the retry-window index.
     enrollments: HashMap<(TokenId, Fingerprint), (InstanceId, Timestamp)>,
+    /// Recorded status changes, in recording order, and the set of them.
+    history: Vec<StatusChange>,
+    recorded: std::collections::HashSet<StatusChange>,
 }
 
 fn token_not_found(id: &TokenId) -> StoreError {
@@ -420,5 +424,31 @@ impl CertificateStore for MemoryStore {
         let n = s.revoked.len();
         s.revoked.retain(|_, r| r.not_after >= before);
         Ok(n - s.revoked.len())
+    }
+}
+
+#[async_trait]
+impl HistoryStore for MemoryStore {
+    async fn record_status_changes(&self, changes: &[StatusChange]) -> StoreResult<()> {
+        let mut s = self.lock();
+        for c in changes {
+            if s.recorded.insert(*c) {
+                s.history.push(*c);
+            }
+        }
+        Ok(())
+    }
+
+    async fn status_changes(&self, query: &StatusChangeQuery) -> StoreResult<Vec<StatusChange>> {
+        let s = self.lock();
+        let mut out: Vec<(usize, StatusChange)> = s
+            .history
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| query.matches(c))
+            .map(|(i, c)| (i, *c))
+            .collect();
+        out.sort_by_key(|(i, c)| std::cmp::Reverse((c.transition.at, *i)));
+        Ok(out.into_iter().take(query.limit).map(|(_, c)| c).collect())
     }
 }

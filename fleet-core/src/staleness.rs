@@ -88,7 +88,7 @@ impl FromStr for Status {
 }
 
 /// A status change and when it happened.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Transition {
     /// Status before.
     pub from: Status,

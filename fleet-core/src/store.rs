@@ -1,8 +1,9 @@
 //! Store traits: what a backend must do, and the contract of every method.
 //!
 //! A store is split by concern — [`InstanceStore`], [`HeartbeatStore`], [`ChangeFeed`],
-//! [`TokenStore`] (tokens, ledger, the atomic enrollment) and [`CertificateStore`] (CA material,
-//! certificate serials, revocations) — and [`FleetStore`] is their sum, implemented automatically for any type that implements all of
+//! [`TokenStore`] (tokens, ledger, the atomic enrollment), [`CertificateStore`] (CA material,
+//! certificate serials, revocations) and [`HistoryStore`] (the status-change log) — and
+//! [`FleetStore`] is their sum, implemented automatically for any type that implements all of
 //! them. The traits are object-safe (`Arc<dyn FleetStore>` works) and forwarded through `Arc<T>`.
 //!
 //! Stores never read a clock: every time they record is passed in. Every mutation that an
@@ -23,6 +24,7 @@ use std::net::SocketAddr;
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::error::StoreError;
 use crate::identity::{Fingerprint, Serial};
+use crate::live::StatusChange;
 use crate::token::{LedgerEntry, RegistrationToken, TokenId, TokenState};
 use crate::{App, Groups, Instance, InstanceId, MetricsSample, Tags, Timestamp};
 
@@ -298,14 +300,56 @@ pub trait CertificateStore: Debug + Send + Sync + 'static {
     async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize>;
 }
 
+/// Which recorded status changes to read.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StatusChangeQuery {
+    /// Only this instance's.
+    pub instance: Option<InstanceId>,
+    /// Only changes at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only changes before this time.
+    pub until: Option<Timestamp>,
+    /// At most this many (0 means none).
+    pub limit: usize,
+}
+
+impl StatusChangeQuery {
+    /// Whether `c` matches the instance and time filters.
+    pub fn matches(&self, c: &StatusChange) -> bool {
+        self.instance.is_none_or(|i| i == c.instance)
+            && self.since.is_none_or(|s| c.transition.at >= s)
+            && self.until.is_none_or(|u| c.transition.at < u)
+    }
+}
+
+/// The log of status changes: alerts, and the history uptime is computed from.
+#[async_trait]
+pub trait HistoryStore: Debug + Send + Sync + 'static {
+    /// Appends status changes (each instance's in order). **Contract:** durable before
+    /// returning; a change already recorded (same instance, time and statuses) is not recorded
+    /// twice.
+    async fn record_status_changes(&self, changes: &[StatusChange]) -> StoreResult<()>;
+
+    /// The recorded changes matching `query`, newest first (by transition time, then recording
+    /// order).
+    async fn status_changes(&self, query: &StatusChangeQuery) -> StoreResult<Vec<StatusChange>>;
+}
+
 /// Everything a control plane needs from its store.
 pub trait FleetStore:
-    InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore
+    InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore + HistoryStore
 {
 }
 
-impl<T: InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore + ?Sized>
-    FleetStore for T
+impl<
+    T: InstanceStore
+        + HeartbeatStore
+        + ChangeFeed
+        + TokenStore
+        + CertificateStore
+        + HistoryStore
+        + ?Sized,
+> FleetStore for T
 {
 }
 
@@ -415,6 +459,19 @@ macro_rules! forward {
             }
             async fn prune_revoked(&self, before: Timestamp) -> StoreResult<usize> {
                 (**self).prune_revoked(before).await
+            }
+        }
+
+        #[async_trait]
+        impl<T: HistoryStore + ?Sized> HistoryStore for $wrapper<T> {
+            async fn record_status_changes(&self, changes: &[StatusChange]) -> StoreResult<()> {
+                (**self).record_status_changes(changes).await
+            }
+            async fn status_changes(
+                &self,
+                query: &StatusChangeQuery,
+            ) -> StoreResult<Vec<StatusChange>> {
+                (**self).status_changes(query).await
             }
         }
     };

@@ -1105,6 +1105,82 @@ pub async fn reenrollment_after_expiry(store: DynStore) {
     );
 }
 
+/// Status changes are recorded once, read newest first, and filtered by instance, time window
+/// and limit.
+pub async fn status_changes_round_trip(store: DynStore) {
+    use crate::live::StatusChange;
+    use crate::staleness::Transition;
+    use crate::store::StatusChangeQuery;
+    let a = InstanceId::random();
+    let b = InstanceId::random();
+    let at = |s: u64| T0.saturating_add(Duration::from_secs(s));
+    let change = |instance, from, to, t| StatusChange {
+        instance,
+        transition: Transition {
+            from,
+            to,
+            at: at(t),
+        },
+    };
+    let changes = vec![
+        change(a, Status::Online, Status::Warning, 60),
+        change(b, Status::Online, Status::Warning, 70),
+        change(a, Status::Warning, Status::Offline, 300),
+        change(a, Status::Offline, Status::Online, 900),
+    ];
+    ok("record", store.record_status_changes(&changes[..2])).await;
+    ok("record", store.record_status_changes(&changes)).await;
+    let all = ok(
+        "query",
+        store.status_changes(&StatusChangeQuery {
+            limit: 100,
+            ..StatusChangeQuery::default()
+        }),
+    )
+    .await;
+    let mut newest_first = changes.clone();
+    newest_first.reverse();
+    assert_eq!(all, newest_first, "each change once, newest first");
+    let of_a = ok(
+        "query",
+        store.status_changes(&StatusChangeQuery {
+            instance: Some(a),
+            limit: 100,
+            ..StatusChangeQuery::default()
+        }),
+    )
+    .await;
+    assert_eq!(of_a.len(), 3);
+    assert!(of_a.iter().all(|c| c.instance == a));
+    let window = StatusChangeQuery {
+        since: Some(at(65)),
+        until: Some(at(900)),
+        limit: 100,
+        ..StatusChangeQuery::default()
+    };
+    let got = ok("query", store.status_changes(&window)).await;
+    assert_eq!(
+        got,
+        vec![changes[2], changes[1]],
+        "since inclusive, until exclusive"
+    );
+    let limited = ok(
+        "query",
+        store.status_changes(&StatusChangeQuery {
+            limit: 2,
+            ..StatusChangeQuery::default()
+        }),
+    )
+    .await;
+    assert_eq!(limited, newest_first[..2].to_vec());
+    assert!(
+        ok("query", store.status_changes(&StatusChangeQuery::default()))
+            .await
+            .is_empty(),
+        "limit 0"
+    );
+}
+
 /// Emits one `#[tokio::test]` per conformance property for a store builder.
 ///
 /// The argument is an expression evaluating to a future of `(guard, store)`: the guard (a temp
@@ -1134,6 +1210,7 @@ macro_rules! store_conformance_tests {
             certificate_of_one_instance_cannot_act_as_another,
             renewal_and_revocation,
             reenrollment_after_expiry,
+            status_changes_round_trip,
         );
     };
     (@each $build:expr; $($name:ident),* $(,)?) => {

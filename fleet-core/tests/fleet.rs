@@ -10,7 +10,8 @@ use fleet_core::ca::{CaMaterial, RevokedCertificate};
 use fleet_core::identity::Fingerprint;
 use fleet_core::store::{
     CertificateChange, CertificateStore, Change, ChangeFeed, EnrollCommit, EnrollResult,
-    HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult, TokenStore,
+    HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq, StatusChangeQuery,
+    StoreResult, TokenStore,
 };
 use fleet_core::token::{LedgerEntry, RegistrationToken, TokenId};
 use fleet_core::{
@@ -463,6 +464,19 @@ impl CertificateStore for Flaky {
     }
 }
 
+#[async_trait]
+impl HistoryStore for Flaky {
+    async fn record_status_changes(&self, c: &[fleet_core::StatusChange]) -> StoreResult<()> {
+        self.inner.record_status_changes(c).await
+    }
+    async fn status_changes(
+        &self,
+        q: &StatusChangeQuery,
+    ) -> StoreResult<Vec<fleet_core::StatusChange>> {
+        self.inner.status_changes(q).await
+    }
+}
+
 #[tokio::test]
 async fn failed_flush_loses_nothing() {
     let clock = ManualClock::new(T0);
@@ -619,4 +633,122 @@ async fn maintenance_flushes_sweeps_and_reports() {
         other => panic!("expected status changes, got {other:?}"),
     }
     upkeep.shutdown().await;
+}
+
+#[tokio::test]
+async fn transitions_are_recorded_as_alerts_and_uptime_is_exact() {
+    let (fleet, clock) = fleet().await;
+    let a = fleet.register(new("a", Some("acme"))).await.unwrap();
+    let b = fleet.register(new("b", None)).await.unwrap();
+    fleet.heartbeat(b.id, Heartbeat::default()).unwrap();
+    // a goes silent: warning at 60 s, offline at 300 s + 1 ms; b keeps heartbeating.
+    for _ in 0..40 {
+        clock.advance(Duration::from_secs(15));
+        fleet.heartbeat(b.id, Heartbeat::default()).unwrap();
+        fleet.sweep();
+    }
+    // a comes back after 600 s.
+    fleet.heartbeat(a.id, Heartbeat::default()).unwrap();
+    let all = StatusChangeQuery {
+        limit: 100,
+        ..StatusChangeQuery::default()
+    };
+    let pending = fleet.status_changes(&TenantScope::All, &all).await.unwrap();
+    assert_eq!(pending.len(), 3, "visible before the flush: {pending:?}");
+    fleet.flush_heartbeats().await.unwrap();
+    let recorded = fleet.store().status_changes(&all).await.unwrap();
+    assert_eq!(recorded, pending, "recorded once, newest first");
+    assert_eq!(
+        recorded
+            .iter()
+            .map(|c| (c.transition.from, c.transition.to))
+            .collect::<Vec<_>>(),
+        vec![
+            (Status::Offline, Status::Online),
+            (Status::Warning, Status::Offline),
+            (Status::Online, Status::Warning)
+        ]
+    );
+    assert_eq!(
+        recorded[2].transition.at,
+        T0.saturating_add(Duration::from_secs(60))
+    );
+    // Recording the same changes again adds nothing.
+    fleet
+        .store()
+        .record_status_changes(&recorded)
+        .await
+        .unwrap();
+    assert_eq!(fleet.store().status_changes(&all).await.unwrap().len(), 3);
+    // Filters: instance, time window, limit, tenant scope.
+    let only_b = StatusChangeQuery {
+        instance: Some(b.id),
+        limit: 100,
+        ..StatusChangeQuery::default()
+    };
+    assert!(
+        fleet
+            .status_changes(&TenantScope::All, &only_b)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let window = StatusChangeQuery {
+        since: Some(T0.saturating_add(Duration::from_secs(100))),
+        limit: 100,
+        ..StatusChangeQuery::default()
+    };
+    assert_eq!(
+        fleet
+            .status_changes(&TenantScope::All, &window)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
+    let one = StatusChangeQuery {
+        limit: 1,
+        ..StatusChangeQuery::default()
+    };
+    assert_eq!(
+        fleet
+            .status_changes(&TenantScope::All, &one)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+    let other = TenantScope::Tenant(TenantId::new("globex").unwrap());
+    assert!(
+        fleet.status_changes(&other, &all).await.unwrap().is_empty(),
+        "another tenant sees none"
+    );
+
+    // Uptime over the 600 s: online for the first 60 s only; b all the time.
+    let end = T0.saturating_add(Duration::from_secs(600));
+    let up_a = fleet
+        .uptime(&TenantScope::All, a.id, T0, end)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!((up_a - 10.0).abs() < 1e-9, "{up_a}");
+    assert_eq!(
+        fleet
+            .uptime(&TenantScope::All, b.id, T0, end)
+            .await
+            .unwrap(),
+        Some(100.0)
+    );
+    assert_eq!(
+        fleet
+            .uptime(
+                &TenantScope::All,
+                a.id,
+                T0.saturating_sub(Duration::from_secs(100)),
+                T0
+            )
+            .await
+            .unwrap(),
+        None
+    );
 }

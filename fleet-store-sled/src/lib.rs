@@ -48,6 +48,8 @@
 //! | `enrollments` | token id + key fingerprint | (instance, time) of the last enrollment |
 //! | `serials` | serial (16 bytes) | instance id |
 //! | `revoked` | serial | revoked certificate |
+//! | `history` | time (u64 BE, sign flipped) + instance id + statuses | status change (alerts, uptime) |
+//! | `history_by_instance` | instance id + `history` key | (index) |
 //!
 //! ## Backup and restore
 //!
@@ -88,7 +90,9 @@ pub const LAYOUT_VERSION: u8 = 1;
 /// Change-feed entries kept; older ones are pruned (readers that fall behind reconcile).
 pub const FEED_RETENTION: u64 = 1 << 20;
 /// The trees of a fleet store.
-const TREE_NAMES: [&str; 9] = [
+const TREE_NAMES: [&str; 11] = [
+    "history",
+    "history_by_instance",
     "meta",
     "instances",
     "state",
@@ -180,6 +184,8 @@ pub(crate) struct Trees {
     pub(crate) enrollments: sled::Tree,
     pub(crate) serials: sled::Tree,
     pub(crate) revoked: sled::Tree,
+    pub(crate) history: sled::Tree,
+    pub(crate) history_by_instance: sled::Tree,
     /// Heartbeat state journaled but not yet compacted into `state`, with the journal file. The
     /// mutex also serializes journal appends with compaction.
     pub(crate) overlay: std::sync::Mutex<store::Overlay>,
@@ -252,6 +258,8 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         enrollments: tree("enrollments")?,
         serials: tree("serials")?,
         revoked: tree("revoked")?,
+        history: tree("history")?,
+        history_by_instance: tree("history_by_instance")?,
         overlay: std::sync::Mutex::new(store::Overlay::new(journal)),
         path: p(),
         db,

@@ -6,11 +6,13 @@ use fleet_core::error::RecordKind;
 use fleet_core::identity::Fingerprint;
 use fleet_core::store::{
     CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit,
-    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, InstanceStore, Seq, StoreResult,
-    TokenStore,
+    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq,
+    StatusChangeQuery, StoreResult, TokenStore,
 };
 use fleet_core::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
-use fleet_core::{App, Groups, Instance, InstanceId, MetricsSample, StoreError, Tags, Timestamp};
+use fleet_core::{
+    App, Groups, Instance, InstanceId, MetricsSample, StatusChange, StoreError, Tags, Timestamp,
+};
 use serde::{Deserialize, Serialize};
 use sled::Transactional;
 use sled::transaction::{
@@ -904,6 +906,96 @@ impl CertificateStore for SledStore {
             }
             t.flush()?;
             Ok(n)
+        })
+        .await
+    }
+}
+
+/// Key of a status change in the `history` tree: time (order-preserving), instance, statuses.
+fn history_key(c: &StatusChange) -> Vec<u8> {
+    let mut k = Vec::with_capacity(26);
+    // Flip the sign bit so that negative times sort before positive ones.
+    k.extend_from_slice(&((c.transition.at.as_unix_millis() as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(c.instance.as_bytes());
+    k.push(c.transition.from as u8);
+    k.push(c.transition.to as u8);
+    k
+}
+
+#[async_trait]
+impl HistoryStore for SledStore {
+    async fn record_status_changes(&self, changes: &[StatusChange]) -> StoreResult<()> {
+        let changes = changes.to_vec();
+        self.blocking(move |t| {
+            let r = (&t.history, &t.history_by_instance).transaction(|(history, by_instance)| {
+                for c in &changes {
+                    let key = history_key(c);
+                    if history.get(&key)?.is_some() {
+                        continue;
+                    }
+                    // `StatusChange` flattens its transition for JSON, which postcard cannot
+                    // encode: store the pair.
+                    history.insert(key.as_slice(), tx(encode(&(c.instance, c.transition)))?)?;
+                    let mut ik = c.instance.as_bytes().to_vec();
+                    ik.extend_from_slice(&key);
+                    by_instance.insert(ik, &[] as &[u8])?;
+                }
+                Ok(())
+            });
+            finish(r)?;
+            t.flush()
+        })
+        .await
+    }
+
+    async fn status_changes(&self, query: &StatusChangeQuery) -> StoreResult<Vec<StatusChange>> {
+        let query = query.clone();
+        self.blocking(move |t| {
+            let mut out = Vec::new();
+            if query.limit == 0 {
+                return Ok(out);
+            }
+            match query.instance {
+                Some(id) => {
+                    for entry in t.history_by_instance.scan_prefix(id.as_bytes()).rev() {
+                        let (k, _) = entry.map_err(backend)?;
+                        let Some(v) = t.history.get(&k[16..]).map_err(backend)? else {
+                            continue;
+                        };
+                        let (instance, transition) = decode_at("history", &k[16..], &v)?;
+                        let c = StatusChange {
+                            instance,
+                            transition,
+                        };
+                        if query.matches(&c) {
+                            out.push(c);
+                            if out.len() == query.limit {
+                                break;
+                            }
+                        }
+                    }
+                }
+                None => {
+                    for entry in t.history.iter().rev() {
+                        let (k, v) = entry.map_err(backend)?;
+                        let (instance, transition) = decode_at("history", &k, &v)?;
+                        let c = StatusChange {
+                            instance,
+                            transition,
+                        };
+                        if query.since.is_some_and(|s| c.transition.at < s) {
+                            break;
+                        }
+                        if query.matches(&c) {
+                            out.push(c);
+                            if out.len() == query.limit {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(out)
         })
         .await
     }

@@ -138,7 +138,7 @@ pub struct InstanceView {
 }
 
 /// A status change of one instance, as found by a sweep or a heartbeat.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct StatusChange {
     /// Which instance.
     pub instance: InstanceId,
