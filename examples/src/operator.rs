@@ -12,6 +12,10 @@
 //! | `GET /api/v1/instances/{id}` | one instance's detail |
 //! | `PUT /api/v1/instances/{id}/tags` / `.../groups` | replace tags (object) / groups (array) |
 //! | `DELETE /api/v1/instances/{id}` | deregister and revoke |
+//! | `GET /api/v1/instances/{id}/uptime?from=T&to=T` | exact uptime % over a window (default: the last 30 days) |
+//! | `GET /api/v1/alerts?instance=ID&since=T&until=T&limit=N` | status changes, newest first |
+//!
+//! Times in queries are RFC 3339 (`2026-11-24T15:00:00Z`).
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
 //! position of the mistake.
@@ -21,11 +25,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_core::store::FleetStore;
+use fleet_core::store::{FleetStore, StatusChangeQuery};
 use fleet_core::token::MaxUses;
 use fleet_core::{
     Cursor, Filter, Fleet, FleetError, Groups, InstanceId, NewToken, Tags, TenantId, TenantScope,
-    TokenId,
+    Timestamp, TokenId,
 };
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Bytes, Incoming};
@@ -85,6 +89,23 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
             e.to_string(),
         ),
         e => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// An optional RFC 3339 time parameter.
+fn time_param(
+    q: &BTreeMap<String, String>,
+    name: &str,
+) -> Result<Option<Timestamp>, Response<Body>> {
+    match q.get(name) {
+        None => Ok(None),
+        Some(v) => Timestamp::parse_rfc3339(v).map(Some).map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("{name}: not an RFC 3339 time ({e})"),
+            )
+        }),
     }
 }
 
@@ -276,6 +297,28 @@ impl<S: FleetStore> OperatorApi<S> {
                     Err(e) => fleet_error(&e),
                 }
             }
+            (Method::GET, ["api", "v1", "alerts"]) => self.alerts(&req, &scope).await,
+            (Method::GET, ["api", "v1", "instances", id, "uptime"]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                let q = query(&req);
+                let now = self.fleet.now();
+                let (from, to) = match (time_param(&q, "from"), time_param(&q, "to")) {
+                    (Ok(f), Ok(t)) => (
+                        f.unwrap_or(now.saturating_sub(Duration::from_secs(30 * 86_400))),
+                        t.unwrap_or(now),
+                    ),
+                    (Err(r), _) | (_, Err(r)) => return r,
+                };
+                match self.fleet.uptime(&scope, id, from, to).await {
+                    Ok(pct) => json(
+                        StatusCode::OK,
+                        &serde_json::json!({"instance": id, "from": from, "to": to, "uptime_percent": pct}),
+                    ),
+                    Err(e) => fleet_error(&e),
+                }
+            }
             (Method::DELETE, ["api", "v1", "instances", id]) => {
                 let Ok(id) = id.parse::<InstanceId>() else {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
@@ -290,6 +333,40 @@ impl<S: FleetStore> OperatorApi<S> {
                 "not_found",
                 format!("no route {} {}", req.method(), req.uri().path()),
             ),
+        }
+    }
+
+    async fn alerts(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
+        let q = query(req);
+        let instance = match q.get("instance").map(|i| i.parse::<InstanceId>()) {
+            None => None,
+            Some(Ok(i)) => Some(i),
+            Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
+        };
+        let (since, until) = match (time_param(&q, "since"), time_param(&q, "until")) {
+            (Ok(s), Ok(u)) => (s, u),
+            (Err(r), _) | (_, Err(r)) => return r,
+        };
+        let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
+            None => 100,
+            Some(Ok(n)) if (1..=10_000).contains(&n) => n,
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    "limit must be from 1 to 10000",
+                );
+            }
+        };
+        let query = StatusChangeQuery {
+            instance,
+            since,
+            until,
+            limit,
+        };
+        match self.fleet.status_changes(scope, &query).await {
+            Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+            Err(e) => fleet_error(&e),
         }
     }
 

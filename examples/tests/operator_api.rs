@@ -16,6 +16,7 @@ const OPERATOR: &str = "s3cret-operator-token";
 
 struct Api {
     fleet: Fleet<Arc<MemoryStore>>,
+    clock: ManualClock,
     addr: std::net::SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -24,7 +25,7 @@ struct Api {
 async fn start() -> Api {
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
     let fleet = Fleet::builder(Arc::new(MemoryStore::new()))
-        .clock(clock)
+        .clock(clock.clone())
         .open()
         .await
         .unwrap();
@@ -37,6 +38,7 @@ async fn start() -> Api {
     }));
     Api {
         fleet,
+        clock,
         addr,
         stop,
         task,
@@ -249,6 +251,31 @@ async fn operator_api_end_to_end() {
     )
     .await;
     assert_eq!(summary["total"], 1);
+
+    // Uptime and alerts: 30 s later nothing has changed status, so uptime is 100 %.
+    api.clock.advance(std::time::Duration::from_secs(30));
+    let (status, up) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/instances/{}/uptime", ids[0]),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{up}");
+    assert_eq!(up["uptime_percent"], 100.0);
+    let (status, _) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/instances/{}/uptime?from=yesterday", ids[0]),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (status, alerts) = call(&api, "GET", "/api/v1/alerts?limit=10", op, None).await;
+    assert_eq!(status, 200);
+    assert_eq!(alerts["items"], json!([]));
 
     // Deregister; a second time is 404; revoke the token.
     let (status, _) = call(
