@@ -92,20 +92,13 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
     }
 }
 
-/// An optional RFC 3339 time parameter.
-fn time_param(
-    q: &BTreeMap<String, String>,
-    name: &str,
-) -> Result<Option<Timestamp>, Response<Body>> {
+/// An optional RFC 3339 time parameter; the error is the message for a 400 reply.
+fn time_param(q: &BTreeMap<String, String>, name: &str) -> Result<Option<Timestamp>, String> {
     match q.get(name) {
         None => Ok(None),
-        Some(v) => Timestamp::parse_rfc3339(v).map(Some).map_err(|e| {
-            error(
-                StatusCode::BAD_REQUEST,
-                "invalid_input",
-                format!("{name}: not an RFC 3339 time ({e})"),
-            )
-        }),
+        Some(v) => Timestamp::parse_rfc3339(v)
+            .map(Some)
+            .map_err(|e| format!("{name}: not an RFC 3339 time ({e})")),
     }
 }
 
@@ -309,7 +302,9 @@ impl<S: FleetStore> OperatorApi<S> {
                         f.unwrap_or(now.saturating_sub(Duration::from_secs(30 * 86_400))),
                         t.unwrap_or(now),
                     ),
-                    (Err(r), _) | (_, Err(r)) => return r,
+                    (Err(m), _) | (_, Err(m)) => {
+                        return error(StatusCode::BAD_REQUEST, "invalid_input", m);
+                    }
                 };
                 match self.fleet.uptime(&scope, id, from, to).await {
                     Ok(pct) => json(
@@ -345,7 +340,7 @@ impl<S: FleetStore> OperatorApi<S> {
         };
         let (since, until) = match (time_param(&q, "since"), time_param(&q, "until")) {
             (Ok(s), Ok(u)) => (s, u),
-            (Err(r), _) | (_, Err(r)) => return r,
+            (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, "invalid_input", m),
         };
         let limit = match q.get("limit").map(|l| l.parse::<usize>()) {
             None => 100,
