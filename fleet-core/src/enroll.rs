@@ -539,20 +539,14 @@ impl<S: FleetStore> Fleet<S> {
             .get_instance(instance)
             .await?
             .ok_or(EnrollError::InvalidToken)?;
-        let now = self.now();
-        let cert = self.inner.ca.issue_client(
-            csr,
-            instance,
-            stored.tenant.as_ref(),
-            now,
-            &self.inner.enrollment.issuance,
-        )?;
-        let seq = self
-            .inner
-            .store
-            .set_certificate(instance, CertificateChange::Replace(cert.record), now)
+        let cert = self
+            .issue_and_apply::<EnrollError>(
+                csr,
+                instance,
+                stored.tenant.as_ref(),
+                CertificateChange::Replace,
+            )
             .await?;
-        self.apply_stored(instance, seq).await?;
         Ok(Enrollment {
             instance,
             tenant: stored.tenant,
@@ -635,24 +629,38 @@ impl<S: FleetStore> Fleet<S> {
     ) -> Result<IssuedCertificate, RenewError> {
         self.authenticate(identity).await?;
         let csr = validate_csr(csr_pem)?;
-        let now = self.now();
-        let cert = self.inner.ca.issue_client(
+        self.issue_and_apply(
             &csr,
             identity.instance,
             identity.tenant.as_ref(),
+            CertificateChange::Stage,
+        )
+        .await
+    }
+
+    /// Issues a certificate for an existing instance, records it with `change` (replace or
+    /// stage) and brings the live view up to date.
+    async fn issue_and_apply<E: From<CaError> + From<StoreError>>(
+        &self,
+        csr: &crate::csr::ValidatedCsr,
+        instance: InstanceId,
+        tenant: Option<&TenantId>,
+        change: fn(crate::ca::CertificateRecord) -> CertificateChange,
+    ) -> Result<IssuedCertificate, E> {
+        let now = self.now();
+        let cert = self.inner.ca.issue_client(
+            csr,
+            instance,
+            tenant,
             now,
             &self.inner.enrollment.issuance,
         )?;
         let seq = self
             .inner
             .store
-            .set_certificate(
-                identity.instance,
-                CertificateChange::Stage(cert.record),
-                now,
-            )
+            .set_certificate(instance, change(cert.record), now)
             .await?;
-        self.apply_stored(identity.instance, seq).await?;
+        self.apply_stored(instance, seq).await?;
         Ok(cert)
     }
 
