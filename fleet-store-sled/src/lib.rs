@@ -146,6 +146,12 @@ pub enum OpenError {
         #[source]
         source: sled::Error,
     },
+    /// Another process (or a handle in this one that is still open) holds the store.
+    #[error("{path}: the store is in use by another process")]
+    Locked {
+        /// The path.
+        path: PathBuf,
+    },
     /// sled panicked while reading the database (it does on some corruptions).
     #[error("{path}: the sled database is corrupt ({detail})")]
     Corrupt {
@@ -229,7 +235,24 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
     let config = sled::Config::new().path(path).flush_every_ms(Some(500));
     // sled 0.34 panics instead of returning an error on some corrupted files; turn that into an
     // error naming the path rather than taking the process down.
-    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+    // A handle dropped a moment ago in this process releases sled's file lock from a background
+    // thread: wait a little for it before reporting the store as locked.
+    let mut attempts = 0;
+    let opened = loop {
+        let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()));
+        match opened {
+            Ok(Err(sled::Error::Io(e)))
+                if e.to_string().contains("could not acquire lock") && attempts < 40 =>
+            {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Ok(Err(sled::Error::Io(e))) if e.to_string().contains("could not acquire lock") => {
+                return Err(OpenError::Locked { path: p() });
+            }
+            other => break other,
+        }
+    };
     let db = match opened {
         Ok(Ok(db)) => db,
         Ok(Err(source)) => return Err(OpenError::Sled { path: p(), source }),

@@ -92,7 +92,16 @@ async fn a_newer_layout_version_is_refused() {
     let path = dir.path().join("db");
     drop(SledStore::open(&path).await.unwrap());
     {
-        let db = sled::open(&path).unwrap();
+        // sled releases its file lock from a background thread after the drop: retry briefly.
+        let db = (0..40)
+            .find_map(|_| match sled::open(&path) {
+                Ok(db) => Some(db),
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                    None
+                }
+            })
+            .expect("the dropped store releases its lock");
         let meta = db.open_tree("meta").unwrap();
         let mut marker = meta.get(b"format").unwrap().unwrap().to_vec();
         marker[0] = 99;
@@ -270,4 +279,15 @@ async fn close_compacts_the_journal_and_reopen_sees_everything() {
     let inst = reopened.get_instance(id).await.unwrap().unwrap();
     assert_eq!(inst.last_seen, clock.now());
     assert_eq!(inst.metrics, Some(m));
+}
+
+#[tokio::test]
+async fn a_store_in_use_is_reported_as_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let first = SledStore::open(&path).await.unwrap();
+    let err = SledStore::open(&path).await.unwrap_err();
+    assert!(matches!(err, OpenError::Locked { .. }), "{err:?}");
+    assert!(mentions(&err, &path), "{err}");
+    drop(first);
 }
