@@ -206,14 +206,6 @@ fn state_error(state: TokenState) -> EnrollError {
     }
 }
 
-fn state_outcome(state: TokenState) -> LedgerOutcome {
-    match state {
-        TokenState::Expired => LedgerOutcome::Expired,
-        TokenState::Revoked => LedgerOutcome::Revoked,
-        TokenState::Exhausted | TokenState::Active => LedgerOutcome::Exhausted,
-    }
-}
-
 fn scope_allows_token(scope: &TenantScope, t: &RegistrationToken) -> bool {
     scope.allows(t.tenant.as_ref())
 }
@@ -399,8 +391,14 @@ impl<S: FleetStore> Fleet<S> {
         }
         let state = token.state(now);
         if state != TokenState::Active {
-            self.record(&token.id, state_outcome(state), None, &req, Some(key))
-                .await?;
+            self.record(
+                &token.id,
+                LedgerOutcome::refused(state),
+                None,
+                &req,
+                Some(key),
+            )
+            .await?;
             return Err(state_error(state));
         }
 

@@ -318,12 +318,7 @@ impl TokenStore for MemoryStore {
         match token.state(commit.now) {
             TokenState::Active => {}
             state => {
-                let outcome = if state == TokenState::Expired {
-                    LedgerOutcome::Expired
-                } else {
-                    LedgerOutcome::Exhausted
-                };
-                s.log(commit, outcome, None);
+                s.log(commit, LedgerOutcome::refused(state), None);
                 return Ok(EnrollResult::Rejected(state));
             }
         }
@@ -394,22 +389,8 @@ impl CertificateStore for MemoryStore {
             .instances
             .get_mut(&id)
             .ok_or_else(|| StoreError::instance_not_found(id))?;
-        let revoked: [Option<CertificateRecord>; 2] = match change {
-            CertificateChange::Replace(c) => {
-                [inst.certificate.replace(c), inst.next_certificate.take()]
-            }
-            CertificateChange::Stage(c) => [inst.next_certificate.replace(c), None],
-            CertificateChange::Promote(serial) => {
-                let Some(next) = inst.next_certificate.filter(|n| n.serial == serial) else {
-                    return Err(StoreError::Conflict(format!(
-                        "certificate {serial} is not the staged one"
-                    )));
-                };
-                inst.next_certificate = None;
-                [inst.certificate.replace(next), None]
-            }
-        };
-        for r in revoked {
+        let update = change.apply(inst)?;
+        for r in update.retired {
             s.revoke(id, r, now);
         }
         Ok(s.append(id, ChangeKind::Upserted, self.feed_capacity))

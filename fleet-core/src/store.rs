@@ -273,6 +273,45 @@ pub enum CertificateChange {
     Promote(Serial),
 }
 
+/// What [`CertificateChange::apply`] did to an instance record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertificateUpdate {
+    /// A certificate newly attached (to index by serial).
+    pub added: Option<CertificateRecord>,
+    /// Certificates taken off the instance, to record as revoked.
+    pub retired: [Option<CertificateRecord>; 2],
+}
+
+impl CertificateChange {
+    /// Applies the change to an instance record — the rule every store shares.
+    /// [`StoreError::Conflict`] (and no change) when promoting a serial that is not the staged
+    /// one.
+    pub fn apply(self, inst: &mut Instance) -> StoreResult<CertificateUpdate> {
+        Ok(match self {
+            Self::Replace(c) => CertificateUpdate {
+                added: Some(c),
+                retired: [inst.certificate.replace(c), inst.next_certificate.take()],
+            },
+            Self::Stage(c) => CertificateUpdate {
+                added: Some(c),
+                retired: [inst.next_certificate.replace(c), None],
+            },
+            Self::Promote(serial) => {
+                let Some(next) = inst.next_certificate.filter(|n| n.serial == serial) else {
+                    return Err(StoreError::Conflict(format!(
+                        "certificate {serial} is not the staged one"
+                    )));
+                };
+                inst.next_certificate = None;
+                CertificateUpdate {
+                    added: None,
+                    retired: [inst.certificate.replace(next), None],
+                }
+            }
+        })
+    }
+}
+
 /// CA material, instance certificates and revocations.
 #[async_trait]
 pub trait CertificateStore: Debug + Send + Sync + 'static {

@@ -379,6 +379,16 @@ pub enum LedgerOutcome {
 }
 
 impl LedgerOutcome {
+    /// The outcome recorded when a token in `state` refuses an attempt (an `Active` token
+    /// refuses only because its last use was taken concurrently: `Exhausted`).
+    pub fn refused(state: TokenState) -> Self {
+        match state {
+            TokenState::Expired => Self::Expired,
+            TokenState::Revoked => Self::Revoked,
+            TokenState::Exhausted | TokenState::Active => Self::Exhausted,
+        }
+    }
+
     /// Whether the attempt registered (or re-registered) an instance.
     pub fn is_success(self) -> bool {
         matches!(self, Self::Enrolled | Self::Retried | Self::Reenrolled)

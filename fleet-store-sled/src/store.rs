@@ -731,12 +731,7 @@ impl TokenStore for SledStore {
                         match token.state(c.now) {
                             TokenState::Active => {}
                             state => {
-                                let outcome = if state == TokenState::Expired {
-                                    LedgerOutcome::Expired
-                                } else {
-                                    LedgerOutcome::Exhausted
-                                };
-                                log(outcome, None)?;
+                                log(LedgerOutcome::refused(state), None)?;
                                 return Ok(EnrollResult::Rejected(state));
                             }
                         }
@@ -842,31 +837,11 @@ impl CertificateStore for SledStore {
                     let Some(mut inst) = get_instance_tx(instances, id)? else {
                         return abort(StoreError::instance_not_found(id));
                     };
-                    let (added, gone): (Option<CertificateRecord>, [Option<CertificateRecord>; 2]) =
-                        match change {
-                            CertificateChange::Replace(c) => (
-                                Some(c),
-                                [inst.certificate.replace(c), inst.next_certificate.take()],
-                            ),
-                            CertificateChange::Stage(c) => {
-                                (Some(c), [inst.next_certificate.replace(c), None])
-                            }
-                            CertificateChange::Promote(serial) => {
-                                let Some(next) =
-                                    inst.next_certificate.filter(|n| n.serial == serial)
-                                else {
-                                    return abort(StoreError::Conflict(format!(
-                                        "certificate {serial} is not the staged one"
-                                    )));
-                                };
-                                inst.next_certificate = None;
-                                (None, [inst.certificate.replace(next), None])
-                            }
-                        };
-                    for g in gone {
+                    let update = tx(change.apply(&mut inst))?;
+                    for g in update.retired {
                         revoke_tx(serials, revoked, id, g, now)?;
                     }
-                    if let Some(c) = added {
+                    if let Some(c) = update.added {
                         serials.insert(c.serial.as_bytes(), id.as_bytes())?;
                     }
                     instances.insert(id.as_bytes(), tx(encode(&inst))?)?;
