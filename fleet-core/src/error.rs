@@ -50,6 +50,10 @@ pub enum RecordKind {
     Instance,
     /// A registration token.
     Token,
+    /// A command.
+    Command,
+    /// A compliance policy.
+    Policy,
 }
 
 impl std::fmt::Display for RecordKind {
@@ -57,6 +61,8 @@ impl std::fmt::Display for RecordKind {
         f.write_str(match self {
             Self::Instance => "instance",
             Self::Token => "token",
+            Self::Command => "command",
+            Self::Policy => "policy",
         })
     }
 }
@@ -159,6 +165,17 @@ pub enum FleetError {
     /// No registration token with this id (or not visible in the caller's tenant scope).
     #[error("registration token {0} not found")]
     TokenNotFound(crate::TokenId),
+    /// No command with this id (or not visible in the caller's tenant scope).
+    #[error("command {0} not found")]
+    CommandNotFound(crate::CommandId),
+    /// Only a queued command can be cancelled; this one is already further along.
+    #[error("command {id} is {state}; only a queued command can be cancelled")]
+    CommandNotCancellable {
+        /// Which command.
+        id: crate::CommandId,
+        /// Its state.
+        state: crate::CommandState,
+    },
     /// The certificate authority failed.
     #[error("certificate authority error")]
     Ca(#[source] crate::ca::CaError),

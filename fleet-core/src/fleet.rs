@@ -104,9 +104,17 @@ pub struct FleetBuilder<S> {
     policy: StalenessPolicy,
     enrollment: EnrollmentPolicy,
     ca: Option<CertificateAuthority>,
+    command_lease: Duration,
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
+    /// How long a delivered command waits for its result before it is delivered again (default
+    /// [`DEFAULT_COMMAND_LEASE`](crate::command::DEFAULT_COMMAND_LEASE)).
+    pub fn command_lease(mut self, lease: Duration) -> Self {
+        self.command_lease = lease;
+        self
+    }
+
     /// The clock (default: [`SystemClock`]).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -161,8 +169,12 @@ impl<S: FleetStore> FleetBuilder<S> {
                 changes: Mutex::new(Vec::new()),
                 feed: tokio::sync::Mutex::new(0),
                 flush: tokio::sync::Mutex::new(()),
+                command_lease: self.command_lease,
+                command_hint: Mutex::new(FxHashMap::default()),
+                hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
         };
+        fleet.load_command_hints().await?;
         {
             let mut cursor = fleet.inner.feed.lock().await;
             fleet.reconcile(&mut cursor).await?;
@@ -186,6 +198,11 @@ pub(crate) struct Inner<S> {
     feed: tokio::sync::Mutex<Seq>,
     /// Serializes `flush_heartbeats`.
     flush: tokio::sync::Mutex<()>,
+    pub(crate) command_lease: Duration,
+    /// Instances that may have deliverable commands, with the generation of the last enqueue
+    /// (so a delivery that found nothing does not drop a hint an enqueue just set).
+    pub(crate) command_hint: Mutex<FxHashMap<InstanceId, u64>>,
+    pub(crate) hint_generation: std::sync::atomic::AtomicU64,
 }
 
 /// The fleet: live view + store; see the module docs.
@@ -222,6 +239,7 @@ impl<S: FleetStore> Fleet<S> {
             policy: StalenessPolicy::default(),
             enrollment: EnrollmentPolicy::default(),
             ca: None,
+            command_lease: crate::command::DEFAULT_COMMAND_LEASE,
         }
     }
 
@@ -380,7 +398,7 @@ impl<S: FleetStore> Fleet<S> {
         self.pending().len()
     }
 
-    fn visible(&self, id: InstanceId, scope: &TenantScope) -> Result<(), FleetError> {
+    pub(crate) fn visible(&self, id: InstanceId, scope: &TenantScope) -> Result<(), FleetError> {
         match self.view().tenant(id) {
             Some(tenant) if scope.allows(tenant.as_ref()) => Ok(()),
             _ => Err(FleetError::InstanceNotFound(id)),

@@ -65,6 +65,7 @@
 
 pub mod ca;
 mod clock;
+pub mod command;
 pub mod csr;
 mod enroll;
 pub mod error;
@@ -78,6 +79,7 @@ pub mod live;
 mod maintenance;
 pub mod memory;
 pub mod metrics;
+pub mod policy;
 mod random;
 pub mod staleness;
 pub mod store;
@@ -92,6 +94,10 @@ pub mod token;
 
 pub use ca::{CertificateAuthority, IssuancePolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use command::{
+    BatchId, Command, CommandId, CommandKind, CommandOutcome, CommandResult, CommandState,
+    CommandTarget, EnqueueReport, Exchange, NewCommand, Payload, ReportedResult,
+};
 pub use enroll::{AuthError, EnrollError, EnrollRequest, Enrollment, EnrollmentPolicy, RenewError};
 pub use error::{FleetError, StoreError, ValidationError};
 pub use filter::{Filter, FilterParseError, TagSelector, Term};
@@ -103,6 +109,7 @@ pub use live::{CertificateCheck, Cursor, InstanceView, LiveMetrics, LiveView, Pa
 pub use maintenance::{Maintenance, MaintenanceConfig, MaintenanceEvent};
 pub use memory::MemoryStore;
 pub use metrics::{MetricsSample, NetworkRates};
+pub use policy::{Compliance, NewPolicy, Policy, PolicyName, PolicyResult, Rule, Verdict};
 pub use random::RandomError;
 pub use staleness::{StalenessPolicy, StalenessState, Status, Transition};
 pub use store::FleetStore;

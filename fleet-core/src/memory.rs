@@ -4,19 +4,23 @@
 //! conformance suite. Use it in tests and for control planes that can rebuild their fleet from
 //! elsewhere; nothing survives the process.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
+use crate::command::{
+    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, CommandState, Delivery,
+    Enqueued,
+};
 use crate::error::{RecordKind, StoreError};
 use crate::identity::{Fingerprint, Serial};
 use crate::live::StatusChange;
 use crate::store::{
-    CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, EnrollCommit,
-    EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq,
-    StatusChangeQuery, StoreResult, TokenStore,
+    CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, CommandStore,
+    EnrollCommit, EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, HistoryStore,
+    InstanceStore, Seq, StatusChangeQuery, StoreResult, TokenStore,
 };
 use crate::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
 use crate::{Groups, Instance, InstanceId, Tags, Timestamp};
@@ -38,6 +42,11 @@ struct State {
     /// Recorded status changes, in recording order, and the set of them.
     history: Vec<StatusChange>,
     recorded: std::collections::HashSet<StatusChange>,
+    commands: BTreeMap<CommandId, Command>,
+    /// (instance, idempotency key) → command.
+    command_keys: HashMap<(InstanceId, String), CommandId>,
+    /// Open commands by instance, oldest first.
+    open_commands: BTreeSet<(InstanceId, CommandId)>,
 }
 
 fn token_not_found(id: &TokenId) -> StoreError {
@@ -431,5 +440,180 @@ impl HistoryStore for MemoryStore {
             .collect();
         out.sort_by_key(|(i, c)| std::cmp::Reverse((c.transition.at, *i)));
         Ok(out.into_iter().take(query.limit).map(|(_, c)| c).collect())
+    }
+}
+
+fn command_not_found(id: CommandId) -> StoreError {
+    StoreError::NotFound {
+        kind: RecordKind::Command,
+        id: id.to_string(),
+    }
+}
+
+#[async_trait]
+impl CommandStore for MemoryStore {
+    async fn enqueue_commands(&self, commands: &[Command]) -> StoreResult<Vec<Enqueued>> {
+        let mut s = self.lock();
+        let mut out = Vec::with_capacity(commands.len());
+        for c in commands {
+            if let Some(key) = &c.idempotency_key
+                && let Some(existing) = s
+                    .command_keys
+                    .get(&(c.instance, key.clone()))
+                    .and_then(|id| s.commands.get(id))
+            {
+                out.push(Enqueued::Existing(existing.clone()));
+                continue;
+            }
+            if s.commands.contains_key(&c.id) {
+                return Err(StoreError::AlreadyExists {
+                    kind: RecordKind::Command,
+                    id: c.id.to_string(),
+                });
+            }
+            if let Some(key) = &c.idempotency_key {
+                s.command_keys.insert((c.instance, key.clone()), c.id);
+            }
+            if !c.state.is_finished() {
+                s.open_commands.insert((c.instance, c.id));
+            }
+            s.commands.insert(c.id, c.clone());
+            out.push(Enqueued::Created(c.clone()));
+        }
+        Ok(out)
+    }
+
+    async fn get_command(&self, id: CommandId) -> StoreResult<Option<Command>> {
+        Ok(self.lock().commands.get(&id).cloned())
+    }
+
+    async fn list_commands(&self, query: &CommandQuery) -> StoreResult<Vec<Command>> {
+        let s = self.lock();
+        Ok(s.commands
+            .values()
+            .rev()
+            .filter(|c| query.matches(c))
+            .take(query.limit)
+            .cloned()
+            .collect())
+    }
+
+    async fn deliver_commands(
+        &self,
+        instance: InstanceId,
+        now: Timestamp,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> StoreResult<Delivery> {
+        let mut s = self.lock();
+        let State {
+            commands,
+            open_commands,
+            ..
+        } = &mut *s;
+        let ids: Vec<CommandId> = open_commands
+            .range(
+                (instance, CommandId::from_u128(0))..=(instance, CommandId::from_u128(u128::MAX)),
+            )
+            .map(|&(_, id)| id)
+            .collect();
+        let mut delivery = Delivery::default();
+        for id in ids {
+            let Some(c) = commands.get_mut(&id) else {
+                continue;
+            };
+            if c.expired_at(now) {
+                c.expire(now);
+                open_commands.remove(&(instance, id));
+                continue;
+            }
+            delivery.open += 1;
+            if delivery.commands.len() < limit && c.deliverable(now) {
+                c.deliver(now, lease);
+                delivery.commands.push(c.clone());
+            }
+        }
+        Ok(delivery)
+    }
+
+    async fn complete_command(
+        &self,
+        instance: InstanceId,
+        id: CommandId,
+        outcome: CommandOutcome,
+        result: &CommandResult,
+        now: Timestamp,
+    ) -> StoreResult<Command> {
+        let mut s = self.lock();
+        let c = s
+            .commands
+            .get_mut(&id)
+            .filter(|c| c.instance == instance)
+            .ok_or_else(|| command_not_found(id))?;
+        c.complete(outcome, result.clone(), now);
+        let c = c.clone();
+        if c.state.is_finished() {
+            s.open_commands.remove(&(instance, id));
+        }
+        Ok(c)
+    }
+
+    async fn cancel_command(&self, id: CommandId, now: Timestamp) -> StoreResult<Command> {
+        let mut s = self.lock();
+        let c = s
+            .commands
+            .get_mut(&id)
+            .ok_or_else(|| command_not_found(id))?;
+        if c.state != CommandState::Queued {
+            return Err(StoreError::Conflict(format!(
+                "command {id} is {}, only a queued command can be cancelled",
+                c.state
+            )));
+        }
+        c.state = CommandState::Cancelled;
+        c.finished_at = Some(now);
+        let c = c.clone();
+        s.open_commands.remove(&(c.instance, id));
+        Ok(c)
+    }
+
+    async fn expire_commands(&self, now: Timestamp) -> StoreResult<usize> {
+        let mut s = self.lock();
+        let State {
+            commands,
+            open_commands,
+            ..
+        } = &mut *s;
+        let mut n = 0;
+        open_commands.retain(|(_, id)| match commands.get_mut(id) {
+            Some(c) if c.expired_at(now) => {
+                c.expire(now);
+                n += 1;
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        Ok(n)
+    }
+
+    async fn instances_with_open_commands(&self) -> StoreResult<Vec<InstanceId>> {
+        let s = self.lock();
+        let mut out: Vec<InstanceId> = s.open_commands.iter().map(|&(i, _)| i).collect();
+        out.dedup();
+        Ok(out)
+    }
+
+    async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize> {
+        let mut s = self.lock();
+        let State {
+            commands,
+            command_keys,
+            ..
+        } = &mut *s;
+        let n = commands.len();
+        commands.retain(|_, c| c.finished_at.is_none_or(|f| f >= before));
+        command_keys.retain(|_, id| commands.contains_key(id));
+        Ok(n - commands.len())
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A store is split by concern — [`InstanceStore`], [`HeartbeatStore`], [`ChangeFeed`],
 //! [`TokenStore`] (tokens, ledger, the atomic enrollment), [`CertificateStore`] (CA material,
-//! certificate serials, revocations) and [`HistoryStore`] (the status-change log) — and
+//! certificate serials, revocations), [`HistoryStore`] (the status-change log) and
+//! [`CommandStore`] (the command queue) — and
 //! [`FleetStore`] is their sum, implemented automatically for any type that implements all of
 //! them. The traits are object-safe (`Arc<dyn FleetStore>` works) and forwarded through `Arc<T>`.
 //!
@@ -22,6 +23,9 @@ use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
+use crate::command::{
+    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, Delivery, Enqueued,
+};
 use crate::error::StoreError;
 use crate::identity::{Fingerprint, Serial};
 use crate::live::StatusChange;
@@ -374,9 +378,75 @@ pub trait HistoryStore: Debug + Send + Sync + 'static {
     async fn status_changes(&self, query: &StatusChangeQuery) -> StoreResult<Vec<StatusChange>>;
 }
 
+/// The command queue; see [`crate::command`] for the life of a command.
+///
+/// Every method that changes a command is **atomic** (concurrent calls behave as if run one at a
+/// time) and **durable before returning**.
+#[async_trait]
+pub trait CommandStore: Debug + Send + Sync + 'static {
+    /// Stores each command (state [`Queued`](crate::CommandState::Queued)) unless the same
+    /// instance already has a command with the same idempotency key, in which case that one is
+    /// returned as [`Enqueued::Existing`] and nothing is written for it. **Contract:** atomic per
+    /// command — any number of concurrent enqueues with one key store exactly one command — and
+    /// durable before returning; results in input order. [`StoreError::AlreadyExists`] when a
+    /// command id is taken.
+    async fn enqueue_commands(&self, commands: &[Command]) -> StoreResult<Vec<Enqueued>>;
+
+    /// The command with this id, if any.
+    async fn get_command(&self, id: CommandId) -> StoreResult<Option<Command>>;
+
+    /// The commands matching `query`, newest (highest id) first, at most `query.limit`.
+    async fn list_commands(&self, query: &CommandQuery) -> StoreResult<Vec<Command>>;
+
+    /// Hands out the instance's deliverable commands, **atomically**: its open commands whose
+    /// time-to-live has passed become expired (and are not delivered); then, oldest first, up to
+    /// `limit` commands that are queued, or delivered with their lease run out, become delivered
+    /// with a lease until `now + lease` and are returned. Two concurrent deliveries never return
+    /// the same command while its lease runs. Durable before returning.
+    async fn deliver_commands(
+        &self,
+        instance: InstanceId,
+        now: Timestamp,
+        lease: std::time::Duration,
+        limit: usize,
+    ) -> StoreResult<Delivery>;
+
+    /// Records an agent's result for one of its commands: an open command becomes succeeded or
+    /// failed; a finished one is returned unchanged (results are delivered at least once).
+    /// [`StoreError::NotFound`] when the command does not exist or is another instance's.
+    async fn complete_command(
+        &self,
+        instance: InstanceId,
+        id: CommandId,
+        outcome: CommandOutcome,
+        result: &CommandResult,
+        now: Timestamp,
+    ) -> StoreResult<Command>;
+
+    /// Cancels a queued command. [`StoreError::Conflict`] (and no change) when it is no longer
+    /// queued — a cancel racing a delivery ends in exactly one of the two;
+    /// [`StoreError::NotFound`] when unknown.
+    async fn cancel_command(&self, id: CommandId, now: Timestamp) -> StoreResult<Command>;
+
+    /// Marks every open command whose time-to-live passed at `now` expired; returns how many.
+    async fn expire_commands(&self, now: Timestamp) -> StoreResult<usize>;
+
+    /// The instances that have open (queued or delivered) commands.
+    async fn instances_with_open_commands(&self) -> StoreResult<Vec<InstanceId>>;
+
+    /// Deletes finished commands that finished before `before` (retention); returns how many.
+    async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize>;
+}
+
 /// Everything a control plane needs from its store.
 pub trait FleetStore:
-    InstanceStore + HeartbeatStore + ChangeFeed + TokenStore + CertificateStore + HistoryStore
+    InstanceStore
+    + HeartbeatStore
+    + ChangeFeed
+    + TokenStore
+    + CertificateStore
+    + HistoryStore
+    + CommandStore
 {
 }
 
@@ -387,6 +457,7 @@ impl<
         + TokenStore
         + CertificateStore
         + HistoryStore
+        + CommandStore
         + ?Sized,
 > FleetStore for T
 {
@@ -511,6 +582,52 @@ macro_rules! forward {
                 query: &StatusChangeQuery,
             ) -> StoreResult<Vec<StatusChange>> {
                 (**self).status_changes(query).await
+            }
+        }
+
+        #[async_trait]
+        impl<T: CommandStore + ?Sized> CommandStore for $wrapper<T> {
+            async fn enqueue_commands(&self, commands: &[Command]) -> StoreResult<Vec<Enqueued>> {
+                (**self).enqueue_commands(commands).await
+            }
+            async fn get_command(&self, id: CommandId) -> StoreResult<Option<Command>> {
+                (**self).get_command(id).await
+            }
+            async fn list_commands(&self, query: &CommandQuery) -> StoreResult<Vec<Command>> {
+                (**self).list_commands(query).await
+            }
+            async fn deliver_commands(
+                &self,
+                instance: InstanceId,
+                now: Timestamp,
+                lease: std::time::Duration,
+                limit: usize,
+            ) -> StoreResult<Delivery> {
+                (**self).deliver_commands(instance, now, lease, limit).await
+            }
+            async fn complete_command(
+                &self,
+                instance: InstanceId,
+                id: CommandId,
+                outcome: CommandOutcome,
+                result: &CommandResult,
+                now: Timestamp,
+            ) -> StoreResult<Command> {
+                (**self)
+                    .complete_command(instance, id, outcome, result, now)
+                    .await
+            }
+            async fn cancel_command(&self, id: CommandId, now: Timestamp) -> StoreResult<Command> {
+                (**self).cancel_command(id, now).await
+            }
+            async fn expire_commands(&self, now: Timestamp) -> StoreResult<usize> {
+                (**self).expire_commands(now).await
+            }
+            async fn instances_with_open_commands(&self) -> StoreResult<Vec<InstanceId>> {
+                (**self).instances_with_open_commands().await
+            }
+            async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize> {
+                (**self).prune_commands(before).await
             }
         }
     };

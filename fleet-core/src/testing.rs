@@ -22,6 +22,10 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::command::{
+    BatchId, Command, CommandId, CommandKind, CommandOutcome, CommandQuery, CommandResult,
+    CommandState, Enqueued, Payload,
+};
 use crate::enroll::{AuthError, EnrollError, EnrollRequest, Enrollment};
 use crate::store::{ChangeKind, FleetStore, HeartbeatRecord};
 use crate::token::{LedgerOutcome, MaxUses, NewToken};
@@ -1181,6 +1185,459 @@ pub async fn status_changes_round_trip(store: DynStore) {
     );
 }
 
+/// A queued command for tests: kind `ping`, payload `{"n": n}`, created at `at`, living `ttl`.
+pub fn command(instance: InstanceId, n: u32, at: Timestamp, ttl: Duration) -> Command {
+    Command {
+        id: CommandId::new(at).unwrap_or_else(|e| panic!("{e}")),
+        batch: None,
+        instance,
+        tenant: None,
+        kind: CommandKind::new("ping").unwrap_or_else(|e| panic!("{e}")),
+        payload: Payload::from_value(&serde_json::json!({ "n": n }))
+            .unwrap_or_else(|e| panic!("{e}")),
+        idempotency_key: None,
+        state: CommandState::Queued,
+        created_at: at,
+        expires_at: at.saturating_add(ttl),
+        delivered_at: None,
+        lease_until: None,
+        deliveries: 0,
+        finished_at: None,
+        result: None,
+    }
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+
+fn at(secs: u64) -> Timestamp {
+    T0.saturating_add(Duration::from_secs(secs))
+}
+
+/// A command's life through the store: enqueue, get, list (newest first, paged, by instance,
+/// batch and state), delivery with a lease and redelivery after it, results (recorded once; a
+/// second result changes nothing; another instance's result is `NotFound`), cancel (only while
+/// queued), expiry, and pruning of finished commands.
+pub async fn command_lifecycle(store: DynStore) {
+    let a = InstanceId::random();
+    let b = InstanceId::random();
+    let batch = BatchId::new(T0).unwrap_or_else(|e| panic!("{e}"));
+    let mut cmds = Vec::new();
+    for n in 0..5u32 {
+        let mut c = command(a, n, at(u64::from(n)), DAY);
+        if n >= 3 {
+            c.batch = Some(batch);
+        }
+        cmds.push(c);
+    }
+    let other = command(b, 9, at(10), DAY);
+    let stored = ok("enqueue", store.enqueue_commands(&cmds)).await;
+    assert!(stored.iter().all(|e| matches!(e, Enqueued::Created(_))));
+    ok(
+        "enqueue",
+        store.enqueue_commands(std::slice::from_ref(&other)),
+    )
+    .await;
+    assert!(
+        store.enqueue_commands(&cmds[..1]).await.is_err(),
+        "a taken command id is refused"
+    );
+    assert_eq!(
+        ok("get", store.get_command(cmds[0].id)).await.as_ref(),
+        Some(&cmds[0])
+    );
+    assert_eq!(
+        ok("get", store.get_command(CommandId::from_u128(7))).await,
+        None
+    );
+
+    let list = |q: CommandQuery| {
+        let store = Arc::clone(&store);
+        async move { ok("list", store.list_commands(&q)).await }
+    };
+    let all = list(CommandQuery {
+        limit: 100,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(all.len(), 6);
+    assert!(all.windows(2).all(|w| w[0].id > w[1].id), "newest first");
+    let page1 = list(CommandQuery {
+        instance: Some(a),
+        limit: 2,
+        ..CommandQuery::default()
+    })
+    .await;
+    let page2 = list(CommandQuery {
+        instance: Some(a),
+        before: page1.last().map(|c| c.id),
+        limit: 10,
+        ..CommandQuery::default()
+    })
+    .await;
+    let ids: Vec<CommandId> = page1.iter().chain(&page2).map(|c| c.id).collect();
+    let mut expected: Vec<CommandId> = cmds.iter().map(|c| c.id).collect();
+    expected.reverse();
+    assert_eq!(
+        ids, expected,
+        "pages by instance cover its commands newest first"
+    );
+    let of_batch = list(CommandQuery {
+        batch: Some(batch),
+        limit: 10,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(
+        of_batch.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![cmds[4].id, cmds[3].id]
+    );
+    assert_eq!(list(CommandQuery::default()).await.len(), 0, "limit 0");
+
+    // Delivery: oldest first, at most `limit`, each with a lease.
+    let d = ok("deliver", store.deliver_commands(a, at(100), LEASE, 2)).await;
+    assert_eq!(
+        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![cmds[0].id, cmds[1].id]
+    );
+    assert_eq!(d.open, 5);
+    for c in &d.commands {
+        assert_eq!(c.state, CommandState::Delivered);
+        assert_eq!(c.delivered_at, Some(at(100)));
+        assert_eq!(c.lease_until, Some(at(160)));
+        assert_eq!(c.deliveries, 1);
+    }
+    let d = ok("deliver", store.deliver_commands(a, at(101), LEASE, 10)).await;
+    assert_eq!(
+        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![cmds[2].id, cmds[3].id, cmds[4].id],
+        "leased commands are not handed out again"
+    );
+    assert!(
+        ok("deliver", store.deliver_commands(a, at(150), LEASE, 10))
+            .await
+            .commands
+            .is_empty()
+    );
+
+    // Cancel: only while queued.
+    match store.cancel_command(cmds[0].id, at(150)).await {
+        Err(StoreError::Conflict(_)) => {}
+        other => panic!("cancelling a delivered command must be a Conflict, got {other:?}"),
+    }
+    assert_eq!(
+        ok("get", store.get_command(cmds[0].id))
+            .await
+            .map(|c| c.state),
+        Some(CommandState::Delivered)
+    );
+    assert!(matches!(
+        store.cancel_command(CommandId::from_u128(7), at(150)).await,
+        Err(StoreError::NotFound { .. })
+    ));
+    let cancelled = ok("cancel", store.cancel_command(other.id, at(150))).await;
+    assert_eq!(cancelled.state, CommandState::Cancelled);
+    assert_eq!(cancelled.finished_at, Some(at(150)));
+    assert!(
+        ok("deliver", store.deliver_commands(b, at(151), LEASE, 10))
+            .await
+            .commands
+            .is_empty()
+    );
+
+    // Results.
+    let result = CommandResult::new(Some(0), "pong");
+    assert!(
+        matches!(
+            store
+                .complete_command(b, cmds[0].id, CommandOutcome::Succeeded, &result, at(155))
+                .await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "another instance's result"
+    );
+    let done = ok(
+        "complete",
+        store.complete_command(a, cmds[0].id, CommandOutcome::Succeeded, &result, at(155)),
+    )
+    .await;
+    assert_eq!(done.state, CommandState::Succeeded);
+    assert_eq!(done.result.as_ref(), Some(&result));
+    assert_eq!(done.finished_at, Some(at(155)));
+    assert_eq!(done.lease_until, None);
+    let again = ok(
+        "complete",
+        store.complete_command(
+            a,
+            cmds[0].id,
+            CommandOutcome::Failed,
+            &CommandResult::new(Some(1), "late"),
+            at(156),
+        ),
+    )
+    .await;
+    assert_eq!(again, done, "a second result changes nothing");
+
+    // After the lease: the unanswered ones are delivered again.
+    let d = ok("deliver", store.deliver_commands(a, at(160), LEASE, 10)).await;
+    assert_eq!(
+        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![cmds[1].id]
+    );
+    assert_eq!(d.commands[0].deliveries, 2);
+    assert_eq!(
+        d.commands[0].delivered_at,
+        Some(at(100)),
+        "first delivery time kept"
+    );
+    assert_eq!(d.open, 4);
+    let open = ok("open", store.instances_with_open_commands()).await;
+    assert_eq!(open, vec![a]);
+
+    // Expiry and pruning.
+    let expired = ok(
+        "expire",
+        store.expire_commands(
+            T0.saturating_add(DAY)
+                .saturating_add(Duration::from_secs(10)),
+        ),
+    )
+    .await;
+    assert_eq!(expired, 4);
+    assert!(
+        ok("open", store.instances_with_open_commands())
+            .await
+            .is_empty()
+    );
+    let states = list(CommandQuery {
+        state: Some(CommandState::Expired),
+        limit: 10,
+        ..CommandQuery::default()
+    })
+    .await;
+    assert_eq!(states.len(), 4);
+    let pruned = ok("prune", store.prune_commands(at(156))).await;
+    assert_eq!(
+        pruned, 2,
+        "the succeeded and the cancelled command finished before the cut"
+    );
+    assert_eq!(ok("get", store.get_command(cmds[0].id)).await, None);
+    assert_eq!(
+        list(CommandQuery {
+            limit: 100,
+            ..CommandQuery::default()
+        })
+        .await
+        .len(),
+        4
+    );
+}
+
+/// Concurrent enqueues with one idempotency key for one instance store exactly one command; all
+/// callers get that command back. The same key for another instance is a different command.
+pub async fn idempotency_key_deduplicates_concurrent_enqueues(store: DynStore) {
+    let a = InstanceId::random();
+    let b = InstanceId::random();
+    let mut tasks = Vec::new();
+    for n in 0..32u32 {
+        let store = Arc::clone(&store);
+        let instance = if n == 31 { b } else { a };
+        tasks.push(tokio::spawn(async move {
+            let mut c = command(instance, n, T0, DAY);
+            c.idempotency_key = Some("deploy-42".into());
+            ok("enqueue", store.enqueue_commands(&[c])).await.remove(0)
+        }));
+    }
+    let mut created = 0;
+    let mut ids_a = HashSet::new();
+    for t in tasks {
+        let e = t.await.unwrap_or_else(|e| panic!("task failed: {e}"));
+        created += usize::from(matches!(e, Enqueued::Created(_)));
+        if e.command().instance == a {
+            ids_a.insert(e.command().id);
+        }
+    }
+    assert_eq!(created, 2, "one command per instance and key");
+    assert_eq!(ids_a.len(), 1, "every caller got the one stored command");
+    let listed = ok(
+        "list",
+        store.list_commands(&CommandQuery {
+            instance: Some(a),
+            limit: 100,
+            ..CommandQuery::default()
+        }),
+    )
+    .await;
+    assert_eq!(listed.len(), 1);
+    let d = ok("deliver", store.deliver_commands(a, at(1), LEASE, 100)).await;
+    assert_eq!(d.commands.len(), 1, "one delivery, not 31");
+}
+
+/// Concurrent deliveries of one instance's queue never hand the same command to two heartbeats
+/// while its lease runs; after the lease, concurrent redeliveries again hand each out once.
+pub async fn concurrent_deliveries_never_double_deliver(store: DynStore) {
+    let a = InstanceId::random();
+    let cmds: Vec<Command> = (0..40)
+        .map(|n| command(a, n, at(u64::from(n)), DAY))
+        .collect();
+    ok("enqueue", store.enqueue_commands(&cmds)).await;
+    for (round, now) in [(1, at(100)), (2, at(100).saturating_add(LEASE))] {
+        let mut tasks = Vec::new();
+        for _ in 0..12 {
+            let store = Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                ok("deliver", store.deliver_commands(a, now, LEASE, 5))
+                    .await
+                    .commands
+            }));
+        }
+        let mut seen = HashSet::new();
+        for t in tasks {
+            for c in t.await.unwrap_or_else(|e| panic!("task failed: {e}")) {
+                assert_eq!(c.deliveries, round);
+                assert!(
+                    seen.insert(c.id),
+                    "round {round}: command {} handed out twice",
+                    c.id
+                );
+            }
+        }
+        assert_eq!(
+            seen.len(),
+            40,
+            "round {round}: 12 deliveries of 5 cover all 40 commands"
+        );
+    }
+}
+
+/// A command whose time-to-live has passed is never delivered — neither a queued one nor a
+/// delivered one whose lease ran out — and ends expired.
+pub async fn expired_commands_are_never_delivered(store: DynStore) {
+    let a = InstanceId::random();
+    let short = command(a, 0, at(0), Duration::from_secs(30));
+    let leased = command(a, 1, at(1), Duration::from_secs(89));
+    let long = command(a, 2, at(2), DAY);
+    ok(
+        "enqueue",
+        store.enqueue_commands(&[short.clone(), leased.clone(), long.clone()]),
+    )
+    .await;
+    let d = ok("deliver", store.deliver_commands(a, at(29), LEASE, 1)).await;
+    assert_eq!(
+        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![short.id]
+    );
+    // At 30 s `short` (delivered, lease until 89 s) expires; `leased` is delivered.
+    let d = ok("deliver", store.deliver_commands(a, at(30), LEASE, 1)).await;
+    assert_eq!(
+        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![leased.id]
+    );
+    assert_eq!(d.open, 2);
+    assert_eq!(
+        ok("get", store.get_command(short.id))
+            .await
+            .map(|c| c.state),
+        Some(CommandState::Expired)
+    );
+    // At 90 s `leased`'s lease ran out, but so did its time-to-live.
+    let d = ok("deliver", store.deliver_commands(a, at(90), LEASE, 10)).await;
+    assert_eq!(
+        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![long.id]
+    );
+    assert_eq!(
+        ok("get", store.get_command(leased.id))
+            .await
+            .map(|c| c.state),
+        Some(CommandState::Expired)
+    );
+    let late = ok(
+        "complete",
+        store.complete_command(
+            a,
+            leased.id,
+            CommandOutcome::Succeeded,
+            &CommandResult::default(),
+            at(91),
+        ),
+    )
+    .await;
+    assert_eq!(
+        late.state,
+        CommandState::Expired,
+        "a result after expiry changes nothing"
+    );
+    // expire_commands does the same without a delivery.
+    let queued = command(a, 3, at(100), Duration::from_secs(10));
+    ok(
+        "enqueue",
+        store.enqueue_commands(std::slice::from_ref(&queued)),
+    )
+    .await;
+    assert_eq!(ok("expire", store.expire_commands(at(109))).await, 0);
+    assert_eq!(ok("expire", store.expire_commands(at(110))).await, 1);
+    let d = ok("deliver", store.deliver_commands(a, at(110), LEASE, 10)).await;
+    assert!(d.commands.iter().all(|c| c.id != queued.id));
+}
+
+/// A cancel racing a delivery ends in exactly one of the two: the command is either cancelled
+/// (and was never handed out) or delivered (and the cancel was refused with `Conflict`).
+pub async fn cancel_races_delivery(store: DynStore) {
+    let a = InstanceId::random();
+    let cmds: Vec<Command> = (0..40)
+        .map(|n| command(a, n, at(u64::from(n)), DAY))
+        .collect();
+    ok("enqueue", store.enqueue_commands(&cmds)).await;
+    let mut cancels = Vec::new();
+    for c in &cmds {
+        let store = Arc::clone(&store);
+        let id = c.id;
+        cancels.push(tokio::spawn(async move {
+            (id, store.cancel_command(id, at(100)).await)
+        }));
+    }
+    let mut deliveries = Vec::new();
+    for _ in 0..8 {
+        let store = Arc::clone(&store);
+        deliveries.push(tokio::spawn(async move {
+            ok("deliver", store.deliver_commands(a, at(100), LEASE, 5))
+                .await
+                .commands
+        }));
+    }
+    let mut delivered = HashSet::new();
+    for d in deliveries {
+        for c in d.await.unwrap_or_else(|e| panic!("task failed: {e}")) {
+            assert!(delivered.insert(c.id));
+        }
+    }
+    for t in cancels {
+        let (id, r) = t.await.unwrap_or_else(|e| panic!("task failed: {e}"));
+        let stored = ok("get", store.get_command(id))
+            .await
+            .unwrap_or_else(|| panic!("{id} lost"));
+        match r {
+            Ok(c) => {
+                assert_eq!(c.state, CommandState::Cancelled);
+                assert_eq!(stored.state, CommandState::Cancelled);
+                assert!(
+                    !delivered.contains(&id),
+                    "{id} both cancelled and delivered"
+                );
+            }
+            Err(StoreError::Conflict(_)) => {
+                assert!(
+                    delivered.contains(&id),
+                    "{id}: cancel refused but not delivered"
+                );
+                assert_eq!(stored.state, CommandState::Delivered);
+            }
+            Err(e) => panic!("cancel failed: {e}"),
+        }
+    }
+}
+
 /// Emits one `#[tokio::test]` per conformance property for a store builder.
 ///
 /// The argument is an expression evaluating to a future of `(guard, store)`: the guard (a temp
@@ -1211,6 +1668,11 @@ macro_rules! store_conformance_tests {
             renewal_and_revocation,
             reenrollment_after_expiry,
             status_changes_round_trip,
+            command_lifecycle,
+            idempotency_key_deduplicates_concurrent_enqueues,
+            concurrent_deliveries_never_double_deliver,
+            expired_commands_are_never_delivered,
+            cancel_races_delivery,
         );
     };
     (@each $build:expr; $($name:ident),* $(,)?) => {

@@ -7,11 +7,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_core::ca::{CaMaterial, RevokedCertificate};
+use fleet_core::command::{
+    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, Delivery, Enqueued,
+};
 use fleet_core::identity::Fingerprint;
 use fleet_core::store::{
-    CertificateChange, CertificateStore, Change, ChangeFeed, EnrollCommit, EnrollResult,
-    HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq, StatusChangeQuery,
-    StoreResult, TokenStore,
+    CertificateChange, CertificateStore, Change, ChangeFeed, CommandStore, EnrollCommit,
+    EnrollResult, HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq,
+    StatusChangeQuery, StoreResult, TokenStore,
 };
 use fleet_core::token::{LedgerEntry, RegistrationToken, TokenId};
 use fleet_core::{
@@ -474,6 +477,50 @@ impl HistoryStore for Flaky {
         q: &StatusChangeQuery,
     ) -> StoreResult<Vec<fleet_core::StatusChange>> {
         self.inner.status_changes(q).await
+    }
+}
+
+#[async_trait]
+impl CommandStore for Flaky {
+    async fn enqueue_commands(&self, c: &[Command]) -> StoreResult<Vec<Enqueued>> {
+        self.inner.enqueue_commands(c).await
+    }
+    async fn get_command(&self, id: CommandId) -> StoreResult<Option<Command>> {
+        self.inner.get_command(id).await
+    }
+    async fn list_commands(&self, q: &CommandQuery) -> StoreResult<Vec<Command>> {
+        self.inner.list_commands(q).await
+    }
+    async fn deliver_commands(
+        &self,
+        i: InstanceId,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> StoreResult<Delivery> {
+        self.inner.deliver_commands(i, now, lease, limit).await
+    }
+    async fn complete_command(
+        &self,
+        i: InstanceId,
+        id: CommandId,
+        o: CommandOutcome,
+        r: &CommandResult,
+        now: Timestamp,
+    ) -> StoreResult<Command> {
+        self.inner.complete_command(i, id, o, r, now).await
+    }
+    async fn cancel_command(&self, id: CommandId, now: Timestamp) -> StoreResult<Command> {
+        self.inner.cancel_command(id, now).await
+    }
+    async fn expire_commands(&self, now: Timestamp) -> StoreResult<usize> {
+        self.inner.expire_commands(now).await
+    }
+    async fn instances_with_open_commands(&self) -> StoreResult<Vec<InstanceId>> {
+        self.inner.instances_with_open_commands().await
+    }
+    async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize> {
+        self.inner.prune_commands(before).await
     }
 }
 

@@ -50,6 +50,14 @@
 //! | `revoked` | serial | revoked certificate |
 //! | `history` | time (u64 BE, sign flipped) + instance id + statuses | status change (alerts, uptime) |
 //! | `history_by_instance` | instance id + `history` key | (index) |
+//! | `commands` | command id (16 bytes, time-ordered) | command |
+//! | `commands_by_instance` | instance id + command id | (index) |
+//! | `commands_open` | instance id + command id | (index of queued and delivered commands) |
+//! | `command_keys` | instance id + idempotency key | command id |
+//! | `commands_by_batch` | batch id + command id | (index) |
+//! | `fleet_alerts` | time (u64 BE, sign flipped) + alert id | fleet-level alert |
+//! | `trends` | bucket start (u64 BE, sign flipped) | fleet trend bucket |
+//! | `policies` | policy name | compliance policy |
 //!
 //! ## Backup and restore
 //!
@@ -70,6 +78,7 @@
 )]
 
 mod codec;
+mod commands;
 mod journal;
 mod store;
 
@@ -90,7 +99,15 @@ pub const LAYOUT_VERSION: u8 = 1;
 /// Change-feed entries kept; older ones are pruned (readers that fall behind reconcile).
 pub const FEED_RETENTION: u64 = 1 << 20;
 /// The trees of a fleet store.
-const TREE_NAMES: [&str; 11] = [
+const TREE_NAMES: [&str; 19] = [
+    "commands",
+    "commands_by_instance",
+    "commands_open",
+    "command_keys",
+    "commands_by_batch",
+    "fleet_alerts",
+    "trends",
+    "policies",
     "history",
     "history_by_instance",
     "meta",
@@ -192,6 +209,14 @@ pub(crate) struct Trees {
     pub(crate) revoked: sled::Tree,
     pub(crate) history: sled::Tree,
     pub(crate) history_by_instance: sled::Tree,
+    pub(crate) commands: sled::Tree,
+    pub(crate) commands_by_instance: sled::Tree,
+    pub(crate) commands_open: sled::Tree,
+    pub(crate) command_keys: sled::Tree,
+    pub(crate) commands_by_batch: sled::Tree,
+    pub(crate) fleet_alerts: sled::Tree,
+    pub(crate) trends: sled::Tree,
+    pub(crate) policies: sled::Tree,
     /// Heartbeat state journaled but not yet compacted into `state`, with the journal file. The
     /// mutex also serializes journal appends with compaction.
     pub(crate) overlay: std::sync::Mutex<store::Overlay>,
@@ -283,6 +308,14 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         revoked: tree("revoked")?,
         history: tree("history")?,
         history_by_instance: tree("history_by_instance")?,
+        commands: tree("commands")?,
+        commands_by_instance: tree("commands_by_instance")?,
+        commands_open: tree("commands_open")?,
+        command_keys: tree("command_keys")?,
+        commands_by_batch: tree("commands_by_batch")?,
+        fleet_alerts: tree("fleet_alerts")?,
+        trends: tree("trends")?,
+        policies: tree("policies")?,
         overlay: std::sync::Mutex::new(store::Overlay::new(journal)),
         path: p(),
         db,

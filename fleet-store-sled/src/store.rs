@@ -33,17 +33,17 @@ pub(crate) fn backend(e: impl std::error::Error + Send + Sync + 'static) -> Stor
     }
 }
 
-type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
+pub(crate) type TxResult<T> = ConflictableTransactionResult<T, StoreError>;
 
-fn abort<T>(e: StoreError) -> TxResult<T> {
+pub(crate) fn abort<T>(e: StoreError) -> TxResult<T> {
     Err(ConflictableTransactionError::Abort(e))
 }
 
-fn tx<T>(r: Result<T, StoreError>) -> TxResult<T> {
+pub(crate) fn tx<T>(r: Result<T, StoreError>) -> TxResult<T> {
     r.map_err(ConflictableTransactionError::Abort)
 }
 
-fn finish<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
+pub(crate) fn finish<T>(r: Result<T, TransactionError<StoreError>>) -> Result<T, StoreError> {
     r.map_err(|e| match e {
         TransactionError::Abort(e) => e,
         TransactionError::Storage(e) => backend(e),
