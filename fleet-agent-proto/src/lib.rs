@@ -6,7 +6,7 @@
 //! | route | authentication | request | response |
 //! |---|---|---|---|
 //! | `POST /v1/enroll` | TLS, no client certificate; the registration token in the body | [`EnrollRequest`] (≤ 16 KiB) | [`EnrollResponse`] |
-//! | `POST /v1/heartbeat` | client certificate issued by the fleet CA | [`HeartbeatRequest`] (≤ 64 KiB) | [`HeartbeatResponse`] |
+//! | `POST /v1/heartbeat` | client certificate issued by the fleet CA | [`HeartbeatRequest`] (≤ 256 KiB) | [`HeartbeatResponse`] |
 //! | `POST /v1/renew` | client certificate issued by the fleet CA | [`RenewRequest`] (≤ 16 KiB) | [`RenewResponse`] |
 //!
 //! Every error is an [`ErrorBody`], `{"error": {"code": "...", "message": "..."}}`, with the HTTP
@@ -40,14 +40,20 @@
 pub mod client;
 mod error;
 mod messages;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod runner;
 #[cfg(feature = "server")]
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
 
 pub use error::{ErrorBody, ErrorCode, ErrorDetail};
 pub use fleet_core;
+pub use fleet_core::CommandOutcome;
+/// Longest command output the server keeps; longer output is cut at a character boundary.
+pub use fleet_core::command::MAX_COMMAND_OUTPUT;
 pub use messages::{
-    AgentCommand, CommandOutcome, CommandResult, EnrollRequest, EnrollResponse, HeartbeatRequest,
+    AgentCommand, CommandResult, EnrollRequest, EnrollResponse, HeartbeatRequest,
     HeartbeatResponse, RenewRequest, RenewResponse,
 };
 
@@ -66,12 +72,10 @@ pub const CONTENT_TYPE: &str = "application/json";
 
 /// Largest enrollment request body.
 pub const MAX_ENROLL_BODY: usize = 16 * 1024;
-/// Largest heartbeat request body.
-pub const MAX_HEARTBEAT_BODY: usize = 64 * 1024;
+/// Largest heartbeat request body (room for command results; see [`runner`]).
+pub const MAX_HEARTBEAT_BODY: usize = 256 * 1024;
 /// Largest renewal request body.
 pub const MAX_RENEW_BODY: usize = 16 * 1024;
-/// Longest command output an agent reports; longer output is cut at a character boundary.
-pub const MAX_COMMAND_OUTPUT: usize = 16 * 1024;
 
 /// Default time a server gives a client to send its request headers.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);

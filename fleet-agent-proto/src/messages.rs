@@ -3,7 +3,9 @@
 //! Requests reject unknown fields (a typo in an agent is an error, not silently ignored);
 //! optional fields may be omitted.
 
-use fleet_core::{App, InstanceId, MetricsSample, SystemInfo};
+use fleet_core::{
+    App, Command, CommandId, CommandOutcome, InstanceId, MetricsSample, ReportedResult, SystemInfo,
+};
 use serde::{Deserialize, Serialize};
 
 /// `POST /v1/enroll`.
@@ -80,8 +82,9 @@ pub struct RenewResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AgentCommand {
-    /// The command's id (a UUID); results refer to it.
-    pub id: String,
+    /// The command's id; results refer to it, and the agent de-duplicates by it (delivery is at
+    /// least once).
+    pub id: CommandId,
     /// What to do, e.g. `ping`; agents refuse kinds they do not know with a failed result.
     pub kind: String,
     /// Arguments, as the kind defines them.
@@ -89,14 +92,14 @@ pub struct AgentCommand {
     pub payload: serde_json::Value,
 }
 
-/// How a command ended on the agent.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CommandOutcome {
-    /// It ran and succeeded.
-    Succeeded,
-    /// It failed, or the agent refused it.
-    Failed,
+impl From<&Command> for AgentCommand {
+    fn from(c: &Command) -> Self {
+        Self {
+            id: c.id,
+            kind: c.kind.to_string(),
+            payload: c.payload.value(),
+        }
+    }
 }
 
 /// The result of a command, reported in a later heartbeat.
@@ -104,13 +107,23 @@ pub enum CommandOutcome {
 #[serde(deny_unknown_fields)]
 pub struct CommandResult {
     /// The command's id.
-    pub id: String,
+    pub id: CommandId,
     /// How it ended.
     pub outcome: CommandOutcome,
     /// Exit code, if it ran a process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_code: Option<i32>,
-    /// Output, at most [`MAX_COMMAND_OUTPUT`](crate::MAX_COMMAND_OUTPUT) bytes.
+    /// Output; the server keeps at most [`MAX_COMMAND_OUTPUT`](crate::MAX_COMMAND_OUTPUT) bytes.
     #[serde(default)]
     pub output: String,
+}
+
+impl From<CommandResult> for ReportedResult {
+    fn from(r: CommandResult) -> Self {
+        Self {
+            id: r.id,
+            outcome: r.outcome,
+            result: fleet_core::CommandResult::new(r.exit_code, r.output),
+        }
+    }
 }

@@ -33,7 +33,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::{
-    CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    AgentCommand, CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_TLS_HANDSHAKE_TIMEOUT, ENROLL_PATH, EnrollRequest, EnrollResponse, ErrorBody,
     ErrorCode, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse, MAX_ENROLL_BODY,
     MAX_HEARTBEAT_BODY, MAX_RENEW_BODY, RENEW_PATH, RenewRequest, RenewResponse,
@@ -345,18 +345,28 @@ impl<S: FleetStore> AgentServer<S> {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        match self.fleet.heartbeat(
-            identity.instance,
-            Heartbeat {
-                metrics: body.metrics,
-                apps: body.apps,
-            },
-        ) {
-            Ok(ack) => json_response(
+        let results = body
+            .command_results
+            .into_iter()
+            .map(fleet_core::ReportedResult::from)
+            .collect();
+        match self
+            .fleet
+            .exchange(
+                identity.instance,
+                Heartbeat {
+                    metrics: body.metrics,
+                    apps: body.apps,
+                },
+                results,
+            )
+            .await
+        {
+            Ok(ex) => json_response(
                 StatusCode::OK,
                 &HeartbeatResponse {
-                    commands: Vec::new(),
-                    next_heartbeat_secs: ack.next_heartbeat.as_secs(),
+                    commands: ex.commands.iter().map(AgentCommand::from).collect(),
+                    next_heartbeat_secs: ex.ack.next_heartbeat.as_secs(),
                 },
             ),
             Err(e) => error(ErrorCode::from(&e), e.to_string()),

@@ -2,7 +2,7 @@
 //! documented example bodies parse.
 
 use fleet_agent_proto::*;
-use fleet_core::{App, InstanceId, MetricsSample, SystemInfo, Timestamp};
+use fleet_core::{App, CommandId, InstanceId, MetricsSample, SystemInfo, Timestamp};
 use proptest::prelude::*;
 
 fn text() -> impl Strategy<Value = String> {
@@ -81,13 +81,13 @@ fn apps() -> impl Strategy<Value = Vec<App>> {
 
 fn result() -> impl Strategy<Value = CommandResult> {
     (
-        text(),
+        any::<u128>(),
         any::<bool>(),
         prop::option::of(any::<i32>()),
         text(),
     )
         .prop_map(|(id, ok, exit_code, output)| CommandResult {
-            id,
+            id: CommandId::from_u128(id),
             outcome: if ok {
                 CommandOutcome::Succeeded
             } else {
@@ -138,8 +138,8 @@ proptest! {
     }
 
     #[test]
-    fn heartbeat_response(cmds in prop::collection::vec((text(), text(), json_value()), 0..3), secs in any::<u64>()) {
-        let commands = cmds.into_iter().map(|(id, kind, payload)| AgentCommand { id, kind, payload }).collect();
+    fn heartbeat_response(cmds in prop::collection::vec((any::<u128>(), text(), json_value()), 0..3), secs in any::<u64>()) {
+        let commands = cmds.into_iter().map(|(id, kind, payload)| AgentCommand { id: CommandId::from_u128(id), kind, payload }).collect();
         round_trip(&HeartbeatResponse { commands, next_heartbeat_secs: secs })?;
     }
 

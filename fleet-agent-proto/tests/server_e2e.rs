@@ -701,3 +701,151 @@ async fn quiet_connections_are_closed_after_the_idle_timeout() {
     assert!(sender.send_request(heartbeat_request()).await.is_err());
     h.stop().await;
 }
+
+/// Commands queued while an agent is stopped wait in the store; the restarted agent gets them in
+/// its first heartbeat reply, runs the built-ins (refusing an unknown kind), reports results in
+/// the next heartbeat, and the history shows them. A delivered command whose result never came
+/// is delivered again after its lease, and the agent does not run it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_queued_while_the_agent_is_stopped_arrive_on_its_first_heartbeat() {
+    use fleet_agent_proto::HeartbeatRequest;
+    use fleet_agent_proto::client::{self, AgentClient, Endpoint};
+    use fleet_agent_proto::runner::CommandRunner;
+    use fleet_core::command::{CommandQuery, DEFAULT_COMMAND_LEASE};
+    use fleet_core::{CommandKind, CommandState, NewCommand, Payload};
+
+    let h = Harness::start(ServerConfig::default()).await;
+    let endpoint = Endpoint {
+        server_name: "localhost".into(),
+        address: h.addr.to_string(),
+    };
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let identity = client::enroll(
+        &endpoint,
+        &token.join,
+        fleet_core::SystemInfo::with_hostname("agent-7"),
+        None,
+    )
+    .await
+    .unwrap();
+    let id = identity.instance_id;
+    let agent = AgentClient::new(endpoint.clone(), identity.clone()).unwrap();
+    let reply = agent.heartbeat(&HeartbeatRequest::default()).await.unwrap();
+    assert!(reply.commands.is_empty());
+
+    // The agent stops; ten minutes later the instance is offline.
+    drop(agent);
+    h.clock.advance(Duration::from_secs(600));
+    h.fleet.sweep();
+    assert_eq!(h.fleet.view().status(id), Some(Status::Offline));
+
+    // Commands are queued while it is away.
+    let scope = TenantScope::All;
+    let mut kinds = Vec::new();
+    for (kind, payload) in [
+        ("ping", serde_json::Value::Null),
+        ("collect-inventory", serde_json::json!({"apps": true})),
+        ("format-disk", serde_json::json!({"device": "/dev/sda"})),
+    ] {
+        let mut new = NewCommand::for_instance(id, CommandKind::new(kind).unwrap());
+        new.payload = Payload::from_value(&payload).unwrap();
+        new.idempotency_key = Some(format!("e2e-{kind}"));
+        let report = h.fleet.enqueue(&scope, new.clone()).await.unwrap();
+        assert_eq!((report.created, report.existing), (1, 0));
+        // Enqueueing again with the same key queues nothing new.
+        let again = h.fleet.enqueue(&scope, new).await.unwrap();
+        assert_eq!((again.created, again.existing), (0, 1));
+        assert_eq!(again.commands[0].id, report.commands[0].id);
+        kinds.push(report.commands[0].id);
+    }
+    h.clock.advance(Duration::from_secs(60));
+
+    // The agent restarts: a new process with the saved identity and an empty runner.
+    let agent = AgentClient::new(endpoint, identity).unwrap();
+    let mut runner = CommandRunner::new(|| serde_json::json!({"hostname": "agent-7"}));
+    let reply = agent.heartbeat(&HeartbeatRequest::default()).await.unwrap();
+    assert_eq!(
+        reply.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        kinds,
+        "all three, oldest first, in the first heartbeat reply"
+    );
+    assert_eq!(reply.commands[2].payload["device"], "/dev/sda");
+    assert_eq!(h.fleet.view().status(id), Some(Status::Online));
+    runner.run(&reply.commands);
+
+    // The result of the first command is lost (the next heartbeat reports only two); after the
+    // lease it is delivered again and not run twice.
+    let mut results = runner.pending_results();
+    assert_eq!(results.len(), 3);
+    let held_back = results.remove(0);
+    let reply = agent
+        .heartbeat(&HeartbeatRequest {
+            command_results: results,
+            ..HeartbeatRequest::default()
+        })
+        .await
+        .unwrap();
+    assert!(reply.commands.is_empty(), "leased commands are not resent");
+    h.clock.advance(DEFAULT_COMMAND_LEASE);
+    let reply = agent.heartbeat(&HeartbeatRequest::default()).await.unwrap();
+    assert_eq!(
+        reply.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![kinds[0]]
+    );
+    runner.run(&reply.commands);
+    let results = runner.pending_results();
+    assert_eq!(results.len(), 3, "the redelivered ping did not run again");
+    assert_eq!(results[0], held_back);
+    agent
+        .heartbeat(&HeartbeatRequest {
+            command_results: results.clone(),
+            ..HeartbeatRequest::default()
+        })
+        .await
+        .unwrap();
+    runner.acknowledge(results.len());
+
+    // The history, newest first.
+    let history = h
+        .fleet
+        .commands(
+            &scope,
+            CommandQuery {
+                instance: Some(id),
+                limit: 10,
+                ..CommandQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    let states: Vec<(CommandState, String)> = history
+        .iter()
+        .map(|c| {
+            (
+                c.state,
+                c.result
+                    .as_ref()
+                    .map(|r| r.output.clone())
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(states[0].0, CommandState::Failed);
+    assert!(states[0].1.contains("unknown command kind \"format-disk\""));
+    assert_eq!(
+        states[1],
+        (
+            CommandState::Succeeded,
+            r#"{"hostname":"agent-7"}"#.to_owned()
+        )
+    );
+    assert_eq!(states[2], (CommandState::Succeeded, "pong".to_owned()));
+    assert_eq!(history[2].deliveries, 2);
+    let ping = h.fleet.command(&scope, kinds[0]).await.unwrap();
+    assert_eq!(ping.result.and_then(|r| r.exit_code), Some(0));
+    h.stop().await;
+}

@@ -67,10 +67,31 @@ pub struct CommandId(Uuid);
 #[serde(transparent)]
 pub struct BatchId(Uuid);
 
+/// The last (millisecond, counter) handed out, so ids made by one process are strictly
+/// increasing even within a millisecond or when the clock steps back.
+static LAST_ID: std::sync::Mutex<(u64, u32)> = std::sync::Mutex::new((0, 0));
+
 fn time_ordered(at: Timestamp) -> Result<Uuid, RandomError> {
     let mut random = [0u8; 10];
     crate::random::fill(&mut random)?;
-    let millis = u64::try_from(at.as_unix_millis()).unwrap_or(0);
+    let wanted = u64::try_from(at.as_unix_millis()).unwrap_or(0);
+    let (millis, counter) = {
+        let mut last = LAST_ID
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = if wanted > last.0 || (last.1 >= (1 << 26) - 1) {
+            (wanted.max(last.0 + u64::from(wanted <= last.0)), 0)
+        } else {
+            (last.0, last.1 + 1)
+        };
+        *last
+    };
+    // A 26-bit counter in the version-7 layout's first random bits (12 of `rand_a`, then 14 of
+    // `rand_b` around the variant bits), the rest random.
+    random[0] = ((counter >> 22) & 0x0f) as u8;
+    random[1] = (counter >> 14) as u8;
+    random[2] = ((counter >> 8) & 0x3f) as u8;
+    random[3] = counter as u8;
     Ok(uuid::Builder::from_unix_timestamp_millis(millis, &random).into_uuid())
 }
 
@@ -863,6 +884,13 @@ mod tests {
         let a = CommandId::new(Timestamp::from_unix_millis(1_000)).unwrap();
         let b = CommandId::new(Timestamp::from_unix_millis(1_001)).unwrap();
         assert!(a < b);
+        // Within one millisecond, and when the clock steps back, ids still increase.
+        let mut last = b;
+        for t in [1_001, 1_001, 1_001, 500, 1_002] {
+            let next = CommandId::new(Timestamp::from_unix_millis(t)).unwrap();
+            assert!(next > last, "{next} after {last}");
+            last = next;
+        }
         assert_eq!(a.to_string().parse::<CommandId>().unwrap(), a);
         assert!("nope".parse::<CommandId>().is_err());
     }
