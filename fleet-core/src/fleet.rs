@@ -41,6 +41,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
+use crate::alert::{AlertPolicy, FleetAlert, FleetAlertKind, FleetAlertQuery};
 use crate::ca::CertificateAuthority;
 use crate::enroll::EnrollmentPolicy;
 use crate::error::{FleetError, StoreError};
@@ -51,6 +52,7 @@ use crate::staleness::{StalenessPolicy, Status, Transitions};
 use crate::store::{ChangeKind, FleetStore, HeartbeatRecord, Seq, StatusChangeQuery};
 use crate::summary::FleetSummary;
 use crate::tag::TagAuthority;
+use crate::trend::TrendBucket;
 use crate::{
     App, Clock, Filter, Groups, Instance, InstanceId, MetricsSample, NewInstance, SystemClock,
     SystemInfo, Tags, TenantScope, Timestamp,
@@ -105,9 +107,24 @@ pub struct FleetBuilder<S> {
     enrollment: EnrollmentPolicy,
     ca: Option<CertificateAuthority>,
     command_lease: Duration,
+    alerts: AlertPolicy,
+    trend_bucket: Duration,
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
+    /// Alert rules: the mass-staleness guard and the start-up grace (default
+    /// [`AlertPolicy::default`]).
+    pub fn alerts(mut self, policy: AlertPolicy) -> Self {
+        self.alerts = policy;
+        self
+    }
+
+    /// Width of the fleet trend buckets (default one hour; at least one second).
+    pub fn trend_bucket(mut self, width: Duration) -> Self {
+        self.trend_bucket = width.max(Duration::from_secs(1));
+        self
+    }
+
     /// How long a delivered command waits for its result before it is delivered again (default
     /// [`DEFAULT_COMMAND_LEASE`](crate::command::DEFAULT_COMMAND_LEASE)).
     pub fn command_lease(mut self, lease: Duration) -> Self {
@@ -145,6 +162,8 @@ impl<S: FleetStore> FleetBuilder<S> {
     pub async fn open(self) -> Result<Fleet<S>, FleetError> {
         let view = LiveView::new(self.policy)?;
         self.enrollment.validate()?;
+        self.alerts.validate()?;
+        let started = self.clock.now();
         let ca = match self.ca {
             Some(ca) => ca,
             None => match self.store.load_ca().await? {
@@ -170,6 +189,10 @@ impl<S: FleetStore> FleetBuilder<S> {
                 feed: tokio::sync::Mutex::new(0),
                 flush: tokio::sync::Mutex::new(()),
                 command_lease: self.command_lease,
+                alerts: self.alerts,
+                trend_bucket: self.trend_bucket,
+                trend: Mutex::new(TrendState::default()),
+                fleet_alerts: Mutex::new(Vec::new()),
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -180,6 +203,26 @@ impl<S: FleetStore> FleetBuilder<S> {
             fleet.reconcile(&mut cursor).await?;
         }
         fleet.sync().await?;
+        let grace = fleet
+            .inner
+            .alerts
+            .startup_grace
+            .unwrap_or(fleet.policy().offline_after);
+        if !grace.is_zero() {
+            fleet
+                .view_mut()
+                .begin_grace(started, started.saturating_add(grace));
+        }
+        let bucket = TrendBucket::containing(started, fleet.inner.trend_bucket);
+        let stored = fleet
+            .inner
+            .store
+            .trend_buckets(
+                bucket.start,
+                bucket.start.saturating_add(Duration::from_millis(1)),
+            )
+            .await?;
+        fleet.trend().current = Some(stored.into_iter().next().unwrap_or(bucket));
         Ok(fleet)
     }
 }
@@ -203,6 +246,29 @@ pub(crate) struct Inner<S> {
     /// (so a delivery that found nothing does not drop a hint an enqueue just set).
     pub(crate) command_hint: Mutex<FxHashMap<InstanceId, u64>>,
     pub(crate) hint_generation: std::sync::atomic::AtomicU64,
+    alerts: AlertPolicy,
+    trend_bucket: Duration,
+    trend: Mutex<TrendState>,
+    /// Fleet alerts not yet recorded in the store (written with the heartbeat batch).
+    fleet_alerts: Mutex<Vec<FleetAlert>>,
+}
+
+/// The trend bucket being filled, and finished ones not yet written.
+#[derive(Debug, Default)]
+struct TrendState {
+    current: Option<TrendBucket>,
+    unwritten: Vec<TrendBucket>,
+    dirty: bool,
+}
+
+/// What one sweep found; see [`Fleet::sweep_report`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct SweepReport {
+    /// Every status change (all recorded in the history).
+    pub changes: Vec<StatusChange>,
+    /// Set when the mass-staleness guard tripped: observers should raise this one alert
+    /// instead of one per change.
+    pub fleet_alert: Option<FleetAlert>,
 }
 
 /// The fleet: live view + store; see the module docs.
@@ -240,6 +306,8 @@ impl<S: FleetStore> Fleet<S> {
             enrollment: EnrollmentPolicy::default(),
             ca: None,
             command_lease: crate::command::DEFAULT_COMMAND_LEASE,
+            alerts: AlertPolicy::default(),
+            trend_bucket: crate::trend::DEFAULT_TREND_BUCKET,
         }
     }
 
@@ -372,6 +440,7 @@ impl<S: FleetStore> Fleet<S> {
             pending.extend(newer);
             return Err(e.into());
         }
+        self.flush_history().await?;
         let batch: Vec<HeartbeatRecord> =
             std::mem::take(&mut *self.pending()).into_values().collect();
         if batch.is_empty() {
@@ -461,14 +530,184 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     /// Applies every status change due now (see [`LiveView::sweep`]) and queues them to be
-    /// recorded in the store with the next [`flush_heartbeats`](Self::flush_heartbeats).
+    /// recorded in the store with the next [`flush_heartbeats`](Self::flush_heartbeats); see
+    /// [`sweep_report`](Self::sweep_report) for the mass-staleness guard.
     pub fn sweep(&self) -> Vec<StatusChange> {
+        self.sweep_report().changes
+    }
+
+    /// [`sweep`](Self::sweep), with the mass-staleness guard: when more than
+    /// [`AlertPolicy::mass_share`] of the fleet (and at least
+    /// [`AlertPolicy::mass_min_instances`]) went stale in this sweep, one [`FleetAlert`] is
+    /// returned and queued for recording. Also adds a sample to the current trend bucket.
+    pub fn sweep_report(&self) -> SweepReport {
         let now = self.now();
-        let changes = self.view_mut().sweep(now);
-        if !changes.is_empty() {
-            self.changes().extend(changes.iter().copied());
+        let (changes, fleet_size, summary) = {
+            let mut view = self.view_mut();
+            let changes = view.sweep(now);
+            let summary = view.summary(&Filter::all(), &TenantScope::All);
+            (changes, view.len() as u64, summary)
+        };
+        self.sample_trend(now, &summary);
+        if changes.is_empty() {
+            return SweepReport::default();
         }
-        changes
+        self.changes().extend(changes.iter().copied());
+        let mut last: FxHashMap<InstanceId, Status> = FxHashMap::default();
+        for c in &changes {
+            last.insert(c.instance, c.transition.to);
+        }
+        let offline = last.values().filter(|s| **s == Status::Offline).count() as u64;
+        let warning = last.values().filter(|s| **s == Status::Warning).count() as u64;
+        let stale = offline + warning;
+        let policy = &self.inner.alerts;
+        let fleet_alert = (stale >= policy.mass_min_instances.max(1)
+            && stale as f64 > policy.mass_share * fleet_size as f64)
+            .then(|| {
+                let status = if offline >= warning {
+                    Status::Offline
+                } else {
+                    Status::Warning
+                };
+                FleetAlert {
+                    at: now,
+                    kind: FleetAlertKind::MassStaleness,
+                    status,
+                    affected: stale,
+                    fleet_size,
+                    message: format!(
+                        "{stale} of {fleet_size} instances went stale at once ({offline} offline, \
+                         {warning} warning): likely a network partition or a control-plane \
+                         connectivity problem rather than {stale} separate failures"
+                    ),
+                }
+            });
+        if let Some(a) = &fleet_alert {
+            self.pending_fleet_alerts().push(a.clone());
+        }
+        SweepReport {
+            changes,
+            fleet_alert,
+        }
+    }
+
+    fn pending_fleet_alerts(&self) -> MutexGuard<'_, Vec<FleetAlert>> {
+        self.inner
+            .fleet_alerts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn trend(&self) -> MutexGuard<'_, TrendState> {
+        self.inner
+            .trend
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn sample_trend(&self, now: Timestamp, summary: &FleetSummary) {
+        let width = self.inner.trend_bucket;
+        let mut t = self.trend();
+        let current = match t.current.take() {
+            Some(b) if b.contains(now) => b,
+            Some(b) => {
+                if b.samples > 0 {
+                    t.unwritten.push(b);
+                }
+                TrendBucket::containing(now, width)
+            }
+            None => TrendBucket::containing(now, width),
+        };
+        let mut current = current;
+        current.add(summary);
+        t.current = Some(current);
+        t.dirty = true;
+    }
+
+    /// Writes queued fleet alerts and trend buckets; on failure they are queued again.
+    async fn flush_history(&self) -> Result<(), FleetError> {
+        let alerts = std::mem::take(&mut *self.pending_fleet_alerts());
+        for (i, a) in alerts.iter().enumerate() {
+            if let Err(e) = self.inner.store.record_fleet_alert(a).await {
+                let mut pending = self.pending_fleet_alerts();
+                let newer = std::mem::take(&mut *pending);
+                pending.extend(alerts[i..].iter().cloned());
+                pending.extend(newer);
+                return Err(e.into());
+            }
+        }
+        let buckets = {
+            let mut t = self.trend();
+            let mut out = std::mem::take(&mut t.unwritten);
+            if t.dirty {
+                out.extend(t.current.clone());
+                t.dirty = false;
+            }
+            out
+        };
+        if !buckets.is_empty()
+            && let Err(e) = self.inner.store.record_trend_buckets(&buckets).await
+        {
+            let mut t = self.trend();
+            let current_start = t.current.as_ref().map(|c| c.start);
+            let mut restore: Vec<TrendBucket> = buckets
+                .into_iter()
+                .filter(|b| Some(b.start) != current_start)
+                .collect();
+            restore.append(&mut t.unwritten);
+            t.unwritten = restore;
+            t.dirty = true;
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Fleet-level alerts in the window, newest first (including those not yet flushed).
+    pub async fn fleet_alerts(
+        &self,
+        query: &FleetAlertQuery,
+    ) -> Result<Vec<FleetAlert>, FleetError> {
+        let mut wide = query.clone();
+        wide.limit = usize::MAX;
+        let mut all = self.inner.store.fleet_alerts(&wide).await?;
+        for a in self
+            .pending_fleet_alerts()
+            .iter()
+            .filter(|a| query.matches(a))
+        {
+            if !all.contains(a) {
+                all.push(a.clone());
+            }
+        }
+        all.sort_by_key(|a| std::cmp::Reverse(a.at));
+        all.truncate(query.limit);
+        Ok(all)
+    }
+
+    /// Fleet trend buckets starting in `[from, until)`, oldest first, including the one being
+    /// filled now.
+    pub async fn trends(
+        &self,
+        from: Timestamp,
+        until: Timestamp,
+    ) -> Result<Vec<TrendBucket>, FleetError> {
+        let mut stored = self.inner.store.trend_buckets(from, until).await?;
+        let t = self.trend();
+        for b in t.unwritten.iter().chain(t.current.iter()) {
+            if b.start >= from && b.start < until && b.samples > 0 {
+                stored.retain(|s| s.start != b.start);
+                stored.push(b.clone());
+            }
+        }
+        stored.sort_by_key(|b| b.start);
+        Ok(stored)
+    }
+
+    /// Retention: forgets status changes, fleet alerts and trend buckets older than `keep`.
+    /// Returns how many records went.
+    pub async fn prune_history(&self, keep: Duration) -> Result<usize, FleetError> {
+        let before = self.now().saturating_sub(keep);
+        Ok(self.inner.store.prune_history(before).await?)
     }
 
     fn changes(&self) -> MutexGuard<'_, Vec<StatusChange>> {
@@ -585,6 +824,21 @@ impl<S: FleetStore> Fleet<S> {
             system: stored.system,
             apps: pending_apps.unwrap_or(stored.apps),
         })
+    }
+
+    /// A stored instance with the heartbeat state not yet flushed laid over it (latest metrics
+    /// and apps).
+    pub(crate) fn with_live_state(&self, mut inst: Instance) -> Instance {
+        if let Some(r) = self.pending().get(&inst.id) {
+            inst.last_seen = inst.last_seen.max(r.last_seen);
+            if let Some(m) = &r.metrics {
+                inst.metrics = Some(m.clone());
+            }
+            if let Some(a) = &r.apps {
+                inst.apps = a.clone();
+            }
+        }
+        inst
     }
 
     /// Follows the store's change feed: applies changes made since the last call (by this

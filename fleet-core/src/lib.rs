@@ -63,6 +63,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod alert;
 pub mod ca;
 mod clock;
 pub mod command;
@@ -91,7 +92,9 @@ pub mod tenant;
 pub mod testing;
 mod timestamp;
 pub mod token;
+pub mod trend;
 
+pub use alert::{AlertPolicy, FleetAlert, FleetAlertKind, FleetAlertQuery};
 pub use ca::{CertificateAuthority, IssuancePolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use command::{
@@ -101,7 +104,9 @@ pub use command::{
 pub use enroll::{AuthError, EnrollError, EnrollRequest, Enrollment, EnrollmentPolicy, RenewError};
 pub use error::{FleetError, StoreError, ValidationError};
 pub use filter::{Filter, FilterParseError, TagSelector, Term};
-pub use fleet::{Fleet, FleetBuilder, Heartbeat, HeartbeatAck, InstanceDetail, MAX_PAGE_SIZE};
+pub use fleet::{
+    Fleet, FleetBuilder, Heartbeat, HeartbeatAck, InstanceDetail, MAX_PAGE_SIZE, SweepReport,
+};
 pub use group::{GroupName, Groups};
 pub use identity::{Fingerprint, InstanceIdentity, Serial};
 pub use instance::{App, Instance, InstanceId, NewInstance, SystemInfo};
@@ -118,3 +123,4 @@ pub use tag::{TagAuthority, TagKey, TagValue, Tags};
 pub use tenant::{TenantId, TenantScope};
 pub use timestamp::Timestamp;
 pub use token::{JoinString, MaxUses, NewToken, RegistrationToken, TokenId};
+pub use trend::TrendBucket;

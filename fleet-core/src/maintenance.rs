@@ -1,5 +1,6 @@
-//! Background upkeep of a [`Fleet`]: flushing batched heartbeats, sweeping for status changes and
-//! following the store's change feed, each on its own timer.
+//! Background upkeep of a [`Fleet`]: flushing batched heartbeats, sweeping for status changes,
+//! following the store's change feed, and (less often) expiring commands and applying retention,
+//! each on its own timer.
 //!
 //! Timers only pace the work; every decision still takes its time from the fleet's [`Clock`]
 //! (a sweep computes transitions at their threshold-crossing times, whenever it runs).
@@ -11,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::alert::FleetAlert;
 use crate::live::StatusChange;
 use crate::store::FleetStore;
 use crate::{Fleet, FleetError};
@@ -24,6 +26,13 @@ pub struct MaintenanceConfig {
     pub sweep_every: Duration,
     /// Change-feed polling interval: how far behind other replicas this view may be.
     pub sync_every: Duration,
+    /// Interval of the slower chores: expiring commands and applying the retentions below.
+    pub upkeep_every: Duration,
+    /// How long status changes, fleet alerts and trend buckets are kept (default 400 days, so a
+    /// year of uptime can be computed).
+    pub history_retention: Duration,
+    /// How long finished commands are kept (default 30 days).
+    pub command_retention: Duration,
 }
 
 impl Default for MaintenanceConfig {
@@ -32,6 +41,9 @@ impl Default for MaintenanceConfig {
             flush_every: Duration::from_secs(1),
             sweep_every: Duration::from_secs(1),
             sync_every: Duration::from_secs(1),
+            upkeep_every: Duration::from_secs(60),
+            history_retention: Duration::from_secs(400 * 24 * 3600),
+            command_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }
@@ -40,8 +52,27 @@ impl Default for MaintenanceConfig {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum MaintenanceEvent {
-    /// A sweep found status changes.
+    /// A sweep found status changes (each one an alert).
     StatusChanges(Vec<StatusChange>),
+    /// A sweep found many instances going stale at once: one alert for all of them (their status
+    /// changes are recorded in the history all the same, and not reported one by one).
+    MassStaleness {
+        /// The fleet-level alert.
+        alert: FleetAlert,
+        /// The status changes it stands for.
+        changes: Vec<StatusChange>,
+    },
+    /// Commands expired and old records were dropped by retention.
+    Upkeep {
+        /// Commands whose time-to-live passed.
+        expired_commands: usize,
+        /// Finished commands dropped.
+        pruned_commands: usize,
+        /// Status changes, fleet alerts and trend buckets dropped.
+        pruned_history: usize,
+    },
+    /// The upkeep chores failed; retried at the next tick.
+    UpkeepFailed(FleetError),
     /// A heartbeat flush failed; the records are kept for the next one.
     FlushFailed(FleetError),
     /// Following the change feed failed; it is retried at the next tick.
@@ -77,7 +108,8 @@ impl<S: FleetStore> Fleet<S> {
             let mut flush = tokio::time::interval(config.flush_every);
             let mut sweep = tokio::time::interval(config.sweep_every);
             let mut sync = tokio::time::interval(config.sync_every);
-            for t in [&mut flush, &mut sweep, &mut sync] {
+            let mut upkeep = tokio::time::interval(config.upkeep_every);
+            for t in [&mut flush, &mut sweep, &mut sync, &mut upkeep] {
                 t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             }
             loop {
@@ -89,9 +121,36 @@ impl<S: FleetStore> Fleet<S> {
                         }
                     }
                     _ = sweep.tick() => {
-                        let changes = fleet.sweep();
-                        if !changes.is_empty() {
-                            observe(MaintenanceEvent::StatusChanges(changes));
+                        let report = fleet.sweep_report();
+                        match report.fleet_alert {
+                            Some(alert) => observe(MaintenanceEvent::MassStaleness {
+                                alert,
+                                changes: report.changes,
+                            }),
+                            None if !report.changes.is_empty() => {
+                                observe(MaintenanceEvent::StatusChanges(report.changes));
+                            }
+                            None => {}
+                        }
+                    }
+                    _ = upkeep.tick() => {
+                        let done = async {
+                            let (expired, pruned) =
+                                fleet.command_upkeep(config.command_retention).await?;
+                            let history = fleet.prune_history(config.history_retention).await?;
+                            Ok::<_, FleetError>((expired, pruned, history))
+                        };
+                        match done.await {
+                            Ok((expired_commands, pruned_commands, pruned_history)) => {
+                                if expired_commands + pruned_commands + pruned_history > 0 {
+                                    observe(MaintenanceEvent::Upkeep {
+                                        expired_commands,
+                                        pruned_commands,
+                                        pruned_history,
+                                    });
+                                }
+                            }
+                            Err(e) => observe(MaintenanceEvent::UpkeepFailed(e)),
                         }
                     }
                     _ = sync.tick() => {

@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 
+use crate::alert::{FleetAlert, FleetAlertQuery};
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::command::{
     Command, CommandId, CommandOutcome, CommandQuery, CommandResult, CommandState, Delivery,
@@ -17,12 +18,15 @@ use crate::command::{
 use crate::error::{RecordKind, StoreError};
 use crate::identity::{Fingerprint, Serial};
 use crate::live::StatusChange;
+use crate::policy::{Policy, PolicyName};
+use crate::store::PolicyStore;
 use crate::store::{
     CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, CommandStore,
     EnrollCommit, EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, HistoryStore,
     InstanceStore, Seq, StatusChangeQuery, StoreResult, TokenStore,
 };
 use crate::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
+use crate::trend::TrendBucket;
 use crate::{Groups, Instance, InstanceId, Tags, Timestamp};
 
 /// Default number of change-feed entries a [`MemoryStore`] keeps.
@@ -42,6 +46,9 @@ struct State {
     /// Recorded status changes, in recording order, and the set of them.
     history: Vec<StatusChange>,
     recorded: std::collections::HashSet<StatusChange>,
+    fleet_alerts: Vec<FleetAlert>,
+    policies: BTreeMap<PolicyName, Policy>,
+    trends: BTreeMap<Timestamp, TrendBucket>,
     commands: BTreeMap<CommandId, Command>,
     /// (instance, idempotency key) → command.
     command_keys: HashMap<(InstanceId, String), CommandId>,
@@ -441,6 +448,69 @@ impl HistoryStore for MemoryStore {
         out.sort_by_key(|(i, c)| std::cmp::Reverse((c.transition.at, *i)));
         Ok(out.into_iter().take(query.limit).map(|(_, c)| c).collect())
     }
+
+    async fn record_fleet_alert(&self, alert: &FleetAlert) -> StoreResult<()> {
+        let mut s = self.lock();
+        if !s
+            .fleet_alerts
+            .iter()
+            .any(|a| a.at == alert.at && a.kind == alert.kind)
+        {
+            s.fleet_alerts.push(alert.clone());
+        }
+        Ok(())
+    }
+
+    async fn fleet_alerts(&self, query: &FleetAlertQuery) -> StoreResult<Vec<FleetAlert>> {
+        let s = self.lock();
+        let mut out: Vec<FleetAlert> = s
+            .fleet_alerts
+            .iter()
+            .filter(|a| query.matches(a))
+            .cloned()
+            .collect();
+        out.sort_by_key(|a| std::cmp::Reverse(a.at));
+        out.truncate(query.limit);
+        Ok(out)
+    }
+
+    async fn record_trend_buckets(&self, buckets: &[TrendBucket]) -> StoreResult<()> {
+        let mut s = self.lock();
+        for b in buckets {
+            s.trends.insert(b.start, b.clone());
+        }
+        Ok(())
+    }
+
+    async fn trend_buckets(
+        &self,
+        from: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<TrendBucket>> {
+        if from >= until {
+            return Ok(Vec::new());
+        }
+        Ok(self
+            .lock()
+            .trends
+            .range(from..until)
+            .map(|(_, b)| b.clone())
+            .collect())
+    }
+
+    async fn prune_history(&self, before: Timestamp) -> StoreResult<usize> {
+        let mut s = self.lock();
+        let n = s.history.len() + s.fleet_alerts.len() + s.trends.len();
+        s.history.retain(|c| c.transition.at >= before);
+        let State {
+            history, recorded, ..
+        } = &mut *s;
+        recorded.retain(|c| c.transition.at >= before);
+        debug_assert_eq!(history.len(), recorded.len());
+        s.fleet_alerts.retain(|a| a.at >= before);
+        s.trends = s.trends.split_off(&before);
+        Ok(n - (s.history.len() + s.fleet_alerts.len() + s.trends.len()))
+    }
 }
 
 fn command_not_found(id: CommandId) -> StoreError {
@@ -615,5 +685,34 @@ impl CommandStore for MemoryStore {
         commands.retain(|_, c| c.finished_at.is_none_or(|f| f >= before));
         command_keys.retain(|_, id| commands.contains_key(id));
         Ok(n - commands.len())
+    }
+}
+
+#[async_trait]
+impl PolicyStore for MemoryStore {
+    async fn insert_policy(&self, policy: &Policy) -> StoreResult<()> {
+        let mut s = self.lock();
+        if s.policies.contains_key(&policy.name) {
+            return Err(StoreError::AlreadyExists {
+                kind: RecordKind::Policy,
+                id: policy.name.to_string(),
+            });
+        }
+        s.policies.insert(policy.name.clone(), policy.clone());
+        Ok(())
+    }
+
+    async fn list_policies(&self) -> StoreResult<Vec<Policy>> {
+        Ok(self.lock().policies.values().cloned().collect())
+    }
+
+    async fn delete_policy(&self, name: &PolicyName) -> StoreResult<()> {
+        match self.lock().policies.remove(name) {
+            Some(_) => Ok(()),
+            None => Err(StoreError::NotFound {
+                kind: RecordKind::Policy,
+                id: name.to_string(),
+            }),
+        }
     }
 }

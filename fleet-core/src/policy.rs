@@ -26,8 +26,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
 use crate::instance::{MAX_APP_NAME_LEN, MAX_FACT_LEN};
+use crate::store::FleetStore;
 use crate::tag::string_newtype_impls;
-use crate::{Filter, Instance, Status, TagKey, TagValue, Timestamp};
+use crate::{
+    Filter, Fleet, FleetError, Instance, InstanceId, Status, TagKey, TagValue, TenantScope,
+    Timestamp,
+};
 
 /// Longest policy name.
 pub const MAX_POLICY_NAME_LEN: usize = 64;
@@ -723,6 +727,98 @@ impl Compliance {
             percent,
             evaluated_at,
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fleet's policies
+
+/// Instances read from the store per page while computing compliance.
+const COMPLIANCE_PAGE: usize = 4096;
+
+impl<S: FleetStore> Fleet<S> {
+    /// Creates a policy (policies apply fleet-wide; each operator sees results within its
+    /// scope). Invalid input or a taken name changes nothing.
+    pub async fn create_policy(&self, new: NewPolicy) -> Result<Policy, FleetError> {
+        let policy = new.into_policy(self.now())?;
+        self.inner.store.insert_policy(&policy).await?;
+        Ok(policy)
+    }
+
+    /// Every policy, by name.
+    pub async fn policies(&self) -> Result<Vec<Policy>, FleetError> {
+        Ok(self.inner.store.list_policies().await?)
+    }
+
+    /// Deletes a policy.
+    pub async fn delete_policy(&self, name: &PolicyName) -> Result<(), FleetError> {
+        Ok(self.inner.store.delete_policy(name).await?)
+    }
+
+    /// The instance's policies with pass/fail and the reason (policies whose filter does not
+    /// select it are left out).
+    pub async fn policy_results(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+    ) -> Result<Vec<PolicyResult>, FleetError> {
+        let live = self
+            .get(scope, id)
+            .ok_or(FleetError::InstanceNotFound(id))?;
+        let stored = self
+            .inner
+            .store
+            .get_instance(id)
+            .await?
+            .ok_or(FleetError::InstanceNotFound(id))?;
+        let instance = self.with_live_state(stored);
+        let now = self.now();
+        Ok(self
+            .policies()
+            .await?
+            .iter()
+            .filter_map(|p| p.check(&instance, live.status, now))
+            .collect())
+    }
+
+    /// Fleet-level compliance per policy within `scope`: how many instances each applies to and
+    /// how many pass. Reads every instance from the store once (O(instances × policies)); call it
+    /// for reports and dashboards, not per request on huge fleets.
+    pub async fn compliance(&self, scope: &TenantScope) -> Result<Vec<Compliance>, FleetError> {
+        let policies = self.policies().await?;
+        let mut counts = vec![(0u64, 0u64); policies.len()];
+        let now = self.now();
+        if !policies.is_empty() {
+            let mut after = None;
+            loop {
+                let page = self
+                    .inner
+                    .store
+                    .list_instances(after, COMPLIANCE_PAGE)
+                    .await?;
+                let Some(last) = page.last().map(|i| i.id) else {
+                    break;
+                };
+                after = Some(last);
+                for stored in page {
+                    let Some(status) = self.get(scope, stored.id).map(|v| v.status) else {
+                        continue;
+                    };
+                    let instance = self.with_live_state(stored);
+                    for (p, c) in policies.iter().zip(counts.iter_mut()) {
+                        if let Some(r) = p.check(&instance, status, now) {
+                            c.0 += 1;
+                            c.1 += u64::from(r.pass);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(policies
+            .into_iter()
+            .zip(counts)
+            .map(|(p, (applicable, passing))| Compliance::new(p.name, applicable, passing, now))
+            .collect())
     }
 }
 

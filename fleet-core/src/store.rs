@@ -3,7 +3,7 @@
 //! A store is split by concern — [`InstanceStore`], [`HeartbeatStore`], [`ChangeFeed`],
 //! [`TokenStore`] (tokens, ledger, the atomic enrollment), [`CertificateStore`] (CA material,
 //! certificate serials, revocations), [`HistoryStore`] (the status-change log) and
-//! [`CommandStore`] (the command queue) — and
+//! [`CommandStore`] (the command queue), [`PolicyStore`] (compliance policies) — and
 //! [`FleetStore`] is their sum, implemented automatically for any type that implements all of
 //! them. The traits are object-safe (`Arc<dyn FleetStore>` works) and forwarded through `Arc<T>`.
 //!
@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use std::net::SocketAddr;
 
+use crate::alert::{FleetAlert, FleetAlertQuery};
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::command::{
     Command, CommandId, CommandOutcome, CommandQuery, CommandResult, Delivery, Enqueued,
@@ -29,7 +30,9 @@ use crate::command::{
 use crate::error::StoreError;
 use crate::identity::{Fingerprint, Serial};
 use crate::live::StatusChange;
+use crate::policy::{Policy, PolicyName};
 use crate::token::{LedgerEntry, RegistrationToken, TokenId, TokenState};
+use crate::trend::TrendBucket;
 use crate::{App, Groups, Instance, InstanceId, MetricsSample, Tags, Timestamp};
 
 /// Result of a store operation.
@@ -365,7 +368,8 @@ impl StatusChangeQuery {
     }
 }
 
-/// The log of status changes: alerts, and the history uptime is computed from.
+/// What happened over time: the log of status changes (alerts, and the history uptime is
+/// computed from), fleet-level alerts, and fleet trend buckets.
 #[async_trait]
 pub trait HistoryStore: Debug + Send + Sync + 'static {
     /// Appends status changes (each instance's in order). **Contract:** durable before
@@ -376,6 +380,28 @@ pub trait HistoryStore: Debug + Send + Sync + 'static {
     /// The recorded changes matching `query`, newest first (by transition time, then recording
     /// order).
     async fn status_changes(&self, query: &StatusChangeQuery) -> StoreResult<Vec<StatusChange>>;
+
+    /// Records a fleet-level alert. **Contract:** durable before returning; recording the same
+    /// alert (same time and kind) again changes nothing.
+    async fn record_fleet_alert(&self, alert: &FleetAlert) -> StoreResult<()>;
+
+    /// Fleet-level alerts in the window, newest first.
+    async fn fleet_alerts(&self, query: &FleetAlertQuery) -> StoreResult<Vec<FleetAlert>>;
+
+    /// Writes trend buckets, replacing any stored bucket with the same start. **Contract:**
+    /// durable before returning.
+    async fn record_trend_buckets(&self, buckets: &[TrendBucket]) -> StoreResult<()>;
+
+    /// The trend buckets starting in `[from, until)`, oldest first.
+    async fn trend_buckets(
+        &self,
+        from: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<TrendBucket>>;
+
+    /// Retention: forgets status changes, fleet alerts and trend buckets from before `before`;
+    /// returns how many records went. **Contract:** durable before returning.
+    async fn prune_history(&self, before: Timestamp) -> StoreResult<usize>;
 }
 
 /// The command queue; see [`crate::command`] for the life of a command.
@@ -438,6 +464,21 @@ pub trait CommandStore: Debug + Send + Sync + 'static {
     async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize>;
 }
 
+/// Compliance policies.
+#[async_trait]
+pub trait PolicyStore: Debug + Send + Sync + 'static {
+    /// Stores a new policy. **Contract:** durable before returning; [`StoreError::AlreadyExists`]
+    /// (and no change) when the name is taken.
+    async fn insert_policy(&self, policy: &Policy) -> StoreResult<()>;
+
+    /// Every policy, by name.
+    async fn list_policies(&self) -> StoreResult<Vec<Policy>>;
+
+    /// Deletes a policy. **Contract:** durable before returning; [`StoreError::NotFound`] when
+    /// unknown.
+    async fn delete_policy(&self, name: &PolicyName) -> StoreResult<()>;
+}
+
 /// Everything a control plane needs from its store.
 pub trait FleetStore:
     InstanceStore
@@ -447,6 +488,7 @@ pub trait FleetStore:
     + CertificateStore
     + HistoryStore
     + CommandStore
+    + PolicyStore
 {
 }
 
@@ -458,6 +500,7 @@ impl<
         + CertificateStore
         + HistoryStore
         + CommandStore
+        + PolicyStore
         + ?Sized,
 > FleetStore for T
 {
@@ -583,6 +626,25 @@ macro_rules! forward {
             ) -> StoreResult<Vec<StatusChange>> {
                 (**self).status_changes(query).await
             }
+            async fn record_fleet_alert(&self, alert: &FleetAlert) -> StoreResult<()> {
+                (**self).record_fleet_alert(alert).await
+            }
+            async fn fleet_alerts(&self, query: &FleetAlertQuery) -> StoreResult<Vec<FleetAlert>> {
+                (**self).fleet_alerts(query).await
+            }
+            async fn record_trend_buckets(&self, buckets: &[TrendBucket]) -> StoreResult<()> {
+                (**self).record_trend_buckets(buckets).await
+            }
+            async fn trend_buckets(
+                &self,
+                from: Timestamp,
+                until: Timestamp,
+            ) -> StoreResult<Vec<TrendBucket>> {
+                (**self).trend_buckets(from, until).await
+            }
+            async fn prune_history(&self, before: Timestamp) -> StoreResult<usize> {
+                (**self).prune_history(before).await
+            }
         }
 
         #[async_trait]
@@ -628,6 +690,19 @@ macro_rules! forward {
             }
             async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize> {
                 (**self).prune_commands(before).await
+            }
+        }
+
+        #[async_trait]
+        impl<T: PolicyStore + ?Sized> PolicyStore for $wrapper<T> {
+            async fn insert_policy(&self, policy: &Policy) -> StoreResult<()> {
+                (**self).insert_policy(policy).await
+            }
+            async fn list_policies(&self) -> StoreResult<Vec<Policy>> {
+                (**self).list_policies().await
+            }
+            async fn delete_policy(&self, name: &PolicyName) -> StoreResult<()> {
+                (**self).delete_policy(name).await
             }
         }
     };

@@ -1638,6 +1638,217 @@ pub async fn cancel_races_delivery(store: DynStore) {
     }
 }
 
+/// Fleet alerts (recorded once, newest first, windowed), trend buckets (replaced by start,
+/// oldest first, windowed) and retention (everything before the cut goes, nothing after it).
+pub async fn fleet_alerts_trends_and_retention(store: DynStore) {
+    use crate::alert::{FleetAlert, FleetAlertKind, FleetAlertQuery};
+    use crate::live::StatusChange;
+    use crate::staleness::Transition;
+    use crate::store::StatusChangeQuery;
+    use crate::trend::TrendBucket;
+    let alert = |secs: u64| FleetAlert {
+        at: at(secs),
+        kind: FleetAlertKind::MassStaleness,
+        status: Status::Offline,
+        affected: 600,
+        fleet_size: 1000,
+        message: "600 of 1000 instances went offline".into(),
+    };
+    for a in [alert(100), alert(200), alert(100), alert(300)] {
+        ok("record alert", store.record_fleet_alert(&a)).await;
+    }
+    let all = ok(
+        "alerts",
+        store.fleet_alerts(&FleetAlertQuery {
+            limit: 10,
+            ..FleetAlertQuery::default()
+        }),
+    )
+    .await;
+    assert_eq!(
+        all,
+        vec![alert(300), alert(200), alert(100)],
+        "once each, newest first"
+    );
+    let window = FleetAlertQuery {
+        since: Some(at(150)),
+        until: Some(at(300)),
+        limit: 10,
+    };
+    assert_eq!(
+        ok("alerts", store.fleet_alerts(&window)).await,
+        vec![alert(200)]
+    );
+
+    let hour = Duration::from_secs(3600);
+    let mut b0 = TrendBucket::containing(T0, hour);
+    b0.samples = 1;
+    b0.online = 5.0;
+    let mut b1 = TrendBucket::containing(T0.saturating_add(hour), hour);
+    b1.samples = 2;
+    ok(
+        "trends",
+        store.record_trend_buckets(&[b1.clone(), b0.clone()]),
+    )
+    .await;
+    b0.samples = 3;
+    ok(
+        "trends",
+        store.record_trend_buckets(std::slice::from_ref(&b0)),
+    )
+    .await;
+    let got = ok(
+        "trends",
+        store.trend_buckets(b0.start, b1.start.saturating_add(hour)),
+    )
+    .await;
+    assert_eq!(
+        got,
+        vec![b0.clone(), b1.clone()],
+        "replaced by start, oldest first"
+    );
+    assert_eq!(
+        ok("trends", store.trend_buckets(b1.start, b1.start)).await,
+        vec![]
+    );
+    assert_eq!(
+        ok("trends", store.trend_buckets(b0.start, b1.start)).await,
+        vec![b0.clone()]
+    );
+
+    let i = InstanceId::random();
+    let change = |secs| StatusChange {
+        instance: i,
+        transition: Transition {
+            from: Status::Online,
+            to: Status::Warning,
+            at: at(secs),
+        },
+    };
+    ok(
+        "record",
+        store.record_status_changes(&[change(100), change(5000)]),
+    )
+    .await;
+    let pruned = ok("prune", store.prune_history(b1.start)).await;
+    assert_eq!(
+        pruned, 5,
+        "the change at 100 s, three alerts and the first bucket"
+    );
+    let changes = ok(
+        "changes",
+        store.status_changes(&StatusChangeQuery {
+            instance: Some(i),
+            limit: 10,
+            ..StatusChangeQuery::default()
+        }),
+    )
+    .await;
+    assert_eq!(changes, vec![change(5000)]);
+    assert!(
+        ok(
+            "alerts",
+            store.fleet_alerts(&FleetAlertQuery {
+                limit: 10,
+                ..FleetAlertQuery::default()
+            })
+        )
+        .await
+        .is_empty()
+    );
+    assert_eq!(
+        ok("trends", store.trend_buckets(T0, at(100_000))).await,
+        vec![b1]
+    );
+}
+
+/// Policies: stored once by name (a taken name is `AlreadyExists` and changes nothing), listed
+/// by name, deleted (`NotFound` when unknown); and, through a `Fleet`, evaluated per instance and
+/// as fleet-level compliance.
+pub async fn policies_round_trip_and_compliance(store: DynStore) {
+    use crate::policy::{NewPolicy, PolicyName, Rule};
+    let (fleet, _) = open_fleet(&store).await;
+    let mut ids = Vec::new();
+    for n in 0..4u32 {
+        let mut inst = instance(n);
+        inst.system.agent_version = Some(format!("1.{n}.0"));
+        ok("insert", store.insert_instance(&inst)).await;
+        ids.push(inst.id);
+    }
+    fleet.sync().await.expect("sync");
+    let new = |name: &str, filter: &str, rule: Rule| NewPolicy {
+        name: PolicyName::new(name).expect("name"),
+        description: String::new(),
+        filter: Filter::parse(filter).expect("filter"),
+        rule,
+    };
+    let agent = fleet
+        .create_policy(new(
+            "agent-1-2",
+            "",
+            Rule::AgentVersionAtLeast("1.2.0".into()),
+        ))
+        .await
+        .expect("create");
+    fleet
+        .create_policy(new(
+            "prod-tagged",
+            "env=prod",
+            Rule::TagPresent(crate::TagKey::new("n").expect("key")),
+        ))
+        .await
+        .expect("create");
+    match fleet
+        .create_policy(new(
+            "agent-1-2",
+            "",
+            Rule::TagPresent(crate::TagKey::new("x").expect("key")),
+        ))
+        .await
+    {
+        Err(FleetError::Store(StoreError::AlreadyExists { .. })) => {}
+        other => panic!("a taken name must be AlreadyExists, got {other:?}"),
+    }
+    let listed = fleet.policies().await.expect("list");
+    assert_eq!(listed.len(), 2);
+    assert_eq!(listed[0], agent, "listed by name, stored as created");
+
+    let results = fleet
+        .policy_results(&TenantScope::All, ids[1])
+        .await
+        .expect("results");
+    assert_eq!(
+        results.len(),
+        1,
+        "instance 1 is dev: only the fleet-wide policy applies"
+    );
+    assert!(!results[0].pass);
+    assert!(results[0].reason.contains("1.1.0"), "{}", results[0].reason);
+    let compliance = fleet
+        .compliance(&TenantScope::All)
+        .await
+        .expect("compliance");
+    let by_name: BTreeMap<String, (u64, u64)> = compliance
+        .iter()
+        .map(|c| (c.policy.to_string(), (c.applicable, c.passing)))
+        .collect();
+    assert_eq!(by_name["agent-1-2"], (4, 2));
+    assert_eq!(by_name["prod-tagged"], (2, 2));
+    assert!((compliance[0].percent - 50.0).abs() < 1e-9);
+
+    fleet
+        .delete_policy(&PolicyName::new("prod-tagged").expect("name"))
+        .await
+        .expect("delete");
+    assert!(matches!(
+        fleet
+            .delete_policy(&PolicyName::new("prod-tagged").expect("name"))
+            .await,
+        Err(FleetError::Store(StoreError::NotFound { .. }))
+    ));
+    assert_eq!(fleet.policies().await.expect("list"), vec![agent]);
+}
+
 /// Emits one `#[tokio::test]` per conformance property for a store builder.
 ///
 /// The argument is an expression evaluating to a future of `(guard, store)`: the guard (a temp
@@ -1673,6 +1884,8 @@ macro_rules! store_conformance_tests {
             concurrent_deliveries_never_double_deliver,
             expired_commands_are_never_delivered,
             cancel_races_delivery,
+            fleet_alerts_trends_and_retention,
+            policies_round_trip_and_compliance,
         );
     };
     (@each $build:expr; $($name:ident),* $(,)?) => {

@@ -13,7 +13,7 @@ use fleet_core::command::{
 use fleet_core::identity::Fingerprint;
 use fleet_core::store::{
     CertificateChange, CertificateStore, Change, ChangeFeed, CommandStore, EnrollCommit,
-    EnrollResult, HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, Seq,
+    EnrollResult, HeartbeatRecord, HeartbeatStore, HistoryStore, InstanceStore, PolicyStore, Seq,
     StatusChangeQuery, StoreResult, TokenStore,
 };
 use fleet_core::token::{LedgerEntry, RegistrationToken, TokenId};
@@ -478,6 +478,28 @@ impl HistoryStore for Flaky {
     ) -> StoreResult<Vec<fleet_core::StatusChange>> {
         self.inner.status_changes(q).await
     }
+    async fn record_fleet_alert(&self, a: &fleet_core::FleetAlert) -> StoreResult<()> {
+        self.inner.record_fleet_alert(a).await
+    }
+    async fn fleet_alerts(
+        &self,
+        q: &fleet_core::FleetAlertQuery,
+    ) -> StoreResult<Vec<fleet_core::FleetAlert>> {
+        self.inner.fleet_alerts(q).await
+    }
+    async fn record_trend_buckets(&self, b: &[fleet_core::TrendBucket]) -> StoreResult<()> {
+        self.inner.record_trend_buckets(b).await
+    }
+    async fn trend_buckets(
+        &self,
+        from: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<fleet_core::TrendBucket>> {
+        self.inner.trend_buckets(from, until).await
+    }
+    async fn prune_history(&self, before: Timestamp) -> StoreResult<usize> {
+        self.inner.prune_history(before).await
+    }
 }
 
 #[async_trait]
@@ -521,6 +543,19 @@ impl CommandStore for Flaky {
     }
     async fn prune_commands(&self, before: Timestamp) -> StoreResult<usize> {
         self.inner.prune_commands(before).await
+    }
+}
+
+#[async_trait]
+impl PolicyStore for Flaky {
+    async fn insert_policy(&self, p: &fleet_core::Policy) -> StoreResult<()> {
+        self.inner.insert_policy(p).await
+    }
+    async fn list_policies(&self) -> StoreResult<Vec<fleet_core::Policy>> {
+        self.inner.list_policies().await
+    }
+    async fn delete_policy(&self, n: &fleet_core::PolicyName) -> StoreResult<()> {
+        self.inner.delete_policy(n).await
     }
 }
 

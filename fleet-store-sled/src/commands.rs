@@ -1,4 +1,4 @@
-//! The command queue on sled trees.
+//! The command queue and the compliance policies on sled trees.
 //!
 //! `commands` holds each command by its (time-ordered) id; `commands_by_instance` and
 //! `commands_by_batch` index it for listing; `commands_open` lists each instance's queued and
@@ -15,7 +15,8 @@ use fleet_core::command::{
     Enqueued,
 };
 use fleet_core::error::RecordKind;
-use fleet_core::store::{CommandStore, StoreResult};
+use fleet_core::policy::{Policy, PolicyName};
+use fleet_core::store::{CommandStore, PolicyStore, StoreResult};
 use fleet_core::{InstanceId, StoreError, Timestamp};
 use sled::Transactional;
 use sled::transaction::TransactionalTree;
@@ -373,6 +374,57 @@ impl CommandStore for SledStore {
                 t.db.flush().map_err(backend)?;
             }
             Ok(pruned)
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl PolicyStore for SledStore {
+    async fn insert_policy(&self, policy: &Policy) -> StoreResult<()> {
+        let value = encode(policy)?;
+        let name = policy.name.clone();
+        self.blocking(move |t| {
+            let swapped = t
+                .policies
+                .compare_and_swap(name.as_str(), None as Option<&[u8]>, Some(value))
+                .map_err(backend)?;
+            if swapped.is_err() {
+                return Err(StoreError::AlreadyExists {
+                    kind: RecordKind::Policy,
+                    id: name.to_string(),
+                });
+            }
+            t.db.flush().map_err(backend)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list_policies(&self) -> StoreResult<Vec<Policy>> {
+        self.blocking(|t| {
+            t.policies
+                .iter()
+                .map(|e| {
+                    let (k, v) = e.map_err(backend)?;
+                    decode_at("policies", &k, &v)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn delete_policy(&self, name: &PolicyName) -> StoreResult<()> {
+        let name = name.clone();
+        self.blocking(move |t| {
+            if t.policies.remove(name.as_str()).map_err(backend)?.is_none() {
+                return Err(StoreError::NotFound {
+                    kind: RecordKind::Policy,
+                    id: name.to_string(),
+                });
+            }
+            t.db.flush().map_err(backend)?;
+            Ok(())
         })
         .await
     }

@@ -1,6 +1,7 @@
 //! The fleet-core store traits on sled trees.
 
 use async_trait::async_trait;
+use fleet_core::alert::{FleetAlert, FleetAlertQuery};
 use fleet_core::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use fleet_core::error::RecordKind;
 use fleet_core::identity::Fingerprint;
@@ -10,6 +11,7 @@ use fleet_core::store::{
     StatusChangeQuery, StoreResult, TokenStore,
 };
 use fleet_core::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
+use fleet_core::trend::TrendBucket;
 use fleet_core::{
     App, Groups, Instance, InstanceId, MetricsSample, StatusChange, StoreError, Tags, Timestamp,
 };
@@ -887,10 +889,14 @@ impl CertificateStore for SledStore {
 }
 
 /// Key of a status change in the `history` tree: time (order-preserving), instance, statuses.
+/// A time as a key: big-endian with the sign bit flipped, so negative times sort first.
+fn time_key(at: Timestamp) -> [u8; 8] {
+    ((at.as_unix_millis() as u64) ^ (1 << 63)).to_be_bytes()
+}
+
 fn history_key(c: &StatusChange) -> Vec<u8> {
     let mut k = Vec::with_capacity(26);
-    // Flip the sign bit so that negative times sort before positive ones.
-    k.extend_from_slice(&((c.transition.at.as_unix_millis() as u64) ^ (1 << 63)).to_be_bytes());
+    k.extend_from_slice(&time_key(c.transition.at));
     k.extend_from_slice(c.instance.as_bytes());
     k.push(c.transition.from as u8);
     k.push(c.transition.to as u8);
@@ -971,6 +977,105 @@ impl HistoryStore for SledStore {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    async fn record_fleet_alert(&self, alert: &FleetAlert) -> StoreResult<()> {
+        let mut key = time_key(alert.at).to_vec();
+        key.push(alert.kind as u8);
+        let value = encode(alert)?;
+        self.blocking(move |t| {
+            t.fleet_alerts
+                .compare_and_swap(key, None as Option<&[u8]>, Some(value))
+                .map_err(backend)?
+                .ok();
+            t.flush()
+        })
+        .await
+    }
+
+    async fn fleet_alerts(&self, query: &FleetAlertQuery) -> StoreResult<Vec<FleetAlert>> {
+        let query = query.clone();
+        self.blocking(move |t| {
+            let from = query.since.map_or([0u8; 8], time_key);
+            let until = query.until.map_or([0xff; 8], time_key);
+            let mut out = Vec::new();
+            if query.limit == 0 {
+                return Ok(out);
+            }
+            for e in t.fleet_alerts.range(from..until).rev() {
+                let (k, v) = e.map_err(backend)?;
+                out.push(decode_at("fleet_alerts", &k, &v)?);
+                if out.len() == query.limit {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn record_trend_buckets(&self, buckets: &[TrendBucket]) -> StoreResult<()> {
+        let mut batch = sled::Batch::default();
+        for b in buckets {
+            batch.insert(&time_key(b.start), encode(b)?);
+        }
+        self.blocking(move |t| {
+            t.trends.apply_batch(batch).map_err(backend)?;
+            t.flush()
+        })
+        .await
+    }
+
+    async fn trend_buckets(
+        &self,
+        from: Timestamp,
+        until: Timestamp,
+    ) -> StoreResult<Vec<TrendBucket>> {
+        self.blocking(move |t| {
+            if from >= until {
+                return Ok(Vec::new());
+            }
+            t.trends
+                .range(time_key(from)..time_key(until))
+                .map(|e| {
+                    let (k, v) = e.map_err(backend)?;
+                    decode_at("trends", &k, &v)
+                })
+                .collect()
+        })
+        .await
+    }
+
+    async fn prune_history(&self, before: Timestamp) -> StoreResult<usize> {
+        self.blocking(move |t| {
+            let cut = time_key(before);
+            let mut n = 0;
+            for e in t.history.range(..cut) {
+                let (k, _) = e.map_err(backend)?;
+                let Some(instance) = k.get(8..24) else {
+                    continue;
+                };
+                let mut ik = instance.to_vec();
+                ik.extend_from_slice(&k);
+                let r = (&t.history, &t.history_by_instance).transaction(|(h, by)| {
+                    h.remove(&*k)?;
+                    by.remove(ik.as_slice())?;
+                    Ok(())
+                });
+                finish(r)?;
+                n += 1;
+            }
+            for tree in [&t.fleet_alerts, &t.trends] {
+                for e in tree.range(..cut) {
+                    let (k, _) = e.map_err(backend)?;
+                    tree.remove(k).map_err(backend)?;
+                    n += 1;
+                }
+            }
+            t.flush()?;
+            Ok(n)
         })
         .await
     }

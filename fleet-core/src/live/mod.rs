@@ -257,6 +257,8 @@ pub struct LiveView {
     wheel: Wheel,
     totals: RunningTotals,
     due: Vec<u32>,
+    /// Start-up grace: (control plane started, grace ends). See [`LiveView::begin_grace`].
+    grace: Option<(Timestamp, Timestamp)>,
 }
 
 fn posting(v: &mut Vec<RoaringBitmap>, id: u32) -> &mut RoaringBitmap {
@@ -301,6 +303,7 @@ impl LiveView {
             wheel: Wheel::new(),
             totals: RunningTotals::default(),
             due: Vec::new(),
+            grace: None,
         })
     }
 
@@ -632,7 +635,16 @@ impl LiveView {
         metrics: Option<&MetricsSample>,
     ) -> Transitions {
         let i = s as usize;
-        let (state, transitions) = self.policy.step(self.states[i], Event::Heartbeat, now);
+        let mut before = self.states[i];
+        if let Some((started, until)) = self.grace
+            && now < until
+            && before.status == Status::Online
+            && before.last_heartbeat < started
+        {
+            // Silent only while the control plane was down: no catch-up transitions.
+            before.last_heartbeat = now;
+        }
+        let (state, transitions) = self.policy.step(before, Event::Heartbeat, now);
         let old = self.contrib[i];
         let mut new = Contribution {
             status: state.status,
@@ -679,7 +691,11 @@ impl LiveView {
 
     /// Applies every status change due at `now` and returns them, in no particular order across
     /// instances (each instance's own changes are in order). Costs O(changes) plus O(1).
+    ///
+    /// During a start-up grace ([`begin_grace`](Self::begin_grace)) instances last heard from
+    /// before the start are left alone until the grace ends.
     pub fn sweep(&mut self, now: Timestamp) -> Vec<StatusChange> {
+        let grace = self.grace.filter(|&(_, until)| now < until);
         let mut due = std::mem::take(&mut self.due);
         due.clear();
         self.wheel.take_due(now.as_unix_millis(), &mut due);
@@ -689,6 +705,12 @@ impl LiveView {
             let Some(id) = self.slot(s).map(|slot| slot.id) else {
                 continue;
             };
+            if let Some((started, until)) = grace
+                && self.states[i].last_heartbeat < started
+            {
+                self.wheel.schedule(s, Some(until.as_unix_millis()));
+                continue;
+            }
             let (state, transitions) = self.policy.step(self.states[i], Event::Tick, now);
             let old = self.contrib[i];
             self.set_state(
@@ -707,6 +729,57 @@ impl LiveView {
         }
         self.due = due;
         out
+    }
+
+    /// Starts a start-up grace: a control plane that was down cannot tell a silent instance from
+    /// one it simply could not hear, so until `until` no instance is marked warning or offline.
+    ///
+    /// Every instance that was online at the *horizon* — the latest heartbeat the store knew of,
+    /// about when the previous control plane stopped — is shown online again (its silence during
+    /// the outage is not held against it), and a heartbeat before `until` brings it back without
+    /// catch-up transitions. Instances already warning or offline at the horizon keep their
+    /// status. When the grace ends, instances still silent change status at their exact
+    /// threshold-crossing times, as usual. Returns how many instances were shown online again.
+    pub fn begin_grace(&mut self, started: Timestamp, until: Timestamp) -> usize {
+        let horizon = self
+            .live
+            .iter()
+            .map(|s| self.states[s as usize].last_heartbeat)
+            .max()
+            .unwrap_or(started)
+            .min(started);
+        self.grace = Some((started, until));
+        let mut restored = 0;
+        let slots: Vec<u32> = self.live.iter().collect();
+        for s in slots {
+            let i = s as usize;
+            let state = self.states[i];
+            if state.status != Status::Online
+                && self.policy.status_at(state.last_heartbeat, horizon) == Status::Online
+            {
+                let old = self.contrib[i];
+                let new = Contribution {
+                    status: Status::Online,
+                    ..old
+                };
+                self.set_state(
+                    s,
+                    StalenessState {
+                        status: Status::Online,
+                        ..state
+                    },
+                    old,
+                    new,
+                );
+                restored += 1;
+            }
+        }
+        restored
+    }
+
+    /// Whether a start-up grace is running at `now`.
+    pub fn in_grace(&self, now: Timestamp) -> bool {
+        self.grace.is_some_and(|(_, until)| now < until)
     }
 
     /// The slots a filter selects within `scope`.
