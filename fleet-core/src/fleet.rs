@@ -48,6 +48,7 @@ use crate::error::{FleetError, StoreError};
 use crate::history::History;
 use crate::instance::validate_apps;
 use crate::live::{Cursor, InstanceView, LiveView, Page, StatusChange};
+use crate::recent::{MetricsPoint, RecentMetrics, RecentMetricsConfig, RecentMetricsStats};
 use crate::staleness::{StalenessPolicy, Status, Transitions};
 use crate::store::{ChangeKind, FleetStore, HeartbeatRecord, Seq, StatusChangeQuery};
 use crate::summary::FleetSummary;
@@ -109,9 +110,17 @@ pub struct FleetBuilder<S> {
     command_lease: Duration,
     alerts: AlertPolicy,
     trend_bucket: Duration,
+    recent: RecentMetricsConfig,
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
+    /// How much recent metrics history to keep in memory for graphs (default
+    /// [`RecentMetricsConfig::default`]: the last hour at 15 s, at most 512 MiB).
+    pub fn recent_metrics(mut self, config: RecentMetricsConfig) -> Self {
+        self.recent = config;
+        self
+    }
+
     /// Alert rules: the mass-staleness guard and the start-up grace (default
     /// [`AlertPolicy::default`]).
     pub fn alerts(mut self, policy: AlertPolicy) -> Self {
@@ -193,6 +202,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 trend_bucket: self.trend_bucket,
                 trend: Mutex::new(TrendState::default()),
                 fleet_alerts: Mutex::new(Vec::new()),
+                recent: Mutex::new(RecentMetrics::new(self.recent)),
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -251,6 +261,7 @@ pub(crate) struct Inner<S> {
     trend: Mutex<TrendState>,
     /// Fleet alerts not yet recorded in the store (written with the heartbeat batch).
     fleet_alerts: Mutex<Vec<FleetAlert>>,
+    recent: Mutex<RecentMetrics>,
 }
 
 /// The trend bucket being filled, and finished ones not yet written.
@@ -308,6 +319,7 @@ impl<S: FleetStore> Fleet<S> {
             command_lease: crate::command::DEFAULT_COMMAND_LEASE,
             alerts: AlertPolicy::default(),
             trend_bucket: crate::trend::DEFAULT_TREND_BUCKET,
+            recent: RecentMetricsConfig::default(),
         }
     }
 
@@ -393,14 +405,23 @@ impl<S: FleetStore> Fleet<S> {
             validate_apps(apps)?;
         }
         let now = self.now();
-        let (transitions, status, interval) = {
+        let (transitions, status, interval, point) = {
             let mut view = self.view_mut();
             let transitions = view
                 .heartbeat(id, now, hb.metrics.as_ref())
                 .ok_or(FleetError::InstanceNotFound(id))?;
             let status = view.status(id).unwrap_or(Status::Online);
-            (transitions, status, view.policy().heartbeat_interval())
+            let point = hb.metrics.as_ref().and_then(|_| view.point(id));
+            (
+                transitions,
+                status,
+                view.policy().heartbeat_interval(),
+                point,
+            )
         };
+        if let Some(p) = point {
+            self.recent().record(id, &p);
+        }
         if !transitions.is_empty() {
             self.changes()
                 .extend(transitions.iter().map(|transition| StatusChange {
@@ -509,6 +530,7 @@ impl<S: FleetStore> Fleet<S> {
         let seq = self.inner.store.delete_instance(id, self.now()).await?;
         self.view_mut().remove(id, seq);
         self.pending().remove(&id);
+        self.recent().remove(id);
         Ok(())
     }
 
@@ -522,6 +544,31 @@ impl<S: FleetStore> Fleet<S> {
             None => view.remove(id, seq),
         };
         Ok(())
+    }
+
+    fn recent(&self) -> MutexGuard<'_, RecentMetrics> {
+        self.inner
+            .recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// An instance's recent metrics (graph points) at or after `since`, oldest first; empty when
+    /// it sent none since this control plane started or is beyond the memory budget (see
+    /// [`crate::recent`]).
+    pub fn recent_metrics(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+        since: Timestamp,
+    ) -> Result<Vec<MetricsPoint>, FleetError> {
+        self.visible(id, scope)?;
+        Ok(self.recent().points(id, since))
+    }
+
+    /// Figures about the recent-metrics rings.
+    pub fn recent_metrics_stats(&self) -> RecentMetricsStats {
+        self.recent().stats()
     }
 
     /// The fleet CA.
@@ -865,11 +912,17 @@ impl<S: FleetStore> Fleet<S> {
                     _ => self.inner.store.get_instance(change.instance).await?,
                 };
                 let now = self.now();
-                let mut view = self.view_mut();
-                let done = match current {
-                    Some(inst) => view.upsert(&inst, change.seq, now),
-                    None => view.remove(change.instance, change.seq),
+                let gone = current.is_none();
+                let done = {
+                    let mut view = self.view_mut();
+                    match current {
+                        Some(inst) => view.upsert(&inst, change.seq, now),
+                        None => view.remove(change.instance, change.seq),
+                    }
                 };
+                if gone {
+                    self.recent().remove(change.instance);
+                }
                 applied += usize::from(done);
             }
             *cursor = last;

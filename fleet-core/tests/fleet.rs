@@ -834,3 +834,46 @@ async fn transitions_are_recorded_as_alerts_and_uptime_is_exact() {
         None
     );
 }
+
+#[tokio::test]
+async fn recent_metrics_follow_heartbeats_and_go_with_the_instance() {
+    let (fleet, clock) = fleet().await;
+    let a = fleet.register(new("a", Some("t1"))).await.unwrap().id;
+    for k in 0..5u64 {
+        clock.advance(Duration::from_secs(15));
+        let metrics = MetricsSample {
+            cpu_percent: Some(10.0 * k as f64),
+            memory_used_bytes: Some(1 << 30),
+            memory_total_bytes: Some(4 << 30),
+            network_rx_bytes: Some(1000 * k * k),
+            ..MetricsSample::default()
+        };
+        fleet
+            .heartbeat(
+                a,
+                Heartbeat {
+                    metrics: Some(metrics),
+                    apps: None,
+                },
+            )
+            .unwrap();
+        // A liveness-only heartbeat adds no point.
+        fleet.heartbeat(a, Heartbeat::default()).unwrap();
+    }
+    let points = fleet
+        .recent_metrics(&TenantScope::All, a, Timestamp::UNIX_EPOCH)
+        .unwrap();
+    assert_eq!(points.len(), 5);
+    assert_eq!(points[4].cpu_percent, Some(40.0));
+    assert_eq!(points[4].memory_percent, Some(25.0));
+    assert!(points.windows(2).all(|w| w[0].at < w[1].at));
+    assert!(points[1].network_rx_bytes_per_sec.is_some());
+    let other = TenantScope::Tenant(TenantId::new("t2").unwrap());
+    assert!(matches!(
+        fleet.recent_metrics(&other, a, Timestamp::UNIX_EPOCH),
+        Err(FleetError::InstanceNotFound(_))
+    ));
+    assert_eq!(fleet.recent_metrics_stats().instances, 1);
+    fleet.deregister(&TenantScope::All, a).await.unwrap();
+    assert_eq!(fleet.recent_metrics_stats().instances, 0);
+}

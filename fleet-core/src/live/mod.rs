@@ -944,6 +944,29 @@ impl LiveView {
         scope.allows(v.tenant.as_ref()).then_some(v)
     }
 
+    /// The instance's current figures as a graph point (cheap: no strings are built).
+    pub(crate) fn point(&self, id: InstanceId) -> Option<crate::recent::MetricsPoint> {
+        let s = *self.index.get(&id)? as usize;
+        let c = self.contrib.get(s)?;
+        let slot = self.slots.get(s)?.as_ref()?;
+        if !c.has_sample {
+            return None;
+        }
+        let pct = |used: u64, total: u64| {
+            (used != ABSENT && total != ABSENT && total > 0)
+                .then(|| used as f64 * 100.0 / total as f64)
+        };
+        let rate = |r: u64| (r != ABSENT).then_some(r as f64);
+        Some(crate::recent::MetricsPoint {
+            at: slot.sampled_at,
+            cpu_percent: (c.cpu != ABSENT_CPU).then(|| f64::from(c.cpu) / 10.0),
+            memory_percent: pct(c.mem_used, c.mem_total),
+            disk_percent: pct(c.disk_used, c.disk_total),
+            network_rx_bytes_per_sec: rate(c.rx_rate),
+            network_tx_bytes_per_sec: rate(c.tx_rate),
+        })
+    }
+
     fn view_of(&self, s: u32) -> Option<InstanceView> {
         let slot = self.slot(s)?;
         let c = &self.contrib[s as usize];
