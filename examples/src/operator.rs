@@ -13,7 +13,19 @@
 //! | `PUT /api/v1/instances/{id}/tags` / `.../groups` | replace tags (object) / groups (array) |
 //! | `DELETE /api/v1/instances/{id}` | deregister and revoke |
 //! | `GET /api/v1/instances/{id}/uptime?from=T&to=T` | exact uptime % over a window (default: the last 30 days) |
-//! | `GET /api/v1/alerts?instance=ID&since=T&until=T&limit=N` | status changes, newest first |
+//! | `GET /api/v1/alerts?instance=ID&since=T&until=T&limit=N` | status changes (`items`) and fleet-level alerts (`fleet`), newest first |
+//! | `GET /api/v1/trends?from=T&to=T` | fleet trend buckets (health %, status counts), oldest first (default: the last 30 days) |
+//! | `GET /api/v1/instances/{id}/metrics?since=T` | recent metrics points for graphs (default: the last hour) |
+//! | `POST /api/v1/commands` | enqueue for an instance, a filter or a group (`NewCommand`); 201 with the report |
+//! | `GET /api/v1/commands?instance=ID&batch=ID&state=S&before=ID&limit=N` | commands, newest first; `next` pages on |
+//! | `GET /api/v1/commands/{id}` | one command |
+//! | `POST /api/v1/commands/{id}/cancel` | cancel a queued command (409 once delivered or finished) |
+//! | `GET /api/v1/instances/{id}/commands?before=ID&limit=N` | the instance's command history, newest first |
+//! | `POST /api/v1/policies` | create a compliance policy (`NewPolicy`); 409 when the name is taken |
+//! | `GET /api/v1/policies` | list policies |
+//! | `DELETE /api/v1/policies/{name}` | delete a policy |
+//! | `GET /api/v1/policies/results` | fleet compliance % per policy |
+//! | `GET /api/v1/instances/{id}/policies` | the instance's policies with pass/fail and the reason (also in its detail) |
 //!
 //! Times in queries are RFC 3339 (`2026-11-24T15:00:00Z`).
 //!
@@ -25,10 +37,12 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_core::command::CommandQuery;
 use fleet_core::store::{FleetStore, StatusChangeQuery};
 use fleet_core::token::MaxUses;
 use fleet_core::{
-    Cursor, Filter, Fleet, FleetError, Groups, InstanceId, NewToken, Tags, TenantId, TenantScope,
+    BatchId, CommandId, CommandState, Cursor, Filter, Fleet, FleetAlertQuery, FleetError, Groups,
+    InstanceId, NewCommand, NewPolicy, NewToken, PolicyName, Tags, TenantId, TenantScope,
     Timestamp, TokenId,
 };
 use http_body_util::{BodyExt, Full, Limited};
@@ -39,8 +53,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
-/// Largest operator request body.
-const MAX_BODY: usize = 64 * 1024;
+/// Largest operator request body (room for a command payload of 64 KiB).
+const MAX_BODY: usize = 256 * 1024;
 
 type Body = Full<Bytes>;
 
@@ -74,6 +88,18 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
         FleetError::InstanceNotFound(_) | FleetError::TokenNotFound(_) => {
             error(StatusCode::NOT_FOUND, "not_found", e.to_string())
         }
+        FleetError::CommandNotFound(_)
+        | FleetError::Store(fleet_core::StoreError::NotFound { .. }) => {
+            error(StatusCode::NOT_FOUND, "not_found", e.to_string())
+        }
+        FleetError::CommandNotCancellable { .. } => {
+            error(StatusCode::CONFLICT, "not_cancellable", e.to_string())
+        }
+        FleetError::Store(fleet_core::StoreError::AlreadyExists { kind, id }) => error(
+            StatusCode::CONFLICT,
+            "already_exists",
+            format!("{kind} {id} already exists"),
+        ),
         FleetError::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
         FleetError::Filter(f) => {
             let mut r = json(
@@ -156,7 +182,7 @@ async fn body_json<T: serde::de::DeserializeOwned>(
             return Err(error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
-                "the body limit is 64 KiB",
+                "the body limit is 256 KiB",
             ));
         }
     };
@@ -259,6 +285,10 @@ impl<S: FleetStore> OperatorApi<S> {
                                 .and_then(|i| i.certificate);
                         let mut v = serde_json::to_value(&d).unwrap_or_default();
                         v["certificate"] = serde_json::to_value(cert).unwrap_or_default();
+                        match self.fleet.policy_results(&scope, id).await {
+                            Ok(p) => v["policies"] = serde_json::to_value(p).unwrap_or_default(),
+                            Err(e) => return fleet_error(&e),
+                        }
                         json(StatusCode::OK, &v)
                     }
                     Err(e) => fleet_error(&e),
@@ -314,6 +344,98 @@ impl<S: FleetStore> OperatorApi<S> {
                     Err(e) => fleet_error(&e),
                 }
             }
+            (Method::GET, ["api", "v1", "trends"]) => self.trends(&req).await,
+            (Method::GET, ["api", "v1", "instances", id, "metrics"]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                let since = match time_param(&query(&req), "since") {
+                    Ok(s) => {
+                        s.unwrap_or(self.fleet.now().saturating_sub(Duration::from_secs(3600)))
+                    }
+                    Err(m) => return error(StatusCode::BAD_REQUEST, "invalid_input", m),
+                };
+                match self.fleet.recent_metrics(&scope, id, since) {
+                    Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::POST, ["api", "v1", "commands"]) => {
+                let new: NewCommand = match body_json(req).await {
+                    Ok(n) => n,
+                    Err(r) => return r,
+                };
+                match self.fleet.enqueue(&scope, new).await {
+                    Ok(report) => json(StatusCode::CREATED, &report),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::GET, ["api", "v1", "commands"]) => self.commands(&req, &scope, None).await,
+            (Method::GET, ["api", "v1", "instances", id, "commands"]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                if self.fleet.get(&scope, id).is_none() {
+                    return fleet_error(&FleetError::InstanceNotFound(id));
+                }
+                self.commands(&req, &scope, Some(id)).await
+            }
+            (Method::GET, ["api", "v1", "commands", id]) => {
+                let Ok(id) = id.parse::<CommandId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such command");
+                };
+                match self.fleet.command(&scope, id).await {
+                    Ok(c) => json(StatusCode::OK, &c),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::POST, ["api", "v1", "commands", id, "cancel"]) => {
+                let Ok(id) = id.parse::<CommandId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such command");
+                };
+                match self.fleet.cancel_command(&scope, id).await {
+                    Ok(c) => json(StatusCode::OK, &c),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::POST, ["api", "v1", "policies"]) => {
+                let new: NewPolicy = match body_json(req).await {
+                    Ok(n) => n,
+                    Err(r) => return r,
+                };
+                match self.fleet.create_policy(new).await {
+                    Ok(p) => json(StatusCode::CREATED, &p),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::GET, ["api", "v1", "policies"]) => match self.fleet.policies().await {
+                Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+                Err(e) => fleet_error(&e),
+            },
+            (Method::GET, ["api", "v1", "policies", "results"]) => {
+                match self.fleet.compliance(&scope).await {
+                    Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::DELETE, ["api", "v1", "policies", name]) => {
+                let Ok(name) = PolicyName::new(*name) else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such policy");
+                };
+                match self.fleet.delete_policy(&name).await {
+                    Ok(()) => json(StatusCode::OK, &serde_json::json!({"ok": true})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
+            (Method::GET, ["api", "v1", "instances", id, "policies"]) => {
+                let Ok(id) = id.parse::<InstanceId>() else {
+                    return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
+                };
+                match self.fleet.policy_results(&scope, id).await {
+                    Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+                    Err(e) => fleet_error(&e),
+                }
+            }
             (Method::DELETE, ["api", "v1", "instances", id]) => {
                 let Ok(id) = id.parse::<InstanceId>() else {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
@@ -359,8 +481,99 @@ impl<S: FleetStore> OperatorApi<S> {
             until,
             limit,
         };
-        match self.fleet.status_changes(scope, &query).await {
+        let items = match self.fleet.status_changes(scope, &query).await {
+            Ok(items) => items,
+            Err(e) => return fleet_error(&e),
+        };
+        // Fleet-level alerts concern the whole fleet: only for an unscoped, fleet-wide query.
+        let fleet = if instance.is_none() && *scope == TenantScope::All {
+            let q = FleetAlertQuery {
+                since,
+                until,
+                limit,
+            };
+            match self.fleet.fleet_alerts(&q).await {
+                Ok(a) => a,
+                Err(e) => return fleet_error(&e),
+            }
+        } else {
+            Vec::new()
+        };
+        json(
+            StatusCode::OK,
+            &serde_json::json!({"items": items, "fleet": fleet}),
+        )
+    }
+
+    async fn trends(&self, req: &Request<Incoming>) -> Response<Body> {
+        let q = query(req);
+        let now = self.fleet.now();
+        let (from, to) = match (time_param(&q, "from"), time_param(&q, "to")) {
+            (Ok(f), Ok(t)) => (
+                f.unwrap_or(now.saturating_sub(Duration::from_secs(30 * 86_400))),
+                t.unwrap_or(now.saturating_add(Duration::from_secs(1))),
+            ),
+            (Err(m), _) | (_, Err(m)) => return error(StatusCode::BAD_REQUEST, "invalid_input", m),
+        };
+        match self.fleet.trends(from, to).await {
             Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+            Err(e) => fleet_error(&e),
+        }
+    }
+
+    async fn commands(
+        &self,
+        req: &Request<Incoming>,
+        scope: &TenantScope,
+        instance: Option<InstanceId>,
+    ) -> Response<Body> {
+        let q = query(req);
+        let bad = |m: String| error(StatusCode::BAD_REQUEST, "invalid_input", m);
+        let mut query = CommandQuery {
+            instance,
+            limit: 100,
+            ..CommandQuery::default()
+        };
+        if let Some(i) = q.get("instance") {
+            match i.parse::<InstanceId>() {
+                Ok(i) => query.instance = Some(i),
+                Err(e) => return bad(e.to_string()),
+            }
+        }
+        if let Some(b) = q.get("batch") {
+            match b.parse::<BatchId>() {
+                Ok(b) => query.batch = Some(b),
+                Err(e) => return bad(e.to_string()),
+            }
+        }
+        if let Some(st) = q.get("state") {
+            match st.parse::<CommandState>() {
+                Ok(st) => query.state = Some(st),
+                Err(e) => return bad(e.to_string()),
+            }
+        }
+        if let Some(b) = q.get("before") {
+            match b.parse::<CommandId>() {
+                Ok(b) => query.before = Some(b),
+                Err(e) => return bad(e.to_string()),
+            }
+        }
+        match q.get("limit").map(|l| l.parse::<usize>()) {
+            None => {}
+            Some(Ok(n)) if (1..=fleet_core::MAX_PAGE_SIZE).contains(&n) => query.limit = n,
+            Some(_) => return bad("limit must be from 1 to 1000".into()),
+        }
+        let limit = query.limit;
+        match self.fleet.commands(scope, query).await {
+            Ok(items) => {
+                let next = (items.len() == limit)
+                    .then(|| items.last().map(|c| c.id))
+                    .flatten();
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"items": items, "next": next}),
+                )
+            }
             Err(e) => fleet_error(&e),
         }
     }

@@ -312,3 +312,271 @@ async fn operator_api_end_to_end() {
     let _ = api.stop.send(());
     api.task.await.unwrap().unwrap();
 }
+
+/// Commands, policies, alerts, trends and recent metrics through the operator API: enqueue for
+/// one instance (idempotent), for a group (one batch), list and page, cancel (409 once
+/// delivered), bad input answered 400 with nothing queued; policies created, listed, evaluated
+/// per instance and fleet-wide, deleted; alerts and trends after a sweep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commands_policies_alerts_and_trends() {
+    use fleet_core::{Heartbeat, MetricsSample, NewInstance, SystemInfo};
+    use std::time::Duration;
+    let api = start().await;
+    let op = Some(OPERATOR);
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let inst = api
+            .fleet
+            .register(NewInstance {
+                system: SystemInfo {
+                    agent_version: Some(format!("2.{n}.0")),
+                    ..SystemInfo::with_hostname(format!("web-{n}"))
+                },
+                groups: fleet_core::Groups::from_names(if n < 2 { vec!["web"] } else { vec![] })
+                    .unwrap(),
+                ..NewInstance::default()
+            })
+            .await
+            .unwrap();
+        ids.push(inst.id);
+    }
+    for (m, p) in [
+        ("GET", "/api/v1/commands"),
+        ("POST", "/api/v1/commands"),
+        ("GET", "/api/v1/policies"),
+        ("GET", "/api/v1/trends"),
+    ] {
+        let (status, _) = call(&api, m, p, None, None).await;
+        assert_eq!(status, 401, "{m} {p}");
+    }
+
+    // One instance, twice with the same idempotency key: one command.
+    let one = json!({"target": {"instance": ids[0]}, "kind": "ping", "idempotency_key": "k1"});
+    let (status, first) = call(&api, "POST", "/api/v1/commands", op, Some(one.clone())).await;
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(
+        (first["created"].as_u64(), first["batch"].is_null()),
+        (Some(1), true)
+    );
+    let cmd_id = first["commands"][0]["id"].as_str().unwrap().to_owned();
+    let (_, again) = call(&api, "POST", "/api/v1/commands", op, Some(one)).await;
+    assert_eq!(
+        (again["created"].as_u64(), again["existing"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(again["commands"][0]["id"].as_str(), Some(cmd_id.as_str()));
+
+    // A group: one command per member, one batch.
+    let (status, group) = call(&api, "POST", "/api/v1/commands", op, Some(json!({"target": {"group": "web"}, "kind": "collect-inventory", "payload": {"full": true}, "ttl_secs": 600}))).await;
+    assert_eq!(status, 201, "{group}");
+    assert_eq!(group["created"].as_u64(), Some(2));
+    let batch = group["batch"].as_str().unwrap().to_owned();
+    let (_, by_batch) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/commands?batch={batch}"),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(by_batch["items"].as_array().unwrap().len(), 2);
+    assert_eq!(by_batch["items"][0]["payload"]["full"], true);
+
+    // Bad input: 400 and nothing queued.
+    for bad in [
+        json!({"target": {"instance": ids[0]}, "kind": "Bad Kind"}),
+        json!({"target": {"instance": ids[0]}, "kind": "ping", "ttl_secs": 0}),
+        json!({"target": {"filter": "status:"}, "kind": "ping"}),
+        json!({"target": {"instance": ids[0]}, "kind": "ping", "extra": 1}),
+    ] {
+        let (status, body) = call(&api, "POST", "/api/v1/commands", op, Some(bad.clone())).await;
+        assert_eq!(status, 400, "{bad} → {body}");
+    }
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        op,
+        Some(json!({"target": {"instance": fleet_core::InstanceId::random()}, "kind": "ping"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    let (_, all) = call(&api, "GET", "/api/v1/commands?limit=2", op, None).await;
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    let next = all["next"].as_str().unwrap();
+    let (_, rest) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/commands?limit=2&before={next}"),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(
+        rest["items"].as_array().unwrap().len(),
+        1,
+        "three commands in all"
+    );
+    assert_eq!(rest["next"], Value::Null);
+    let (status, _) = call(&api, "GET", "/api/v1/commands?state=sleeping", op, None).await;
+    assert_eq!(status, 400);
+
+    // Instance history, cancel, and cancel after delivery.
+    let (_, hist) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/instances/{}/commands", ids[0]),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(hist["items"].as_array().unwrap().len(), 2);
+    let (status, cancelled) = call(
+        &api,
+        "POST",
+        &format!("/api/v1/commands/{cmd_id}/cancel"),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, cancelled["state"].as_str()),
+        (200, Some("cancelled"))
+    );
+    let ex = api
+        .fleet
+        .exchange(ids[1], Heartbeat::default(), vec![])
+        .await
+        .unwrap();
+    assert_eq!(ex.commands.len(), 1);
+    let (status, body) = call(
+        &api,
+        "POST",
+        &format!("/api/v1/commands/{}/cancel", ex.commands[0].id),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("not_cancellable"))
+    );
+    let (_, got) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/commands/{}", ex.commands[0].id),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(
+        got["state"], "delivered",
+        "the refused cancel changed nothing"
+    );
+    let (status, _) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/commands/{}", fleet_core::CommandId::from_u128(1)),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+
+    // Policies.
+    let policy = json!({"name": "agent-2-1", "filter": "group:web", "rule": {"agent_version_at_least": "2.1.0"}});
+    let (status, created) = call(&api, "POST", "/api/v1/policies", op, Some(policy.clone())).await;
+    assert_eq!(status, 201, "{created}");
+    let (status, _) = call(&api, "POST", "/api/v1/policies", op, Some(policy)).await;
+    assert_eq!(status, 409);
+    let (status, _) = call(
+        &api,
+        "POST",
+        "/api/v1/policies",
+        op,
+        Some(json!({"name": "x", "rule": {"disk_used_below_percent": 0.0}})),
+    )
+    .await;
+    assert_eq!(status, 400);
+    let (_, listed) = call(&api, "GET", "/api/v1/policies", op, None).await;
+    assert_eq!(
+        listed["items"].as_array().unwrap().len(),
+        1,
+        "the invalid one was not stored"
+    );
+    let (_, detail) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/instances/{}", ids[0]),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(detail["policies"][0]["pass"], false);
+    assert!(
+        detail["policies"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("2.0.0")
+    );
+    let (_, results) = call(&api, "GET", "/api/v1/policies/results", op, None).await;
+    assert_eq!(results["items"][0]["applicable"], 2);
+    assert_eq!(results["items"][0]["passing"], 1);
+    assert_eq!(results["items"][0]["percent"], 50.0);
+    let (status, _) = call(&api, "DELETE", "/api/v1/policies/agent-2-1", op, None).await;
+    assert_eq!(status, 200);
+    let (status, _) = call(&api, "DELETE", "/api/v1/policies/agent-2-1", op, None).await;
+    assert_eq!(status, 404);
+
+    // Metrics, alerts and trends.
+    for _ in 0..3 {
+        api.clock.advance(Duration::from_secs(15));
+        let metrics = MetricsSample {
+            cpu_percent: Some(42.0),
+            ..MetricsSample::default()
+        };
+        api.fleet
+            .heartbeat(
+                ids[1],
+                Heartbeat {
+                    metrics: Some(metrics),
+                    apps: None,
+                },
+            )
+            .unwrap();
+        api.fleet.sweep();
+    }
+    let (_, points) = call(
+        &api,
+        "GET",
+        &format!("/api/v1/instances/{}/metrics", ids[1]),
+        op,
+        None,
+    )
+    .await;
+    assert_eq!(points["items"].as_array().unwrap().len(), 3);
+    assert_eq!(points["items"][2]["cpu_percent"], 42.0);
+    api.clock.advance(Duration::from_secs(400));
+    api.fleet.sweep();
+    let (_, alerts) = call(&api, "GET", "/api/v1/alerts", op, None).await;
+    assert!(alerts["items"].as_array().unwrap().len() >= 6, "{alerts}");
+    assert!(
+        alerts["fleet"].as_array().unwrap().is_empty(),
+        "3 instances: below the mass minimum"
+    );
+    let (_, trends) = call(&api, "GET", "/api/v1/trends", op, None).await;
+    let items = trends["items"].as_array().unwrap();
+    assert!(!items.is_empty());
+    assert!(
+        items
+            .iter()
+            .map(|b| b["samples"].as_u64().unwrap())
+            .sum::<u64>()
+            >= 4
+    );
+    let (status, _) = call(&api, "GET", "/api/v1/trends?from=yesterday", op, None).await;
+    assert_eq!(status, 400);
+
+    let _ = api.stop.send(());
+    api.task.await.unwrap().unwrap();
+}
