@@ -8,6 +8,10 @@
 //!
 //! Its key and certificate live in `--state-dir` (`identity.json`, mode 0600); restarting the agent
 //! or the control panel keeps its identity.
+//!
+//! Commands arrive in heartbeat replies; the agent runs only the built-ins of
+//! `fleet_agent_proto::runner` (`ping`, `collect-inventory`, `restart-agent`, which re-executes
+//! the agent once its result is delivered) and answers every other kind with a failed result.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,6 +23,7 @@ use clap::Parser;
 use fleet_agent_proto::client::{
     self, AgentClient, AgentIdentity, ClientError, Endpoint, backoff, next_delay, renewal_due,
 };
+use fleet_agent_proto::runner::CommandRunner;
 use fleet_agent_proto::{ErrorCode, HeartbeatRequest};
 use fleet_core::{Clock, JoinString, MetricsSample, SystemClock, SystemInfo};
 
@@ -188,6 +193,14 @@ async fn main() -> Result<()> {
         }
     };
     let mut sensors = Sensors::new()?;
+    // Commands: only the built-ins run (see fleet_agent_proto::runner); results ride on the
+    // next heartbeats until one succeeds.
+    let mut runner = CommandRunner::new(|| {
+        serde_json::json!({
+            "system": Sensors::info(),
+            "agent": env!("CARGO_PKG_VERSION"),
+        })
+    });
     let mut interval = Duration::from_secs(15);
     let mut failures = 0;
     let mut sequence = 0;
@@ -214,13 +227,27 @@ async fn main() -> Result<()> {
         let req = HeartbeatRequest {
             sequence: Some(sequence),
             metrics: Some(sensors.sample()),
-            ..HeartbeatRequest::default()
+            apps: None,
+            command_results: runner.pending_results(),
         };
         let wait = match agent.heartbeat(&req).await {
             Ok(reply) => {
                 failures = 0;
                 interval = Duration::from_secs(reply.next_heartbeat_secs.max(1));
-                next_delay(interval, noise())
+                runner.acknowledge(req.command_results.len());
+                if runner.restart_due() {
+                    restart()?;
+                }
+                for c in &reply.commands {
+                    eprintln!("running command {} ({})", c.id, c.kind);
+                }
+                runner.run(&reply.commands);
+                if runner.pending_results().is_empty() {
+                    next_delay(interval, noise())
+                } else {
+                    // Report results at once rather than a heartbeat interval later.
+                    Duration::from_millis(200)
+                }
             }
             Err(e) if e.code() == Some(ErrorCode::CertificateRevoked) => {
                 bail!("this instance was deregistered or its certificate revoked")
@@ -237,4 +264,23 @@ async fn main() -> Result<()> {
             () = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// Replaces this process with a fresh copy of the agent (same arguments), for `restart-agent`.
+#[cfg(unix)]
+fn restart() -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().context("finding the agent binary")?;
+    eprintln!("restarting as requested by a restart-agent command");
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    Err(err).context("re-executing the agent")
+}
+
+/// Without `exec`, exit and let the service manager start the agent again.
+#[cfg(not(unix))]
+fn restart() -> Result<()> {
+    eprintln!("exiting for a restart-agent command; the service manager restarts the agent");
+    std::process::exit(0)
 }
