@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use fleet_agent_proto::client::{self, AgentClient, Endpoint, next_delay};
+use fleet_agent_proto::runner::CommandRunner;
 use fleet_agent_proto::{HeartbeatRequest, fleet_core};
 use fleet_core::{JoinString, MetricsSample, SystemInfo};
 use tokio::sync::watch;
@@ -58,6 +59,9 @@ pub async fn run(n: usize, endpoint: Endpoint, join: JoinString, stop: watch::Re
             let (mut rx, mut tx) = (0u64, 0u64);
             let mut interval = Duration::from_secs(15);
             let mut sequence = 0;
+            let host = format!("demo-{i:03}.fleet.local");
+            let mut runner =
+                CommandRunner::new(move || serde_json::json!({ "hostname": host, "demo": true }));
             loop {
                 sequence += 1;
                 rx += (rng.unit() * 5e6) as u64;
@@ -77,10 +81,16 @@ pub async fn run(n: usize, endpoint: Endpoint, join: JoinString, stop: watch::Re
                 let req = HeartbeatRequest {
                     sequence: Some(sequence),
                     metrics: Some(metrics),
-                    ..HeartbeatRequest::default()
+                    apps: None,
+                    command_results: runner.pending_results(),
                 };
                 match agent.heartbeat(&req).await {
-                    Ok(reply) => interval = Duration::from_secs(reply.next_heartbeat_secs.max(1)),
+                    Ok(reply) => {
+                        interval = Duration::from_secs(reply.next_heartbeat_secs.max(1));
+                        runner.acknowledge(req.command_results.len());
+                        // A demo agent cannot restart a process: it just reports success.
+                        runner.run(&reply.commands);
+                    }
                     Err(e) => tracing::debug!(agent = i, error = %e, "demo heartbeat failed"),
                 }
                 tokio::select! {

@@ -175,6 +175,13 @@ async fn serve(args: Serve) -> Result<()> {
                 tracing::info!(instance = %c.instance, from = %c.transition.from, to = %c.transition.to, at = %c.transition.at, "status change");
             }
         }
+        MaintenanceEvent::MassStaleness { alert, .. } => {
+            tracing::warn!(affected = alert.affected, fleet_size = alert.fleet_size, status = %alert.status, "{}", alert.message);
+        }
+        MaintenanceEvent::Upkeep { expired_commands, pruned_commands, pruned_history } => {
+            tracing::info!(expired_commands, pruned_commands, pruned_history, "upkeep");
+        }
+        MaintenanceEvent::UpkeepFailed(e) => tracing::warn!(error = %e, "upkeep failed; will retry"),
         MaintenanceEvent::FlushFailed(e) => tracing::warn!(error = %e, "heartbeat flush failed; will retry"),
         MaintenanceEvent::SyncFailed(e) => tracing::warn!(error = %e, "change-feed sync failed; will retry"),
         other => tracing::debug!(?other, "maintenance"),
