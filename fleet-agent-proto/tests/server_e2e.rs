@@ -73,6 +73,14 @@ impl Harness {
         }
     }
 
+    /// Where the agent client reaches this server.
+    fn endpoint(&self) -> fleet_agent_proto::client::Endpoint {
+        fleet_agent_proto::client::Endpoint {
+            server_name: "localhost".into(),
+            address: self.addr.to_string(),
+        }
+    }
+
     async fn stop(mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -524,12 +532,9 @@ async fn enrolling_and_heartbeating_with_openssl_and_curl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_client_pins_the_ca_enrolls_heartbeats_and_renews() {
-    use fleet_agent_proto::client::{self, AgentClient, Endpoint};
+    use fleet_agent_proto::client::{self, AgentClient};
     let h = Harness::start(ServerConfig::default()).await;
-    let endpoint = Endpoint {
-        server_name: "localhost".into(),
-        address: h.addr.to_string(),
-    };
+    let endpoint = h.endpoint();
     let token = h
         .fleet
         .create_token(
@@ -709,16 +714,13 @@ async fn quiet_connections_are_closed_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commands_queued_while_the_agent_is_stopped_arrive_on_its_first_heartbeat() {
     use fleet_agent_proto::HeartbeatRequest;
-    use fleet_agent_proto::client::{self, AgentClient, Endpoint};
+    use fleet_agent_proto::client::{self, AgentClient};
     use fleet_agent_proto::runner::CommandRunner;
     use fleet_core::command::{CommandQuery, DEFAULT_COMMAND_LEASE};
     use fleet_core::{CommandKind, CommandState, NewCommand, Payload};
 
     let h = Harness::start(ServerConfig::default()).await;
-    let endpoint = Endpoint {
-        server_name: "localhost".into(),
-        address: h.addr.to_string(),
-    };
+    let endpoint = h.endpoint();
     let token = h
         .fleet
         .create_token(&TenantScope::All, NewToken::default())

@@ -856,6 +856,21 @@ impl<S: FleetStore> Fleet<S> {
         scope: &TenantScope,
         id: InstanceId,
     ) -> Result<InstanceDetail, FleetError> {
+        let (live, stored) = self.live_and_stored(scope, id).await?;
+        Ok(InstanceDetail {
+            live,
+            system: stored.system,
+            apps: stored.apps,
+        })
+    }
+
+    /// An instance's live view and its stored record with the unflushed heartbeat state laid
+    /// over it; [`FleetError::InstanceNotFound`] when it does not exist within `scope`.
+    pub(crate) async fn live_and_stored(
+        &self,
+        scope: &TenantScope,
+        id: InstanceId,
+    ) -> Result<(InstanceView, Instance), FleetError> {
         let live = self
             .get(scope, id)
             .ok_or(FleetError::InstanceNotFound(id))?;
@@ -865,12 +880,7 @@ impl<S: FleetStore> Fleet<S> {
             .get_instance(id)
             .await?
             .ok_or(FleetError::InstanceNotFound(id))?;
-        let pending_apps = self.pending().get(&id).and_then(|r| r.apps.clone());
-        Ok(InstanceDetail {
-            live,
-            system: stored.system,
-            apps: pending_apps.unwrap_or(stored.apps),
-        })
+        Ok((live, self.with_live_state(stored)))
     }
 
     /// A stored instance with the heartbeat state not yet flushed laid over it (latest metrics

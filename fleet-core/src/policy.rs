@@ -762,16 +762,7 @@ impl<S: FleetStore> Fleet<S> {
         scope: &TenantScope,
         id: InstanceId,
     ) -> Result<Vec<PolicyResult>, FleetError> {
-        let live = self
-            .get(scope, id)
-            .ok_or(FleetError::InstanceNotFound(id))?;
-        let stored = self
-            .inner
-            .store
-            .get_instance(id)
-            .await?
-            .ok_or(FleetError::InstanceNotFound(id))?;
-        let instance = self.with_live_state(stored);
+        let (live, instance) = self.live_and_stored(scope, id).await?;
         let now = self.now();
         Ok(self
             .policies()
