@@ -116,14 +116,21 @@ pub struct CommandResult {
     /// Output; the server keeps at most [`MAX_COMMAND_OUTPUT`](crate::MAX_COMMAND_OUTPUT) bytes.
     #[serde(default)]
     pub output: String,
+    /// Whether the agent already cut `output` (the server also marks output it cuts itself).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 impl From<CommandResult> for ReportedResult {
     fn from(r: CommandResult) -> Self {
+        let cut = fleet_core::CommandResult::new(r.exit_code, r.output);
         Self {
             id: r.id,
             outcome: r.outcome,
-            result: fleet_core::CommandResult::new(r.exit_code, r.output),
+            result: fleet_core::CommandResult {
+                truncated: cut.truncated || r.truncated,
+                ..cut
+            },
         }
     }
 }

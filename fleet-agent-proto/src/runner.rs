@@ -118,6 +118,7 @@ impl CommandRunner {
                 outcome,
                 exit_code: result.exit_code,
                 output: result.output,
+                truncated: result.truncated,
             });
         }
     }
@@ -140,8 +141,7 @@ impl CommandRunner {
         out
     }
 
-    /// A heartbeat carrying the first `n` pending results succeeded: forget them. Once the
-    /// `restart-agent` result is among them, [`restart_due`](Self::restart_due) turns true.
+    /// A heartbeat carrying the first `n` pending results succeeded: forget them.
     pub fn acknowledge(&mut self, n: usize) {
         for r in self.pending.drain(..n.min(self.pending.len())) {
             if self.restart_after == Some(r.id) {
@@ -150,10 +150,12 @@ impl CommandRunner {
         }
     }
 
-    /// Whether a `restart-agent` command ran and its result reached the server: the agent should
-    /// restart now.
+    /// Whether the agent should restart now: a `restart-agent` command ran, its result reached
+    /// the server, and so did every other result — so nothing that ran is forgotten by the new
+    /// process and run again when redelivered. Call it after [`run`](Self::run) has handled the
+    /// latest reply's commands.
     pub fn restart_due(&self) -> bool {
-        self.restart_due
+        self.restart_due && self.pending.is_empty()
     }
 }
 
@@ -203,14 +205,36 @@ mod tests {
     }
 
     #[test]
-    fn restart_is_due_only_after_its_result_is_delivered() {
+    fn restart_is_due_only_after_every_result_is_delivered() {
         let mut r = CommandRunner::new(|| serde_json::Value::Null);
-        r.run(&[cmd(1, "ping"), cmd(2, "restart-agent")]);
+        r.run(&[cmd(1, "ping"), cmd(2, "restart-agent"), cmd(3, "ping")]);
         assert!(!r.restart_due());
         r.acknowledge(1);
         assert!(!r.restart_due());
+        r.acknowledge(1);
+        assert!(!r.restart_due(), "the third result is not delivered yet");
+        r.run(&[cmd(4, "ping")]);
+        r.acknowledge(1);
+        assert!(!r.restart_due(), "nor the fourth, from a later reply");
         r.acknowledge(1);
         assert!(r.restart_due());
+    }
+
+    #[test]
+    fn cut_output_says_so_on_the_wire() {
+        let big = "y".repeat(MAX_COMMAND_OUTPUT + 10);
+        let mut r = CommandRunner::new(move || serde_json::Value::String(big.clone()));
+        r.run(&[cmd(1, "collect-inventory")]);
+        let res = r.pending_results().remove(0);
+        assert!(res.truncated);
+        let json = serde_json::to_value(&res).unwrap();
+        assert_eq!(json["truncated"], true);
+        let core: fleet_core::ReportedResult = res.into();
+        assert!(
+            core.result.truncated,
+            "the flag survives into the stored result"
+        );
+        assert_eq!(core.result.output.len(), MAX_COMMAND_OUTPUT);
     }
 
     #[test]

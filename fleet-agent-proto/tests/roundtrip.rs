@@ -85,8 +85,9 @@ fn result() -> impl Strategy<Value = CommandResult> {
         any::<bool>(),
         prop::option::of(any::<i32>()),
         text(),
+        any::<bool>(),
     )
-        .prop_map(|(id, ok, exit_code, output)| CommandResult {
+        .prop_map(|(id, ok, exit_code, output, truncated)| CommandResult {
             id: CommandId::from_u128(id),
             outcome: if ok {
                 CommandOutcome::Succeeded
@@ -95,6 +96,7 @@ fn result() -> impl Strategy<Value = CommandResult> {
             },
             exit_code,
             output,
+            truncated,
         })
 }
 

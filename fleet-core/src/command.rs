@@ -98,7 +98,8 @@ fn time_ordered(at: Timestamp) -> Result<Uuid, RandomError> {
 macro_rules! uuid_id {
     ($t:ident, $what:literal) => {
         impl $t {
-            /// A fresh id ordered by `at` (ids made in the same millisecond order randomly).
+            /// A fresh id ordered by `at`; ids made by one process are strictly increasing, even
+            /// within a millisecond or when the clock steps back.
             pub fn new(at: Timestamp) -> Result<Self, RandomError> {
                 time_ordered(at).map(Self)
             }
@@ -412,9 +413,17 @@ impl Command {
             }
     }
 
-    /// Whether it is open but its time-to-live has passed at `now`.
+    /// Whether it is open and due to expire at `now`: its time-to-live has passed and, if it was
+    /// delivered, its lease has run out too (an agent that got it just before the deadline has
+    /// its lease to report).
     pub fn expired_at(&self, now: Timestamp) -> bool {
-        !self.state.is_finished() && now >= self.expires_at
+        match self.state {
+            CommandState::Queued => now >= self.expires_at,
+            CommandState::Delivered => {
+                now >= self.expires_at && self.lease_until.is_none_or(|l| l <= now)
+            }
+            _ => false,
+        }
     }
 
     /// Marks it expired (the rule every store shares).
@@ -432,14 +441,17 @@ impl Command {
         self.deliveries = self.deliveries.saturating_add(1);
     }
 
-    /// Records the agent's result if the command is still open; returns whether it changed.
+    /// Records the agent's result if the command is still open — or expired after it was
+    /// delivered (it did run; the result is the truth) — and returns whether it changed. A
+    /// result for a finished command changes nothing (results arrive at least once).
     pub fn complete(
         &mut self,
         outcome: CommandOutcome,
         result: CommandResult,
         now: Timestamp,
     ) -> bool {
-        if self.state.is_finished() {
+        let late = self.state == CommandState::Expired && self.delivered_at.is_some();
+        if self.state.is_finished() && !late {
             return false;
         }
         self.state = match outcome {
@@ -586,6 +598,8 @@ impl CommandQuery {
 
 /// Most instances one enqueue may target (100,000); larger rollouts are split by filter.
 pub const MAX_COMMAND_TARGETS: usize = 100_000;
+/// Most payload bytes one enqueue may write in all (targets × payload size, 256 MiB).
+pub const MAX_BATCH_PAYLOAD_BYTES: usize = 256 << 20;
 /// Most commands an [`EnqueueReport`] lists (the rest are listed by batch).
 pub const MAX_REPORTED_COMMANDS: usize = 100;
 /// Commands are written to the store in chunks of this many.
@@ -655,9 +669,15 @@ impl<S: FleetStore> Fleet<S> {
     ///
     /// Validation comes first and changes nothing on error: the time-to-live, the idempotency
     /// key, the target ([`FleetError::InstanceNotFound`] for an instance outside `scope`; at most
-    /// [`MAX_COMMAND_TARGETS`] instances). Each command is durable before this returns; with an
-    /// idempotency key, an instance that already has a command with that key gets no second one
-    /// (the existing one is reported).
+    /// [`MAX_COMMAND_TARGETS`] instances, and at most [`MAX_BATCH_PAYLOAD_BYTES`] of payload in
+    /// all). Each command is durable before this returns; with an idempotency key, an instance
+    /// that already has a command with that key gets no second one (the existing one is
+    /// reported) — for as long as that command is kept (finished commands are pruned after the
+    /// command retention).
+    ///
+    /// Commands are written in chunks of 1,000: if the store fails midway, the chunks written
+    /// before stay queued and the error is returned. Give batches an idempotency key so that
+    /// retrying the call completes the batch without queueing anything twice.
     pub async fn enqueue(
         &self,
         scope: &TenantScope,
@@ -682,6 +702,18 @@ impl<S: FleetStore> Fleet<S> {
                 "command target",
                 format!("{} instances", targets.len()),
                 "selects more than 100000 instances; narrow the filter",
+            )
+            .into());
+        }
+        if targets.len().saturating_mul(new.payload.as_str().len()) > MAX_BATCH_PAYLOAD_BYTES {
+            return Err(ValidationError::new(
+                "payload",
+                format!(
+                    "{} bytes × {} instances",
+                    new.payload.as_str().len(),
+                    targets.len()
+                ),
+                "exceeds 256 MiB in all; use a smaller payload or fewer targets",
             )
             .into());
         }

@@ -424,8 +424,9 @@ pub trait CommandStore: Debug + Send + Sync + 'static {
     /// The commands matching `query`, newest (highest id) first, at most `query.limit`.
     async fn list_commands(&self, query: &CommandQuery) -> StoreResult<Vec<Command>>;
 
-    /// Hands out the instance's deliverable commands, **atomically**: its open commands whose
-    /// time-to-live has passed become expired (and are not delivered); then, oldest first, up to
+    /// Hands out the instance's deliverable commands, **atomically**: its open commands due to
+    /// expire ([`Command::expired_at`]: time-to-live passed and, if delivered, lease run out)
+    /// become expired; no command is delivered at or after its `expires_at`; then, oldest first, up to
     /// `limit` commands that are queued, or delivered with their lease run out, become delivered
     /// with a lease until `now + lease` and are returned. Two concurrent deliveries never return
     /// the same command while its lease runs. Durable before returning.
@@ -437,8 +438,9 @@ pub trait CommandStore: Debug + Send + Sync + 'static {
         limit: usize,
     ) -> StoreResult<Delivery>;
 
-    /// Records an agent's result for one of its commands: an open command becomes succeeded or
-    /// failed; a finished one is returned unchanged (results are delivered at least once).
+    /// Records an agent's result for one of its commands as [`Command::complete`] does: an open
+    /// command — or one that expired after it was delivered — becomes succeeded or failed; any
+    /// other finished one is returned unchanged (results are delivered at least once).
     /// [`StoreError::NotFound`] when the command does not exist or is another instance's.
     async fn complete_command(
         &self,
@@ -454,7 +456,8 @@ pub trait CommandStore: Debug + Send + Sync + 'static {
     /// [`StoreError::NotFound`] when unknown.
     async fn cancel_command(&self, id: CommandId, now: Timestamp) -> StoreResult<Command>;
 
-    /// Marks every open command whose time-to-live passed at `now` expired; returns how many.
+    /// Marks every open command due to expire at `now` ([`Command::expired_at`]) expired;
+    /// returns how many.
     async fn expire_commands(&self, now: Timestamp) -> StoreResult<usize>;
 
     /// The instances that have open (queued or delivered) commands.

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::command::{
     BatchId, Command, CommandId, CommandKind, CommandOutcome, CommandQuery, CommandResult,
-    CommandState, Enqueued, Payload,
+    CommandState, Delivery, Enqueued, Payload,
 };
 use crate::enroll::{AuthError, EnrollError, EnrollRequest, Enrollment};
 use crate::store::{ChangeKind, FleetStore, HeartbeatRecord};
@@ -1510,53 +1510,62 @@ pub async fn concurrent_deliveries_never_double_deliver(store: DynStore) {
     }
 }
 
-/// A command whose time-to-live has passed is never delivered — neither a queued one nor a
-/// delivered one whose lease ran out — and ends expired.
+/// No command is delivered at or after its `expires_at` — neither a queued one nor a delivered
+/// one whose lease ran out. A delivered command expires only once its lease has run out too (the
+/// agent that got it just before the deadline has its lease to report), and a result that
+/// arrives for it after it expired is still recorded; a queued command that expired never takes
+/// a result. `expire_commands` applies the same rule without a delivery.
 pub async fn expired_commands_are_never_delivered(store: DynStore) {
     let a = InstanceId::random();
     let short = command(a, 0, at(0), Duration::from_secs(30));
     let leased = command(a, 1, at(1), Duration::from_secs(89));
     let long = command(a, 2, at(2), DAY);
+    let never = command(a, 3, at(3), Duration::from_secs(20));
     ok(
         "enqueue",
-        store.enqueue_commands(&[short.clone(), leased.clone(), long.clone()]),
+        store.enqueue_commands(&[short.clone(), leased.clone(), long.clone(), never.clone()]),
     )
     .await;
-    let d = ok("deliver", store.deliver_commands(a, at(29), LEASE, 1)).await;
-    assert_eq!(
-        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![short.id]
-    );
-    // At 30 s `short` (delivered, lease until 89 s) expires; `leased` is delivered.
+    let ids = |d: &Delivery| d.commands.iter().map(|c| c.id).collect::<Vec<_>>();
+    let state = |id| {
+        let store = Arc::clone(&store);
+        async move { ok("get", store.get_command(id)).await.map(|c| c.state) }
+    };
+    let d = ok("deliver", store.deliver_commands(a, at(19), LEASE, 1)).await;
+    assert_eq!(ids(&d), vec![short.id]);
+    // At 30 s `never` (queued, TTL 23 s) has expired and `short` is past its TTL but inside its
+    // lease (until 79 s): it stays delivered and is not handed out again; `leased` is delivered.
     let d = ok("deliver", store.deliver_commands(a, at(30), LEASE, 1)).await;
-    assert_eq!(
-        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![leased.id]
-    );
-    assert_eq!(d.open, 2);
-    assert_eq!(
-        ok("get", store.get_command(short.id))
-            .await
-            .map(|c| c.state),
-        Some(CommandState::Expired)
-    );
-    // At 90 s `leased`'s lease ran out, but so did its time-to-live.
+    assert_eq!(ids(&d), vec![leased.id]);
+    assert_eq!(d.open, 3, "short, leased, long");
+    assert_eq!(state(never.id).await, Some(CommandState::Expired));
+    assert_eq!(state(short.id).await, Some(CommandState::Delivered));
+    // At 90 s both leases ran out and both TTLs passed: expired, never redelivered.
     let d = ok("deliver", store.deliver_commands(a, at(90), LEASE, 10)).await;
-    assert_eq!(
-        d.commands.iter().map(|c| c.id).collect::<Vec<_>>(),
-        vec![long.id]
-    );
-    assert_eq!(
-        ok("get", store.get_command(leased.id))
-            .await
-            .map(|c| c.state),
-        Some(CommandState::Expired)
-    );
+    assert_eq!(ids(&d), vec![long.id]);
+    assert_eq!(state(short.id).await, Some(CommandState::Expired));
+    assert_eq!(state(leased.id).await, Some(CommandState::Expired));
     let late = ok(
         "complete",
         store.complete_command(
             a,
             leased.id,
+            CommandOutcome::Succeeded,
+            &CommandResult::new(Some(0), "ran"),
+            at(91),
+        ),
+    )
+    .await;
+    assert_eq!(
+        late.state,
+        CommandState::Succeeded,
+        "it was delivered and ran: the late result is recorded"
+    );
+    let refused = ok(
+        "complete",
+        store.complete_command(
+            a,
+            never.id,
             CommandOutcome::Succeeded,
             &CommandResult::default(),
             at(91),
@@ -1564,12 +1573,13 @@ pub async fn expired_commands_are_never_delivered(store: DynStore) {
     )
     .await;
     assert_eq!(
-        late.state,
+        refused.state,
         CommandState::Expired,
-        "a result after expiry changes nothing"
+        "never delivered: no result"
     );
+    assert_eq!(refused.result, None);
     // expire_commands does the same without a delivery.
-    let queued = command(a, 3, at(100), Duration::from_secs(10));
+    let queued = command(a, 4, at(100), Duration::from_secs(10));
     ok(
         "enqueue",
         store.enqueue_commands(std::slice::from_ref(&queued)),
@@ -1579,6 +1589,21 @@ pub async fn expired_commands_are_never_delivered(store: DynStore) {
     assert_eq!(ok("expire", store.expire_commands(at(110))).await, 1);
     let d = ok("deliver", store.deliver_commands(a, at(110), LEASE, 10)).await;
     assert!(d.commands.iter().all(|c| c.id != queued.id));
+    // A delivered command past its TTL waits for its lease before expire_commands takes it.
+    let soon = command(a, 5, at(201), Duration::from_secs(5));
+    ok(
+        "enqueue",
+        store.enqueue_commands(std::slice::from_ref(&soon)),
+    )
+    .await;
+    let d = ok("deliver", store.deliver_commands(a, at(202), LEASE, 10)).await;
+    assert!(ids(&d).contains(&soon.id));
+    assert_eq!(
+        ok("expire", store.expire_commands(at(250))).await,
+        0,
+        "lease until 262 s"
+    );
+    assert_eq!(ok("expire", store.expire_commands(at(262))).await, 1);
 }
 
 /// A cancel racing a delivery ends in exactly one of the two: the command is either cancelled

@@ -877,3 +877,52 @@ async fn recent_metrics_follow_heartbeats_and_go_with_the_instance() {
     fleet.deregister(&TenantScope::All, a).await.unwrap();
     assert_eq!(fleet.recent_metrics_stats().instances, 0);
 }
+
+#[tokio::test]
+async fn an_enqueue_too_large_in_all_is_refused_and_queues_nothing() {
+    use fleet_core::command::{CommandQuery, MAX_COMMAND_PAYLOAD};
+    use fleet_core::{CommandKind, CommandTarget, NewCommand, Payload};
+    let (fleet, _) = fleet().await;
+    for n in 0..4200 {
+        fleet
+            .register(NewInstance {
+                groups: Groups::from_names(["all"]).unwrap(),
+                ..new(&format!("h{n}"), None)
+            })
+            .await
+            .unwrap();
+    }
+    let big = serde_json::Value::String("x".repeat(MAX_COMMAND_PAYLOAD - 2));
+    let mut cmd = NewCommand {
+        target: CommandTarget::Group(fleet_core::GroupName::new("all").unwrap()),
+        kind: CommandKind::new("ping").unwrap(),
+        payload: Payload::from_value(&big).unwrap(),
+        ttl_secs: None,
+        idempotency_key: None,
+    };
+    let err = fleet
+        .enqueue(&TenantScope::All, cmd.clone())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, FleetError::Invalid(_)), "{err}");
+    assert!(err.to_string().contains("256 MiB"), "{err}");
+    let listed = fleet
+        .commands(
+            &TenantScope::All,
+            CommandQuery {
+                limit: 10,
+                ..CommandQuery::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(listed.is_empty(), "nothing queued");
+    // A small payload for the same 4,200 instances is fine, written in chunks.
+    cmd.payload = Payload::null();
+    let report = fleet.enqueue(&TenantScope::All, cmd).await.unwrap();
+    assert_eq!((report.targeted, report.created), (4200, 4200));
+    assert_eq!(
+        report.commands.len(),
+        fleet_core::command::MAX_REPORTED_COMMANDS
+    );
+}

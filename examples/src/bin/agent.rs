@@ -235,13 +235,13 @@ async fn main() -> Result<()> {
                 failures = 0;
                 interval = Duration::from_secs(reply.next_heartbeat_secs.max(1));
                 runner.acknowledge(req.command_results.len());
-                if runner.restart_due() {
-                    restart()?;
-                }
                 for c in &reply.commands {
                     eprintln!("running command {} ({})", c.id, c.kind);
                 }
                 runner.run(&reply.commands);
+                if runner.restart_due() {
+                    restart()?;
+                }
                 if runner.pending_results().is_empty() {
                     next_delay(interval, noise())
                 } else {
