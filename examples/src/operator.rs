@@ -534,7 +534,10 @@ impl<S: FleetStore> OperatorApi<S> {
             limit: 100,
             ..CommandQuery::default()
         };
-        if let Some(i) = q.get("instance") {
+        // On /instances/{id}/commands the path names the instance (checked against the scope).
+        if instance.is_none()
+            && let Some(i) = q.get("instance")
+        {
             match i.parse::<InstanceId>() {
                 Ok(i) => query.instance = Some(i),
                 Err(e) => return bad(e.to_string()),

@@ -41,7 +41,7 @@ use std::time::Duration;
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::alert::{AlertPolicy, FleetAlert, FleetAlertKind, FleetAlertQuery};
+use crate::alert::{AlertPolicy, FleetAlert, FleetAlertQuery, MassGuard};
 use crate::ca::CertificateAuthority;
 use crate::enroll::EnrollmentPolicy;
 use crate::error::{FleetError, StoreError};
@@ -63,6 +63,8 @@ use crate::{
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Page size used when reading the store to build or reconcile the live view.
 const REBUILD_PAGE: usize = 4096;
+/// How far back `open` looks for the last trend sample (the previous control plane's last sweep).
+const HORIZON_LOOKBACK: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Largest page a list call returns.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
@@ -128,9 +130,9 @@ impl<S: FleetStore> FleetBuilder<S> {
         self
     }
 
-    /// Width of the fleet trend buckets (default one hour; at least one second).
+    /// Width of the fleet trend buckets (default one hour), in whole seconds (at least one).
     pub fn trend_bucket(mut self, width: Duration) -> Self {
-        self.trend_bucket = width.max(Duration::from_secs(1));
+        self.trend_bucket = Duration::from_secs(width.as_secs().max(1));
         self
     }
 
@@ -203,6 +205,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 trend: Mutex::new(TrendState::default()),
                 fleet_alerts: Mutex::new(Vec::new()),
                 recent: Mutex::new(RecentMetrics::new(self.recent)),
+                guard: Mutex::new(MassGuard::default()),
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -213,6 +216,16 @@ impl<S: FleetStore> FleetBuilder<S> {
             fleet.reconcile(&mut cursor).await?;
         }
         fleet.sync().await?;
+        // The trend buckets of the last week say when a control plane last swept this fleet.
+        let recent = fleet
+            .inner
+            .store
+            .trend_buckets(
+                started.saturating_sub(HORIZON_LOOKBACK),
+                started.saturating_add(Duration::from_millis(1)),
+            )
+            .await?;
+        let horizon = recent.iter().map(|b| b.last_sample_at).max();
         let grace = fleet
             .inner
             .alerts
@@ -221,18 +234,14 @@ impl<S: FleetStore> FleetBuilder<S> {
         if !grace.is_zero() {
             fleet
                 .view_mut()
-                .begin_grace(started, started.saturating_add(grace));
+                .begin_grace(started, started.saturating_add(grace), horizon);
         }
         let bucket = TrendBucket::containing(started, fleet.inner.trend_bucket);
-        let stored = fleet
-            .inner
-            .store
-            .trend_buckets(
-                bucket.start,
-                bucket.start.saturating_add(Duration::from_millis(1)),
-            )
-            .await?;
-        fleet.trend().current = Some(stored.into_iter().next().unwrap_or(bucket));
+        let current = recent
+            .into_iter()
+            .find(|b| b.start == bucket.start)
+            .unwrap_or(bucket);
+        fleet.trend().current = Some(current);
         Ok(fleet)
     }
 }
@@ -262,6 +271,7 @@ pub(crate) struct Inner<S> {
     /// Fleet alerts not yet recorded in the store (written with the heartbeat batch).
     fleet_alerts: Mutex<Vec<FleetAlert>>,
     recent: Mutex<RecentMetrics>,
+    guard: Mutex<MassGuard>,
 }
 
 /// The trend bucket being filled, and finished ones not yet written.
@@ -275,10 +285,12 @@ struct TrendState {
 /// What one sweep found; see [`Fleet::sweep_report`].
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SweepReport {
-    /// Every status change (all recorded in the history).
+    /// Every status change this sweep applied (all recorded in the history).
     pub changes: Vec<StatusChange>,
-    /// Set when the mass-staleness guard tripped: observers should raise this one alert
-    /// instead of one per change.
+    /// Per-instance alerts for observers: changes of earlier sweeps whose hold (the guard's
+    /// window) is over and that were not part of a storm.
+    pub alerts: Vec<StatusChange>,
+    /// Set when a storm began: observers raise this one alert instead of one per change.
     pub fleet_alert: Option<FleetAlert>,
 }
 
@@ -405,23 +417,21 @@ impl<S: FleetStore> Fleet<S> {
             validate_apps(apps)?;
         }
         let now = self.now();
-        let (transitions, status, interval, point) = {
+        let (transitions, status, interval) = {
             let mut view = self.view_mut();
             let transitions = view
                 .heartbeat(id, now, hb.metrics.as_ref())
                 .ok_or(FleetError::InstanceNotFound(id))?;
             let status = view.status(id).unwrap_or(Status::Online);
-            let point = hb.metrics.as_ref().and_then(|_| view.point(id));
-            (
-                transitions,
-                status,
-                view.policy().heartbeat_interval(),
-                point,
-            )
+            // Recorded under the view lock, so a deregistration (view first, then the rings)
+            // cannot slip in between and leave a ring behind.
+            if hb.metrics.is_some()
+                && let Some(p) = view.point(id)
+            {
+                self.recent().record(id, &p);
+            }
+            (transitions, status, view.policy().heartbeat_interval())
         };
-        if let Some(p) = point {
-            self.recent().record(id, &p);
-        }
         if !transitions.is_empty() {
             self.changes()
                 .extend(transitions.iter().map(|transition| StatusChange {
@@ -461,26 +471,25 @@ impl<S: FleetStore> Fleet<S> {
             pending.extend(newer);
             return Err(e.into());
         }
-        self.flush_history().await?;
         let batch: Vec<HeartbeatRecord> =
             std::mem::take(&mut *self.pending()).into_values().collect();
-        if batch.is_empty() {
-            return Ok(0);
-        }
-        match self.inner.store.write_heartbeats(&batch).await {
-            Ok(()) => Ok(batch.len()),
-            Err(e) => {
-                let mut pending = self.pending();
-                for older in batch {
-                    let merged = match pending.remove(&older.id) {
-                        Some(newer) => merge(older, newer),
-                        None => older,
-                    };
-                    pending.insert(merged.id, merged);
-                }
-                Err(e.into())
+        let written = batch.len();
+        if !batch.is_empty()
+            && let Err(e) = self.inner.store.write_heartbeats(&batch).await
+        {
+            let mut pending = self.pending();
+            for older in batch {
+                let merged = match pending.remove(&older.id) {
+                    Some(newer) => merge(older, newer),
+                    None => older,
+                };
+                pending.insert(merged.id, merged);
             }
+            return Err(e.into());
         }
+        // Fleet alerts and trend buckets last: a failure there never holds heartbeats back.
+        self.flush_history().await?;
+        Ok(written)
     }
 
     /// Number of heartbeat records waiting for the next flush.
@@ -583,59 +592,53 @@ impl<S: FleetStore> Fleet<S> {
         self.sweep_report().changes
     }
 
-    /// [`sweep`](Self::sweep), with the mass-staleness guard: when more than
-    /// [`AlertPolicy::mass_share`] of the fleet (and at least
-    /// [`AlertPolicy::mass_min_instances`]) went stale in this sweep, one [`FleetAlert`] is
-    /// returned and queued for recording. Also adds a sample to the current trend bucket.
+    /// [`sweep`](Self::sweep), with the mass-staleness guard (see [`crate::alert`]): `changes`
+    /// are all the status changes applied (and queued for the history); `alerts` are the
+    /// per-instance alerts whose hold is over; `fleet_alert` is set when a storm began (it is
+    /// queued for recording too). Also adds a sample to the current trend bucket.
     pub fn sweep_report(&self) -> SweepReport {
         let now = self.now();
-        let (changes, fleet_size, summary) = {
+        let (changes, fleet_size, offline, summary, interval) = {
             let mut view = self.view_mut();
             let changes = view.sweep(now);
             let summary = view.summary(&Filter::all(), &TenantScope::All);
-            (changes, view.len() as u64, summary)
+            let interval = view.policy().heartbeat_interval();
+            (
+                changes,
+                view.len() as u64,
+                view.count(Status::Offline),
+                summary,
+                interval,
+            )
         };
         self.sample_trend(now, &summary);
-        if changes.is_empty() {
-            return SweepReport::default();
+        if !changes.is_empty() {
+            self.changes().extend(changes.iter().copied());
         }
-        self.changes().extend(changes.iter().copied());
-        let mut last: FxHashMap<InstanceId, Status> = FxHashMap::default();
-        for c in &changes {
-            last.insert(c.instance, c.transition.to);
-        }
-        let offline = last.values().filter(|s| **s == Status::Offline).count() as u64;
-        let warning = last.values().filter(|s| **s == Status::Warning).count() as u64;
-        let stale = offline + warning;
-        let policy = &self.inner.alerts;
-        let fleet_alert = (stale >= policy.mass_min_instances.max(1)
-            && stale as f64 > policy.mass_share * fleet_size as f64)
-            .then(|| {
-                let status = if offline >= warning {
-                    Status::Offline
-                } else {
-                    Status::Warning
-                };
-                FleetAlert {
-                    at: now,
-                    kind: FleetAlertKind::MassStaleness,
-                    status,
-                    affected: stale,
-                    fleet_size,
-                    message: format!(
-                        "{stale} of {fleet_size} instances went stale at once ({offline} offline, \
-                         {warning} warning): likely a network partition or a control-plane \
-                         connectivity problem rather than {stale} separate failures"
-                    ),
-                }
-            });
-        if let Some(a) = &fleet_alert {
+        let window = self.inner.alerts.mass_window.unwrap_or(interval * 2);
+        let outcome = self.guard().observe(
+            &self.inner.alerts,
+            window,
+            now,
+            &changes,
+            fleet_size,
+            offline,
+        );
+        if let Some(a) = &outcome.alert {
             self.pending_fleet_alerts().push(a.clone());
         }
         SweepReport {
             changes,
-            fleet_alert,
+            alerts: outcome.released,
+            fleet_alert: outcome.alert,
         }
+    }
+
+    fn guard(&self) -> MutexGuard<'_, MassGuard> {
+        self.inner
+            .guard
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn pending_fleet_alerts(&self) -> MutexGuard<'_, Vec<FleetAlert>> {
@@ -666,7 +669,7 @@ impl<S: FleetStore> Fleet<S> {
             None => TrendBucket::containing(now, width),
         };
         let mut current = current;
-        current.add(summary);
+        current.add(now, summary);
         t.current = Some(current);
         t.dirty = true;
     }

@@ -52,16 +52,12 @@ impl Default for MaintenanceConfig {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum MaintenanceEvent {
-    /// A sweep found status changes (each one an alert).
+    /// Per-instance alerts: status changes found by sweeps, released after the mass-staleness
+    /// guard's window (see [`crate::alert`]).
     StatusChanges(Vec<StatusChange>),
-    /// A sweep found many instances going stale at once: one alert for all of them (their status
+    /// Many instances went stale within one window: one alert for all of them (their status
     /// changes are recorded in the history all the same, and not reported one by one).
-    MassStaleness {
-        /// The fleet-level alert.
-        alert: FleetAlert,
-        /// The status changes it stands for.
-        changes: Vec<StatusChange>,
-    },
+    MassStaleness(FleetAlert),
     /// Commands expired and old records were dropped by retention.
     Upkeep {
         /// Commands whose time-to-live passed.
@@ -122,15 +118,11 @@ impl<S: FleetStore> Fleet<S> {
                     }
                     _ = sweep.tick() => {
                         let report = fleet.sweep_report();
-                        match report.fleet_alert {
-                            Some(alert) => observe(MaintenanceEvent::MassStaleness {
-                                alert,
-                                changes: report.changes,
-                            }),
-                            None if !report.changes.is_empty() => {
-                                observe(MaintenanceEvent::StatusChanges(report.changes));
-                            }
-                            None => {}
+                        if let Some(alert) = report.fleet_alert {
+                            observe(MaintenanceEvent::MassStaleness(alert));
+                        }
+                        if !report.alerts.is_empty() {
+                            observe(MaintenanceEvent::StatusChanges(report.alerts));
                         }
                     }
                     _ = upkeep.tick() => {

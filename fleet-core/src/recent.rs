@@ -197,6 +197,7 @@ impl RecentMetrics {
         };
         ring.push(p);
         self.rings.insert(id, ring);
+        self.refused.remove(&id);
     }
 
     /// The points at or after `since`, oldest first.
@@ -283,6 +284,11 @@ mod tests {
         r.remove(InstanceId::from_u128(0));
         r.record(InstanceId::from_u128(4), &point(1015, 1.0));
         assert_eq!(r.stats().instances, 3);
+        assert_eq!(
+            r.stats().without_history,
+            1,
+            "4 got a ring once there was room"
+        );
         assert!(
             r.points(InstanceId::from_u128(3), Timestamp::UNIX_EPOCH)
                 .is_empty()

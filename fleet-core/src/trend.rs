@@ -36,6 +36,9 @@ pub struct TrendBucket {
     pub health_percent: f64,
     /// Lowest health sampled.
     pub health_min_percent: f64,
+    /// When the latest sample was taken: the last moment this bucket's control plane was known
+    /// to be running (the start-up grace uses it after a restart).
+    pub last_sample_at: Timestamp,
 }
 
 impl TrendBucket {
@@ -53,6 +56,7 @@ impl TrendBucket {
             offline: 0.0,
             health_percent: 0.0,
             health_min_percent: 100.0,
+            last_sample_at: Timestamp::from_unix_millis(start),
         }
     }
 
@@ -65,9 +69,10 @@ impl TrendBucket {
                     .saturating_add(Duration::from_secs(self.width_secs))
     }
 
-    /// Adds one sample (running means).
-    pub fn add(&mut self, s: &FleetSummary) {
+    /// Adds one sample taken at `at` (running means).
+    pub fn add(&mut self, at: Timestamp, s: &FleetSummary) {
         self.samples += 1;
+        self.last_sample_at = self.last_sample_at.max(at);
         let n = self.samples as f64;
         let mean = |m: f64, x: f64| m + (x - m) / n;
         self.total = mean(self.total, s.total as f64);
@@ -114,8 +119,9 @@ mod tests {
         assert_eq!(b.start, Timestamp::from_unix_secs(7_200));
         assert!(b.contains(at));
         assert!(!b.contains(Timestamp::from_unix_secs(10_800)));
-        b.add(&summary(10, 0));
-        b.add(&summary(5, 5));
+        b.add(at, &summary(10, 0));
+        b.add(at, &summary(5, 5));
+        assert_eq!(b.last_sample_at, at);
         assert_eq!(b.samples, 2);
         assert!((b.online - 7.5).abs() < 1e-9);
         assert!((b.health_percent - 75.0).abs() < 1e-9);

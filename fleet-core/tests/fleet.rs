@@ -707,6 +707,12 @@ async fn maintenance_flushes_sweeps_and_reports() {
     assert_eq!(fleet.pending_heartbeats(), 0, "flushed");
     clock.advance(Duration::from_secs(61));
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        rx.try_recv().is_err(),
+        "alerts are held for the mass-staleness window"
+    );
+    clock.advance(Duration::from_secs(30));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     match rx.try_recv() {
         Ok(fleet_core::MaintenanceEvent::StatusChanges(changes)) => {
             assert_eq!(changes[0].instance, a.id);

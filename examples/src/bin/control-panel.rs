@@ -175,7 +175,7 @@ async fn serve(args: Serve) -> Result<()> {
                 tracing::info!(instance = %c.instance, from = %c.transition.from, to = %c.transition.to, at = %c.transition.at, "status change");
             }
         }
-        MaintenanceEvent::MassStaleness { alert, .. } => {
+        MaintenanceEvent::MassStaleness(alert) => {
             tracing::warn!(affected = alert.affected, fleet_size = alert.fleet_size, status = %alert.status, "{}", alert.message);
         }
         MaintenanceEvent::Upkeep { expired_commands, pruned_commands, pruned_history } => {

@@ -638,10 +638,10 @@ impl LiveView {
         let mut before = self.states[i];
         if let Some((started, until)) = self.grace
             && now < until
-            && before.status == Status::Online
             && before.last_heartbeat < started
         {
-            // Silent only while the control plane was down: no catch-up transitions.
+            // Its status is the one it had at the horizon; what happened after that went unseen,
+            // so there is nothing to catch up on: only a recovery, if it was not online.
             before.last_heartbeat = now;
         }
         let (state, transitions) = self.policy.step(before, Event::Heartbeat, now);
@@ -732,49 +732,59 @@ impl LiveView {
     }
 
     /// Starts a start-up grace: a control plane that was down cannot tell a silent instance from
-    /// one it simply could not hear, so until `until` no instance is marked warning or offline.
+    /// one it simply could not hear, so until `until` no instance last heard from before
+    /// `started` is marked warning or offline.
     ///
-    /// Every instance that was online at the *horizon* — the latest heartbeat the store knew of,
-    /// about when the previous control plane stopped — is shown online again (its silence during
-    /// the outage is not held against it), and a heartbeat before `until` brings it back without
-    /// catch-up transitions. Instances already warning or offline at the horizon keep their
-    /// status. When the grace ends, instances still silent change status at their exact
-    /// threshold-crossing times, as usual. Returns how many instances were shown online again.
-    pub fn begin_grace(&mut self, started: Timestamp, until: Timestamp) -> usize {
-        let horizon = self
-            .live
-            .iter()
-            .map(|s| self.states[s as usize].last_heartbeat)
-            .max()
+    /// Each instance is shown with the status it had at the *horizon* — when the previous control
+    /// plane last swept (`horizon`, from the stored trend buckets), or else the latest heartbeat
+    /// the store knew of — so its silence while nobody was listening is not held against it. One
+    /// that was online then and heartbeats before `until` stays online without catch-up
+    /// transitions; one that was warning or offline then is caught up as usual (its recovery is
+    /// recorded). When the grace ends, instances still silent change status at their exact
+    /// threshold-crossing times. Returns how many instances' shown status changed.
+    pub fn begin_grace(
+        &mut self,
+        started: Timestamp,
+        until: Timestamp,
+        horizon: Option<Timestamp>,
+    ) -> usize {
+        let horizon = horizon
+            .or_else(|| {
+                self.live
+                    .iter()
+                    .map(|s| self.states[s as usize].last_heartbeat)
+                    .max()
+            })
             .unwrap_or(started)
             .min(started);
         self.grace = Some((started, until));
-        let mut restored = 0;
+        let mut changed = 0;
         let slots: Vec<u32> = self.live.iter().collect();
         for s in slots {
             let i = s as usize;
             let state = self.states[i];
-            if state.status != Status::Online
-                && self.policy.status_at(state.last_heartbeat, horizon) == Status::Online
-            {
+            let target = self
+                .policy
+                .status_at(state.last_heartbeat, horizon.max(state.last_heartbeat));
+            if state.status != target {
                 let old = self.contrib[i];
                 let new = Contribution {
-                    status: Status::Online,
+                    status: target,
                     ..old
                 };
                 self.set_state(
                     s,
                     StalenessState {
-                        status: Status::Online,
+                        status: target,
                         ..state
                     },
                     old,
                     new,
                 );
-                restored += 1;
+                changed += 1;
             }
         }
-        restored
+        changed
     }
 
     /// Whether a start-up grace is running at `now`.
