@@ -653,14 +653,14 @@ impl<S: FleetStore> Fleet<S> {
         Ok(())
     }
 
-    fn command_hint(&self) -> MutexGuard<'_, FxHashMap<InstanceId, u64>> {
+    pub(crate) fn command_hint(&self) -> MutexGuard<'_, FxHashMap<InstanceId, u64>> {
         self.inner
             .command_hint
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn next_hint_generation(&self) -> u64 {
+    pub(crate) fn next_hint_generation(&self) -> u64 {
         self.inner.hint_generation.fetch_add(1, Ordering::Relaxed) + 1
     }
 

@@ -210,7 +210,6 @@ impl<S: FleetStore> FleetBuilder<S> {
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
         };
-        fleet.load_command_hints().await?;
         {
             let mut cursor = fleet.inner.feed.lock().await;
             fleet.reconcile(&mut cursor).await?;
@@ -922,6 +921,11 @@ impl<S: FleetStore> Fleet<S> {
             for change in changes {
                 let current = match change.kind {
                     ChangeKind::Deleted => None,
+                    ChangeKind::CommandQueued => {
+                        let generation = self.next_hint_generation();
+                        self.command_hint().insert(change.instance, generation);
+                        continue;
+                    }
                     _ => self.inner.store.get_instance(change.instance).await?,
                 };
                 let now = self.now();
@@ -973,11 +977,15 @@ impl<S: FleetStore> Fleet<S> {
                 .filter(|id| !seen.contains(id))
                 .collect()
         };
-        let mut view = self.view_mut();
-        for id in stale {
-            applied += usize::from(view.remove(id, 0));
+        {
+            let mut view = self.view_mut();
+            for id in stale {
+                applied += usize::from(view.remove(id, 0));
+            }
         }
         *cursor = seq;
+        // Command-queued changes before `seq` may be gone: take the hints from the queue itself.
+        self.load_command_hints().await?;
         Ok(applied)
     }
 }

@@ -548,6 +548,7 @@ impl CommandStore for MemoryStore {
                 s.open_commands.insert((c.instance, c.id));
             }
             s.commands.insert(c.id, c.clone());
+            s.append(c.instance, ChangeKind::CommandQueued, self.feed_capacity);
             out.push(Enqueued::Created(c.clone()));
         }
         Ok(out)

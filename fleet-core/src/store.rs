@@ -122,6 +122,9 @@ pub enum ChangeKind {
     Upserted,
     /// Deleted.
     Deleted,
+    /// A command was queued for the instance (nothing to re-read): every replica delivers it on
+    /// the instance's next heartbeat, whichever replica that reaches.
+    CommandQueued,
 }
 
 /// One entry of the change feed.
@@ -413,8 +416,9 @@ pub trait CommandStore: Debug + Send + Sync + 'static {
     /// Stores each command (state [`Queued`](crate::CommandState::Queued)) unless the same
     /// instance already has a command with the same idempotency key, in which case that one is
     /// returned as [`Enqueued::Existing`] and nothing is written for it. **Contract:** atomic per
-    /// command — any number of concurrent enqueues with one key store exactly one command — and
-    /// durable before returning; results in input order. [`StoreError::AlreadyExists`] when a
+    /// command — any number of concurrent enqueues with one key store exactly one command — with
+    /// one [`ChangeKind::CommandQueued`] change appended per created command in the same
+    /// transaction, and durable before returning; results in input order. [`StoreError::AlreadyExists`] when a
     /// command id is taken.
     async fn enqueue_commands(&self, commands: &[Command]) -> StoreResult<Vec<Enqueued>>;
 

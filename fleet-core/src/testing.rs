@@ -1231,7 +1231,15 @@ pub async fn command_lifecycle(store: DynStore) {
         cmds.push(c);
     }
     let other = command(b, 9, at(10), DAY);
+    let feed_before = ok("seq", store.latest_seq()).await;
     let stored = ok("enqueue", store.enqueue_commands(&cmds)).await;
+    let queued = ok("feed", store.changes_since(feed_before, 100)).await;
+    assert_eq!(queued.len(), 5, "one change per created command");
+    assert!(
+        queued
+            .iter()
+            .all(|c| c.instance == a && c.kind == ChangeKind::CommandQueued)
+    );
     assert!(stored.iter().all(|e| matches!(e, Enqueued::Created(_))));
     ok(
         "enqueue",

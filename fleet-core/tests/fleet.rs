@@ -932,3 +932,51 @@ async fn an_enqueue_too_large_in_all_is_refused_and_queues_nothing() {
         fleet_core::command::MAX_REPORTED_COMMANDS
     );
 }
+
+/// A command enqueued through one replica is delivered by another once it has followed the
+/// change feed — and, after a feed truncation, from the queue itself.
+#[tokio::test]
+async fn commands_enqueued_on_one_replica_are_delivered_through_another() {
+    use fleet_core::{CommandKind, NewCommand};
+    let store = Arc::new(MemoryStore::with_feed_capacity(4));
+    let clock = ManualClock::new(T0);
+    let open = || {
+        Fleet::builder(Arc::clone(&store))
+            .clock(clock.clone())
+            .open()
+    };
+    let a = open().await.unwrap();
+    let b = open().await.unwrap();
+    let x = a.register(new("x", None)).await.unwrap().id;
+    b.sync().await.unwrap();
+    let ping = NewCommand::for_instance(x, CommandKind::new("ping").unwrap());
+    let queued = a.enqueue(&TenantScope::All, ping.clone()).await.unwrap();
+    let ex = b.exchange(x, Heartbeat::default(), vec![]).await.unwrap();
+    assert!(ex.commands.is_empty(), "b has not followed the feed yet");
+    b.sync().await.unwrap();
+    let ex = b.exchange(x, Heartbeat::default(), vec![]).await.unwrap();
+    assert_eq!(ex.commands.len(), 1);
+    assert_eq!(ex.commands[0].id, queued.commands[0].id);
+
+    // The result goes through b; nothing is left for x, so b stops looking.
+    let done = fleet_core::ReportedResult {
+        id: ex.commands[0].id,
+        outcome: CommandOutcome::Succeeded,
+        result: CommandResult::new(Some(0), "pong"),
+    };
+    let ex = b
+        .exchange(x, Heartbeat::default(), vec![done])
+        .await
+        .unwrap();
+    assert!(ex.commands.is_empty());
+
+    // Many changes later the feed no longer holds the enqueue: b reconciles and still delivers.
+    let second = a.enqueue(&TenantScope::All, ping).await.unwrap();
+    for n in 0..6 {
+        a.register(new(&format!("filler-{n}"), None)).await.unwrap();
+    }
+    b.sync().await.unwrap();
+    let ex = b.exchange(x, Heartbeat::default(), vec![]).await.unwrap();
+    let ids: Vec<_> = ex.commands.iter().map(|c| c.id).collect();
+    assert_eq!(ids, vec![second.commands[0].id]);
+}

@@ -16,13 +16,13 @@ use fleet_core::command::{
 };
 use fleet_core::error::RecordKind;
 use fleet_core::policy::{Policy, PolicyName};
-use fleet_core::store::{CommandStore, PolicyStore, StoreResult};
+use fleet_core::store::{ChangeKind, CommandStore, PolicyStore, StoreResult};
 use fleet_core::{InstanceId, StoreError, Timestamp};
 use sled::Transactional;
 use sled::transaction::TransactionalTree;
 
 use crate::codec::encode;
-use crate::store::{TxResult, abort, backend, finish, tx};
+use crate::store::{TxResult, abort, append_change, backend, finish, tx};
 use crate::{SledStore, decode_at};
 
 fn pair(a: &[u8; 16], b: &[u8; 16]) -> [u8; 32] {
@@ -79,42 +79,48 @@ impl CommandStore for SledStore {
                 &t.commands_open,
                 &t.command_keys,
                 &t.commands_by_batch,
+                &t.meta,
+                &t.feed,
             )
-                .transaction(|(cmds, by_instance, open, keys, by_batch)| {
-                    let mut out = Vec::with_capacity(commands.len());
-                    for c in &commands {
-                        if let Some(key) = &c.idempotency_key
-                            && let Some(existing) = keys.get(key_of(c.instance, key))?
-                        {
-                            let mut id = [0u8; 16];
-                            id.copy_from_slice(existing.get(..16).unwrap_or(&[0; 16]));
-                            if let Some(found) = get_tx(cmds, CommandId::from_bytes(id))? {
-                                out.push(Enqueued::Existing(found));
-                                continue;
+                .transaction(
+                    |(cmds, by_instance, open, keys, by_batch, meta, feed)| {
+                        let mut out = Vec::with_capacity(commands.len());
+                        for c in &commands {
+                            if let Some(key) = &c.idempotency_key
+                                && let Some(existing) = keys.get(key_of(c.instance, key))?
+                            {
+                                let mut id = [0u8; 16];
+                                id.copy_from_slice(existing.get(..16).unwrap_or(&[0; 16]));
+                                if let Some(found) = get_tx(cmds, CommandId::from_bytes(id))? {
+                                    out.push(Enqueued::Existing(found));
+                                    continue;
+                                }
                             }
+                            if cmds.get(c.id.as_bytes())?.is_some() {
+                                return abort(StoreError::AlreadyExists {
+                                    kind: RecordKind::Command,
+                                    id: c.id.to_string(),
+                                });
+                            }
+                            cmds.insert(c.id.as_bytes(), tx(encode(c))?)?;
+                            let ik = pair(c.instance.as_bytes(), c.id.as_bytes());
+                            by_instance.insert(&ik, &[] as &[u8])?;
+                            if !c.state.is_finished() {
+                                open.insert(&ik, &[] as &[u8])?;
+                            }
+                            if let Some(key) = &c.idempotency_key {
+                                keys.insert(key_of(c.instance, key), c.id.as_bytes())?;
+                            }
+                            if let Some(b) = c.batch {
+                                by_batch
+                                    .insert(&pair(b.as_bytes(), c.id.as_bytes()), &[] as &[u8])?;
+                            }
+                            append_change(meta, feed, c.instance, ChangeKind::CommandQueued)?;
+                            out.push(Enqueued::Created(c.clone()));
                         }
-                        if cmds.get(c.id.as_bytes())?.is_some() {
-                            return abort(StoreError::AlreadyExists {
-                                kind: RecordKind::Command,
-                                id: c.id.to_string(),
-                            });
-                        }
-                        cmds.insert(c.id.as_bytes(), tx(encode(c))?)?;
-                        let ik = pair(c.instance.as_bytes(), c.id.as_bytes());
-                        by_instance.insert(&ik, &[] as &[u8])?;
-                        if !c.state.is_finished() {
-                            open.insert(&ik, &[] as &[u8])?;
-                        }
-                        if let Some(key) = &c.idempotency_key {
-                            keys.insert(key_of(c.instance, key), c.id.as_bytes())?;
-                        }
-                        if let Some(b) = c.batch {
-                            by_batch.insert(&pair(b.as_bytes(), c.id.as_bytes()), &[] as &[u8])?;
-                        }
-                        out.push(Enqueued::Created(c.clone()));
-                    }
-                    Ok(out)
-                });
+                        Ok(out)
+                    },
+                );
             let out = finish(r)?;
             t.db.flush().map_err(backend)?;
             Ok(out)

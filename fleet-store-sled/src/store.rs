@@ -151,7 +151,7 @@ fn token_not_found(id: &TokenId) -> StoreError {
 
 /// Allocates the next change-feed sequence number and appends the change, inside a transaction.
 /// Every durable write goes through the one `meta/seq` key, so sequence order is commit order.
-fn append_change(
+pub(crate) fn append_change(
     meta: &TransactionalTree,
     feed: &TransactionalTree,
     instance: InstanceId,
