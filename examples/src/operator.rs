@@ -13,7 +13,7 @@
 //! | `PUT /api/v1/instances/{id}/tags` / `.../groups` | replace tags (object) / groups (array) |
 //! | `DELETE /api/v1/instances/{id}` | deregister and revoke |
 //! | `GET /api/v1/instances/{id}/uptime?from=T&to=T` | exact uptime % over a window (default: the last 30 days) |
-//! | `GET /api/v1/alerts?instance=ID&since=T&until=T&limit=N` | status changes (`items`) and fleet-level alerts (`fleet`), newest first |
+//! | `GET /api/v1/alerts?instance=ID&filter=EXPR&since=T&until=T&limit=N` | status changes (`items`; `filter` selects instances by tag, group, tenant… as in the fleet view) and fleet-level alerts (`fleet`, for fleet-wide queries), newest first |
 //! | `GET /api/v1/trends?from=T&to=T` | fleet trend buckets (health %, status counts), oldest first (default: the last 30 days) |
 //! | `GET /api/v1/instances/{id}/metrics?since=T` | recent metrics points for graphs (default: the last hour) |
 //! | `POST /api/v1/commands` | enqueue for an instance, a filter or a group (`NewCommand`); 201 with the report |
@@ -475,18 +475,26 @@ impl<S: FleetStore> OperatorApi<S> {
                 );
             }
         };
+        let filter = match Filter::parse(q.get("filter").map_or("", String::as_str)) {
+            Ok(f) => f,
+            Err(e) => return fleet_error(&FleetError::Filter(e)),
+        };
         let query = StatusChangeQuery {
             instance,
             since,
             until,
             limit,
         };
-        let items = match self.fleet.status_changes(scope, &query).await {
+        let items = match self
+            .fleet
+            .status_changes_matching(scope, &query, &filter)
+            .await
+        {
             Ok(items) => items,
             Err(e) => return fleet_error(&e),
         };
         // Fleet-level alerts concern the whole fleet: only for an unscoped, fleet-wide query.
-        let fleet = if instance.is_none() && *scope == TenantScope::All {
+        let fleet = if instance.is_none() && filter.is_all() && *scope == TenantScope::All {
             let q = FleetAlertQuery {
                 since,
                 until,

@@ -564,6 +564,27 @@ async fn commands_policies_alerts_and_trends() {
         alerts["fleet"].as_array().unwrap().is_empty(),
         "3 instances: below the mass minimum"
     );
+    let (_, one) = call(&api, "GET", "/api/v1/alerts?filter=text:web-1", op, None).await;
+    let items = one["items"].as_array().unwrap();
+    assert!(!items.is_empty());
+    assert!(
+        items.iter().all(|c| c["instance"] == json!(ids[1])),
+        "{one}"
+    );
+    assert!(one["fleet"].as_array().unwrap().is_empty());
+    let (_, web) = call(&api, "GET", "/api/v1/alerts?filter=group:web", op, None).await;
+    let web_ids: std::collections::HashSet<String> = web["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["instance"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(web_ids.len(), 2, "web-0 and web-1, not web-2");
+    let (status, bad) = call(&api, "GET", "/api/v1/alerts?filter=status:", op, None).await;
+    assert_eq!(
+        (status, bad["error"]["code"].as_str()),
+        (400, Some("invalid_filter"))
+    );
     let (_, trends) = call(&api, "GET", "/api/v1/trends", op, None).await;
     let items = trends["items"].as_array().unwrap();
     assert!(!items.is_empty());

@@ -773,21 +773,33 @@ impl<S: FleetStore> Fleet<S> {
         scope: &TenantScope,
         query: &StatusChangeQuery,
     ) -> Result<Vec<StatusChange>, FleetError> {
+        self.status_changes_matching(scope, query, &Filter::all())
+            .await
+    }
+
+    /// [`status_changes`](Self::status_changes) of the instances `filter` selects now (by tags,
+    /// groups, tenant, status or text, as in the fleet view).
+    pub async fn status_changes_matching(
+        &self,
+        scope: &TenantScope,
+        query: &StatusChangeQuery,
+        filter: &Filter,
+    ) -> Result<Vec<StatusChange>, FleetError> {
         let mut wide = query.clone();
         wide.limit = usize::MAX;
         let mut all = self.inner.store.status_changes(&wide).await?;
-        let pending: Vec<StatusChange> = self
-            .changes()
-            .iter()
-            .filter(|c| query.matches(c))
-            .copied()
-            .collect();
-        for c in pending {
-            if !all.contains(&c) {
-                all.push(c);
-            }
-        }
-        if let TenantScope::Tenant(_) = scope {
+        let stored: HashSet<StatusChange> = all.iter().copied().collect();
+        all.extend(
+            self.changes()
+                .iter()
+                .filter(|c| query.matches(c) && !stored.contains(c))
+                .copied(),
+        );
+        if !filter.is_all() {
+            let selected: HashSet<InstanceId> =
+                self.view().matching(filter, scope).into_iter().collect();
+            all.retain(|c| selected.contains(&c.instance));
+        } else if let TenantScope::Tenant(_) = scope {
             let view = self.view();
             all.retain(|c| {
                 view.tenant(c.instance)
