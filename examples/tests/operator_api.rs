@@ -45,6 +45,11 @@ async fn start() -> Api {
     }
 }
 
+/// `GET path` with the operator token.
+async fn get(api: &Api, path: &str) -> (u16, Value) {
+    call(api, "GET", path, Some(OPERATOR), None).await
+}
+
 async fn call(
     api: &Api,
     method: &str,
@@ -110,7 +115,7 @@ async fn operator_api_end_to_end() {
         created["ca_sha256"].as_str().unwrap(),
         api.fleet.ca().fingerprint().to_string()
     );
-    let (_, listed) = call(&api, "GET", "/api/v1/tokens", op, None).await;
+    let (_, listed) = get(&api, "/api/v1/tokens").await;
     assert_eq!(listed["items"].as_array().unwrap().len(), 1);
     assert!(
         !listed
@@ -152,20 +157,20 @@ async fn operator_api_end_to_end() {
         );
     }
     let id = created["id"].as_str().unwrap();
-    let (status, detail) = call(&api, "GET", &format!("/api/v1/tokens/{id}"), op, None).await;
+    let (status, detail) = get(&api, &format!("/api/v1/tokens/{id}")).await;
     assert_eq!(status, 200);
     assert_eq!(detail["token"]["uses"], 2);
     assert_eq!(detail["ledger"].as_array().unwrap().len(), 2);
 
     // Summary and list, filtered; a bad filter gives its position.
-    let (_, summary) = call(&api, "GET", "/api/v1/summary", op, None).await;
+    let (_, summary) = get(&api, "/api/v1/summary").await;
     assert_eq!(
         (summary["total"].as_u64(), summary["online"].as_u64()),
         (Some(2), Some(2))
     );
-    let (_, summary) = call(&api, "GET", "/api/v1/summary?filter=text%3Aweb", op, None).await;
+    let (_, summary) = get(&api, "/api/v1/summary?filter=text%3Aweb").await;
     assert_eq!(summary["total"], 1);
-    let (status, err) = call(&api, "GET", "/api/v1/instances?filter=env%3D", op, None).await;
+    let (status, err) = get(&api, "/api/v1/instances?filter=env%3D").await;
     assert_eq!(
         (
             status,
@@ -174,39 +179,26 @@ async fn operator_api_end_to_end() {
         ),
         (400, Some("invalid_filter"), Some(4))
     );
-    let (_, page) = call(
+    let (_, page) = get(
         &api,
-        "GET",
         "/api/v1/instances?limit=1&filter=env%3Dprod%20group%3Aweb",
-        op,
-        None,
     )
     .await;
     assert_eq!(page["items"].as_array().unwrap().len(), 1);
     let cursor = page["next_cursor"].as_str().unwrap().to_owned();
-    let (_, rest) = call(
+    let (_, rest) = get(
         &api,
-        "GET",
         &format!("/api/v1/instances?limit=1&cursor={cursor}&filter=env%3Dprod"),
-        op,
-        None,
     )
     .await;
     assert_eq!(rest["items"].as_array().unwrap().len(), 1);
     assert_ne!(rest["items"][0]["id"], page["items"][0]["id"]);
     assert_eq!(rest["next_cursor"], Value::Null);
-    let (status, _) = call(&api, "GET", "/api/v1/instances?limit=0", op, None).await;
+    let (status, _) = get(&api, "/api/v1/instances?limit=0").await;
     assert_eq!(status, 400);
 
     // Detail: status, system info, certificate expiry.
-    let (status, one) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/instances/{}", ids[0]),
-        op,
-        None,
-    )
-    .await;
+    let (status, one) = get(&api, &format!("/api/v1/instances/{}", ids[0])).await;
     assert_eq!(status, 200);
     assert_eq!(
         (one["hostname"].as_str(), one["status"].as_str()),
@@ -242,38 +234,25 @@ async fn operator_api_end_to_end() {
     )
     .await;
     assert_eq!(status, 200);
-    let (_, summary) = call(
+    let (_, summary) = get(
         &api,
-        "GET",
         "/api/v1/summary?filter=tier%3Dcritical%20group%3Adatabase-servers",
-        op,
-        None,
     )
     .await;
     assert_eq!(summary["total"], 1);
 
     // Uptime and alerts: 30 s later nothing has changed status, so uptime is 100 %.
     api.clock.advance(std::time::Duration::from_secs(30));
-    let (status, up) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/instances/{}/uptime", ids[0]),
-        op,
-        None,
-    )
-    .await;
+    let (status, up) = get(&api, &format!("/api/v1/instances/{}/uptime", ids[0])).await;
     assert_eq!(status, 200, "{up}");
     assert_eq!(up["uptime_percent"], 100.0);
-    let (status, _) = call(
+    let (status, _) = get(
         &api,
-        "GET",
         &format!("/api/v1/instances/{}/uptime?from=yesterday", ids[0]),
-        op,
-        None,
     )
     .await;
     assert_eq!(status, 400);
-    let (status, alerts) = call(&api, "GET", "/api/v1/alerts?limit=10", op, None).await;
+    let (status, alerts) = get(&api, "/api/v1/alerts?limit=10").await;
     assert_eq!(status, 200);
     assert_eq!(alerts["items"], json!([]));
 
@@ -306,7 +285,7 @@ async fn operator_api_end_to_end() {
     .await;
     assert_eq!(status, 200);
     assert!(revoked["revoked_at"].is_string());
-    let (status, _) = call(&api, "GET", "/api/v1/nothing-here", op, None).await;
+    let (status, _) = get(&api, "/api/v1/nothing-here").await;
     assert_eq!(status, 404);
 
     let _ = api.stop.send(());
@@ -371,14 +350,7 @@ async fn commands_policies_alerts_and_trends() {
     assert_eq!(status, 201, "{group}");
     assert_eq!(group["created"].as_u64(), Some(2));
     let batch = group["batch"].as_str().unwrap().to_owned();
-    let (_, by_batch) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/commands?batch={batch}"),
-        op,
-        None,
-    )
-    .await;
+    let (_, by_batch) = get(&api, &format!("/api/v1/commands?batch={batch}")).await;
     assert_eq!(by_batch["items"].as_array().unwrap().len(), 2);
     assert_eq!(by_batch["items"][0]["payload"]["full"], true);
 
@@ -401,35 +373,21 @@ async fn commands_policies_alerts_and_trends() {
     )
     .await;
     assert_eq!(status, 404);
-    let (_, all) = call(&api, "GET", "/api/v1/commands?limit=2", op, None).await;
+    let (_, all) = get(&api, "/api/v1/commands?limit=2").await;
     assert_eq!(all["items"].as_array().unwrap().len(), 2);
     let next = all["next"].as_str().unwrap();
-    let (_, rest) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/commands?limit=2&before={next}"),
-        op,
-        None,
-    )
-    .await;
+    let (_, rest) = get(&api, &format!("/api/v1/commands?limit=2&before={next}")).await;
     assert_eq!(
         rest["items"].as_array().unwrap().len(),
         1,
         "three commands in all"
     );
     assert_eq!(rest["next"], Value::Null);
-    let (status, _) = call(&api, "GET", "/api/v1/commands?state=sleeping", op, None).await;
+    let (status, _) = get(&api, "/api/v1/commands?state=sleeping").await;
     assert_eq!(status, 400);
 
     // Instance history, cancel, and cancel after delivery.
-    let (_, hist) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/instances/{}/commands", ids[0]),
-        op,
-        None,
-    )
-    .await;
+    let (_, hist) = get(&api, &format!("/api/v1/instances/{}/commands", ids[0])).await;
     assert_eq!(hist["items"].as_array().unwrap().len(), 2);
     let (status, cancelled) = call(
         &api,
@@ -461,24 +419,14 @@ async fn commands_policies_alerts_and_trends() {
         (status, body["error"]["code"].as_str()),
         (409, Some("not_cancellable"))
     );
-    let (_, got) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/commands/{}", ex.commands[0].id),
-        op,
-        None,
-    )
-    .await;
+    let (_, got) = get(&api, &format!("/api/v1/commands/{}", ex.commands[0].id)).await;
     assert_eq!(
         got["state"], "delivered",
         "the refused cancel changed nothing"
     );
-    let (status, _) = call(
+    let (status, _) = get(
         &api,
-        "GET",
         &format!("/api/v1/commands/{}", fleet_core::CommandId::from_u128(1)),
-        op,
-        None,
     )
     .await;
     assert_eq!(status, 404);
@@ -498,20 +446,13 @@ async fn commands_policies_alerts_and_trends() {
     )
     .await;
     assert_eq!(status, 400);
-    let (_, listed) = call(&api, "GET", "/api/v1/policies", op, None).await;
+    let (_, listed) = get(&api, "/api/v1/policies").await;
     assert_eq!(
         listed["items"].as_array().unwrap().len(),
         1,
         "the invalid one was not stored"
     );
-    let (_, detail) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/instances/{}", ids[0]),
-        op,
-        None,
-    )
-    .await;
+    let (_, detail) = get(&api, &format!("/api/v1/instances/{}", ids[0])).await;
     assert_eq!(detail["policies"][0]["pass"], false);
     assert!(
         detail["policies"][0]["reason"]
@@ -519,7 +460,7 @@ async fn commands_policies_alerts_and_trends() {
             .unwrap()
             .contains("2.0.0")
     );
-    let (_, results) = call(&api, "GET", "/api/v1/policies/results", op, None).await;
+    let (_, results) = get(&api, "/api/v1/policies/results").await;
     assert_eq!(results["items"][0]["applicable"], 2);
     assert_eq!(results["items"][0]["passing"], 1);
     assert_eq!(results["items"][0]["percent"], 50.0);
@@ -546,25 +487,18 @@ async fn commands_policies_alerts_and_trends() {
             .unwrap();
         api.fleet.sweep();
     }
-    let (_, points) = call(
-        &api,
-        "GET",
-        &format!("/api/v1/instances/{}/metrics", ids[1]),
-        op,
-        None,
-    )
-    .await;
+    let (_, points) = get(&api, &format!("/api/v1/instances/{}/metrics", ids[1])).await;
     assert_eq!(points["items"].as_array().unwrap().len(), 3);
     assert_eq!(points["items"][2]["cpu_percent"], 42.0);
     api.clock.advance(Duration::from_secs(400));
     api.fleet.sweep();
-    let (_, alerts) = call(&api, "GET", "/api/v1/alerts", op, None).await;
+    let (_, alerts) = get(&api, "/api/v1/alerts").await;
     assert!(alerts["items"].as_array().unwrap().len() >= 6, "{alerts}");
     assert!(
         alerts["fleet"].as_array().unwrap().is_empty(),
         "3 instances: below the mass minimum"
     );
-    let (_, one) = call(&api, "GET", "/api/v1/alerts?filter=text:web-1", op, None).await;
+    let (_, one) = get(&api, "/api/v1/alerts?filter=text:web-1").await;
     let items = one["items"].as_array().unwrap();
     assert!(!items.is_empty());
     assert!(
@@ -572,7 +506,7 @@ async fn commands_policies_alerts_and_trends() {
         "{one}"
     );
     assert!(one["fleet"].as_array().unwrap().is_empty());
-    let (_, web) = call(&api, "GET", "/api/v1/alerts?filter=group:web", op, None).await;
+    let (_, web) = get(&api, "/api/v1/alerts?filter=group:web").await;
     let web_ids: std::collections::HashSet<String> = web["items"]
         .as_array()
         .unwrap()
@@ -580,12 +514,12 @@ async fn commands_policies_alerts_and_trends() {
         .map(|c| c["instance"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(web_ids.len(), 2, "web-0 and web-1, not web-2");
-    let (status, bad) = call(&api, "GET", "/api/v1/alerts?filter=status:", op, None).await;
+    let (status, bad) = get(&api, "/api/v1/alerts?filter=status:").await;
     assert_eq!(
         (status, bad["error"]["code"].as_str()),
         (400, Some("invalid_filter"))
     );
-    let (_, trends) = call(&api, "GET", "/api/v1/trends", op, None).await;
+    let (_, trends) = get(&api, "/api/v1/trends").await;
     let items = trends["items"].as_array().unwrap();
     assert!(!items.is_empty());
     assert!(
@@ -595,7 +529,7 @@ async fn commands_policies_alerts_and_trends() {
             .sum::<u64>()
             >= 4
     );
-    let (status, _) = call(&api, "GET", "/api/v1/trends?from=yesterday", op, None).await;
+    let (status, _) = get(&api, "/api/v1/trends?from=yesterday").await;
     assert_eq!(status, 400);
 
     let _ = api.stop.send(());
