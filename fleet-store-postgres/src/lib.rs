@@ -1,12 +1,159 @@
 //! # fleet-store-postgres
 //!
-//! The PostgreSQL store of fleet (sqlx): several control-plane replicas share one database, each
-//! keeping its live view current from the store's change feed.
+//! The PostgreSQL store of fleet, on sqlx: several control-plane replicas share one database,
+//! each keeping its live view current from the store's change feed.
 //!
-//! This crate is being built under issue #7; until then it only reserves its place in the
-//! workspace.
+//! ```no_run
+//! use fleet_core::Fleet;
+//! use fleet_store_postgres::PgStore;
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let store = PgStore::connect("postgres://fleet@db.internal/fleet").await?;
+//! store.migrate().await?; // embedded migrations; safe to run on every start, from every replica
+//! let fleet = Fleet::builder(store).open().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! ## How it keeps the contracts
+//!
+//! - Every durable write is one transaction. Writes that the change feed records take the single
+//!   `fleet_feed_head` row's lock to number their changes, so sequence numbers are handed out in
+//!   commit order (a reader that saw change *n* never misses a smaller one committed later).
+//! - Enrollment locks the token row (`SELECT … FOR UPDATE`), so concurrent enrollments with one
+//!   token behave as if run one at a time, across any number of replicas and pools.
+//! - Command delivery reads the instance's open commands `FOR UPDATE SKIP LOCKED`: two
+//!   concurrent deliveries never hand out the same command, and a cancel waits for (and loses to)
+//!   a delivery holding the row, or wins and the delivery skips it.
+//! - Heartbeats are persisted in batches: one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO
+//!   UPDATE` per flush into `fleet_heartbeats`, whose only index is its key and whose fillfactor
+//!   leaves room on each page, so updates stay HOT.
+//! - Records are the fleet-core types as JSON (`jsonb`), with the columns that queries filter on
+//!   (tenant, tags as `jsonb` with a GIN index, groups as `text[]` with a GIN index, hostname with
+//!   a trigram index, command state) beside them. Times are Unix milliseconds.
+//!
+//! Errors: a pool that cannot reach the database reports [`StoreError::Unavailable`] (the caller
+//! may retry; nothing was written); everything else is [`StoreError::Backend`] with the sqlx
+//! error as its source.
+//!
+//! Tests read `FLEET_TEST_DATABASE_URL`, or start a throwaway server themselves; see
+//! `testing` (feature `testing`).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
+
+mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+use std::time::Duration;
+
+use fleet_core::StoreError;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 
 pub use fleet_core;
+pub use sqlx;
+
+/// How many change-feed entries the store keeps (older ones are pruned; a replica that fell
+/// further behind rebuilds its view from a full listing).
+pub const FEED_RETENTION: i64 = 1 << 20;
+
+/// Why a store could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgStoreError {
+    /// The database could not be reached or refused the connection.
+    #[error("connecting to PostgreSQL failed")]
+    Connect(#[source] sqlx::Error),
+    /// The embedded migrations failed.
+    #[error("migrating the fleet schema failed")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+}
+
+/// The PostgreSQL store; cheap to clone (a pool handle).
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects a pool (16 connections, 5 s to acquire one) to `url`.
+    pub async fn connect(url: &str) -> Result<Self, PgStoreError> {
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect(url)
+            .await
+            .map_err(PgStoreError::Connect)?;
+        Ok(Self { pool })
+    }
+
+    /// A store over a pool you configured.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// The pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applies the embedded migrations that are not applied yet (PostgreSQL's advisory lock keeps
+    /// replicas starting at once from racing).
+    pub async fn migrate(&self) -> Result<(), PgStoreError> {
+        sqlx::migrate!("./migrations")
+            .run(&self.pool)
+            .await
+            .map_err(PgStoreError::Migrate)
+    }
+}
+
+/// Maps a sqlx error: unreachable database → `Unavailable`, anything else → `Backend`.
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
+    match e {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed => StoreError::Unavailable {
+            source: Box::new(e),
+        },
+        sqlx::Error::Database(ref d)
+            if d.code().is_some_and(|c| {
+                // admin_shutdown, crash_shutdown, cannot_connect_now
+                c == "57P01" || c == "57P02" || c == "57P03"
+            }) =>
+        {
+            StoreError::Unavailable {
+                source: Box::new(e),
+            }
+        }
+        e => StoreError::Backend {
+            backend: "postgres",
+            source: Box::new(e),
+        },
+    }
+}
+
+pub(crate) fn to_json<T: Serialize>(v: &T) -> Result<serde_json::Value, StoreError> {
+    serde_json::to_value(v).map_err(|e| StoreError::Backend {
+        backend: "postgres",
+        source: Box::new(e),
+    })
+}
+
+pub(crate) fn from_json<T: DeserializeOwned>(
+    v: serde_json::Value,
+    what: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_value(v).map_err(|e| StoreError::Corrupt {
+        detail: format!("{what}: {e}"),
+        source: Some(Box::new(e)),
+    })
+}
