@@ -541,8 +541,20 @@ fn identity(e: &Enrollment) -> InstanceIdentity {
 }
 
 async fn racing_enrollments(store: DynStore, k: u32) {
+    racing_enrollments_across(vec![store], k).await;
+}
+
+/// 200 concurrent enrollments with a token of `max_uses = k`, spread round-robin over one
+/// `Fleet` per store handle (several handles on one database: several replicas, several pools)
+/// register exactly min(200, k) instances, consume exactly that many uses and log every attempt.
+pub async fn racing_enrollments_across(stores: Vec<DynStore>, k: u32) {
     const N: usize = 200;
-    let (fleet, _) = open_fleet(&store).await;
+    let mut fleets = Vec::new();
+    for s in &stores {
+        fleets.push(open_fleet(s).await.0);
+    }
+    let store = Arc::clone(&stores[0]);
+    let fleet = fleets[0].clone();
     let token = fleet
         .create_token(
             &TenantScope::All,
@@ -556,7 +568,7 @@ async fn racing_enrollments(store: DynStore, k: u32) {
     let csrs: Vec<String> = (0..N).map(|_| key_and_csr().1).collect();
     let mut tasks = Vec::new();
     for (i, csr) in csrs.into_iter().enumerate() {
-        let fleet = fleet.clone();
+        let fleet = fleets[i % fleets.len()].clone();
         let t = token.presented.to_string();
         tasks.push(tokio::spawn(async move {
             fleet.enroll(request(&t, &csr, &format!("h{i}"))).await
@@ -598,6 +610,8 @@ async fn racing_enrollments(store: DynStore, k: u32) {
         .expect("get")
         .expect("token");
     assert_eq!(stored.uses as usize, N.min(k));
+    // Enrollments through other replicas reach this one's view through the change feed.
+    fleet.sync().await.expect("sync");
     assert_eq!(
         fleet.summary(&Filter::all(), &TenantScope::All).total as usize,
         N.min(k)
