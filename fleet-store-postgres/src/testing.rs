@@ -8,7 +8,8 @@
 //! 2. otherwise a throwaway server started once per test process from the system binaries
 //!    (`initdb` and `postgres` under `/usr/lib/postgresql/*/bin`, or on `PATH`) in a temporary
 //!    directory, on a free loopback port, as the `postgres` user when running as root. A watchdog
-//!    stops it and deletes its directory as soon as the test process exits.
+//!    stops it and deletes its directory as soon as the test process exits. It runs with
+//!    `fsync=off` for speed unless `FLEET_TEST_PG_DURABLE` is set (benchmarks set it).
 //!
 //! When neither works the tests fail — never skip — with a message saying how to install
 //! PostgreSQL.
@@ -108,9 +109,15 @@ fn start_server() -> Result<Server, String> {
     let port = free_port()?;
     // The watchdog: runs the server, and stops it (and removes its directory) once this process
     // is gone — test harnesses have no "after all tests" hook.
+    // Tests trade durability for speed; benchmarks (FLEET_TEST_PG_DURABLE=1) keep the defaults.
+    let speed = if std::env::var_os("FLEET_TEST_PG_DURABLE").is_some() {
+        ""
+    } else {
+        "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    };
     let script = format!(
         "{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200 \
+         {speed} -c max_connections=200 \
          > {dir}/server.log 2>&1 & pg=$!; \
          while [ -d /proc/{parent} ] && kill -0 $pg 2>/dev/null; do sleep 0.5; done; \
          kill -INT $pg 2>/dev/null; wait $pg; rm -rf {dir}",
