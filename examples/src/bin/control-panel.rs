@@ -5,9 +5,11 @@
 //! ```
 //!
 //! Keeps the fleet in a SledStore under `--data-dir` (created on first start with the CA in
-//! `ca.pem` / `ca-key.pem` (0600) and an operator token in `operator-token` (0600)), serves agents
-//! over mutual TLS on `--agent-listen` and the operator API on `--operator-listen` (loopback by
-//! default). SIGINT/SIGTERM flush batched heartbeats and compact the store before exiting.
+//! `ca.pem` / `ca-key.pem` (0600) and an operator token in `operator-token` (0600)), or with
+//! `--store postgres --database-url URL` in PostgreSQL (migrations run on start; the CA lives in
+//! the database, so every replica on it shares one), serves agents over mutual TLS on
+//! `--agent-listen` and the operator API on `--operator-listen` (loopback by default).
+//! SIGINT/SIGTERM flush batched heartbeats and close the store before exiting.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,12 +21,14 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fleet_agent_proto::client::Endpoint;
 use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
+use fleet_core::FleetStore;
 use fleet_core::token::TokenSecret;
 use fleet_core::{
     CertificateAuthority, Fleet, MaintenanceConfig, MaintenanceEvent, MaxUses, NewToken,
     StalenessPolicy, TenantScope,
 };
 use fleet_examples::operator::OperatorApi;
+use fleet_store_postgres::PgStore;
 use fleet_store_sled::SledStore;
 use tokio::net::TcpListener;
 
@@ -45,11 +49,26 @@ enum Command {
     Serve(Serve),
 }
 
+/// Which store keeps the fleet.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum StoreKind {
+    /// sled, embedded, in `--data-dir` (one control-plane process).
+    Sled,
+    /// PostgreSQL at `--database-url` (any number of replicas).
+    Postgres,
+}
+
 #[derive(Parser, Debug)]
 struct Serve {
-    /// Where the store, the CA and the operator token live.
+    /// Where the store (sled), the CA files and the operator token live.
     #[arg(long, default_value = "./fleet-data")]
     data_dir: PathBuf,
+    /// The store.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sled)]
+    store: StoreKind,
+    /// PostgreSQL URL for `--store postgres`, e.g. `postgres://fleet@db/fleet`.
+    #[arg(long, env = "FLEET_DATABASE_URL")]
+    database_url: Option<String>,
     /// Address of the agent listener (mutual TLS).
     #[arg(long, default_value = "0.0.0.0:8443")]
     agent_listen: String,
@@ -99,9 +118,32 @@ async fn shutdown_signal() {
 async fn serve(args: Serve) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
-    let store = SledStore::open(args.data_dir.join("db"))
-        .await
-        .context("opening the store")?;
+    match args.store {
+        StoreKind::Sled => {
+            let store = SledStore::open(args.data_dir.join("db"))
+                .await
+                .context("opening the store")?;
+            run(args, store.clone()).await?;
+            store.close().await.context("closing the store")
+        }
+        StoreKind::Postgres => {
+            let url = args
+                .database_url
+                .clone()
+                .context("--store postgres needs --database-url (or FLEET_DATABASE_URL)")?;
+            let store = PgStore::connect(&url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            store.migrate().await.context("migrating the database")?;
+            tracing::info!("database schema up to date");
+            run(args, store.clone()).await?;
+            store.pool().close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
     let policy = StalenessPolicy::new(
         Duration::from_secs(args.warning_after),
         Duration::from_secs(args.offline_after),
@@ -228,7 +270,6 @@ async fn serve(args: Serve) -> Result<()> {
         .flush_heartbeats()
         .await
         .context("final heartbeat flush")?;
-    store.close().await.context("closing the store")?;
     tracing::info!("stopped");
     Ok(())
 }
