@@ -35,6 +35,7 @@
 //! ```
 
 use std::collections::HashSet;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
@@ -206,6 +207,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 fleet_alerts: Mutex::new(Vec::new()),
                 recent: Mutex::new(RecentMetrics::new(self.recent)),
                 guard: Mutex::new(MassGuard::default()),
+                hb_position: std::sync::atomic::AtomicU64::new(0),
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -271,6 +273,8 @@ pub(crate) struct Inner<S> {
     fleet_alerts: Mutex<Vec<FleetAlert>>,
     recent: Mutex<RecentMetrics>,
     guard: Mutex<MassGuard>,
+    /// Position in the store's heartbeat log (other replicas' heartbeats); moved under `feed`.
+    hb_position: std::sync::atomic::AtomicU64,
 }
 
 /// The trend bucket being filled, and finished ones not yet written.
@@ -928,7 +932,7 @@ impl<S: FleetStore> Fleet<S> {
                 Err(e) => return Err(e.into()),
             };
             let Some(last) = changes.last().map(|c| c.seq) else {
-                return Ok(applied);
+                break;
             };
             for change in changes {
                 let current = match change.kind {
@@ -956,12 +960,67 @@ impl<S: FleetStore> Fleet<S> {
             }
             *cursor = last;
         }
+        self.follow_heartbeats(&mut cursor).await?;
+        Ok(applied)
+    }
+
+    /// Applies the heartbeats other replicas received (the store's heartbeat log) to the view,
+    /// queueing the transitions they cause; after a truncated log, reconciles instead.
+    async fn follow_heartbeats(&self, cursor: &mut Seq) -> Result<(), FleetError> {
+        const BATCHES: usize = 64;
+        loop {
+            let after = self.inner.hb_position.load(Ordering::Acquire);
+            let log = match self.inner.store.heartbeats_since(after, BATCHES).await {
+                Ok(log) => log,
+                Err(StoreError::FeedTruncated { .. }) => {
+                    let head = self.inner.store.heartbeat_log_head().await?;
+                    self.reconcile(cursor).await?;
+                    self.inner.hb_position.store(head, Ordering::Release);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if log.records.is_empty() {
+                self.inner
+                    .hb_position
+                    .store(log.position, Ordering::Release);
+                return Ok(());
+            }
+            let mut changes = Vec::new();
+            {
+                let mut view = self.view_mut();
+                for r in &log.records {
+                    let Some(transitions) =
+                        view.observe_heartbeat(r.id, r.last_seen, r.metrics.as_ref())
+                    else {
+                        continue;
+                    };
+                    changes.extend(transitions.iter().map(|transition| StatusChange {
+                        instance: r.id,
+                        transition,
+                    }));
+                    if r.metrics.is_some()
+                        && let Some(p) = view.point(r.id)
+                    {
+                        self.recent().record(r.id, &p);
+                    }
+                }
+            }
+            if !changes.is_empty() {
+                self.changes().extend(changes);
+            }
+            self.inner
+                .hb_position
+                .store(log.position, Ordering::Release);
+        }
     }
 
     /// Makes the view equal the store's listing (keeping fresher live last-seen state) and moves
     /// the cursor to the feed position read before the listing.
     async fn reconcile(&self, cursor: &mut Seq) -> Result<usize, FleetError> {
         let seq = self.inner.store.latest_seq().await?;
+        // Heartbeats logged from here on are followed; the listing below has the ones before.
+        let hb_head = self.inner.store.heartbeat_log_head().await?;
         let mut seen = HashSet::new();
         let mut applied = 0;
         let mut page = self.inner.store.list_instances(None, REBUILD_PAGE).await?;
@@ -996,6 +1055,7 @@ impl<S: FleetStore> Fleet<S> {
             }
         }
         *cursor = seq;
+        self.inner.hb_position.fetch_max(hb_head, Ordering::AcqRel);
         // Command-queued changes before `seq` may be gone: take the hints from the queue itself.
         self.load_command_hints().await?;
         Ok(applied)

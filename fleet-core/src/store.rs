@@ -112,6 +112,38 @@ pub trait HeartbeatStore: Debug + Send + Sync + 'static {
     /// stable storage before returning — a crash may lose the last batch, which is the documented
     /// price of write-behind — but it must not be lost once a later durable write has returned.
     async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()>;
+
+    /// The end of the heartbeat log (see [`heartbeats_since`](Self::heartbeats_since)); 0 for a
+    /// store that keeps none.
+    async fn heartbeat_log_head(&self) -> StoreResult<u64> {
+        Ok(0)
+    }
+
+    /// The heartbeat records written — by any replica — after log position `after`, at most
+    /// `limit` batches' worth, with the position they end at. This is how replicas see the
+    /// heartbeats that reached the others (their last-seen times and metrics; apps are re-read
+    /// from the store).
+    ///
+    /// **Contract:** positions follow commit order (a reader that saw position *n* never misses a
+    /// batch committed later with a smaller one); a store may forget old batches and then
+    /// returns [`StoreError::FeedTruncated`] (the reader reconciles from a full listing). A store
+    /// that serves one process only may keep no log: the default returns nothing.
+    async fn heartbeats_since(&self, after: u64, limit: usize) -> StoreResult<HeartbeatLog> {
+        let _ = limit;
+        Ok(HeartbeatLog {
+            position: after,
+            records: Vec::new(),
+        })
+    }
+}
+
+/// A page of the heartbeat log; see [`HeartbeatStore::heartbeats_since`].
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeartbeatLog {
+    /// The position the page ends at (pass it as `after` next time).
+    pub position: u64,
+    /// The records, in log order (apps are not carried).
+    pub records: Vec<HeartbeatRecord>,
 }
 
 /// What happened to an instance, as recorded in the change feed.
@@ -548,6 +580,16 @@ macro_rules! forward {
         impl<T: HeartbeatStore + ?Sized> HeartbeatStore for $wrapper<T> {
             async fn write_heartbeats(&self, batch: &[HeartbeatRecord]) -> StoreResult<()> {
                 (**self).write_heartbeats(batch).await
+            }
+            async fn heartbeat_log_head(&self) -> StoreResult<u64> {
+                (**self).heartbeat_log_head().await
+            }
+            async fn heartbeats_since(
+                &self,
+                after: u64,
+                limit: usize,
+            ) -> StoreResult<HeartbeatLog> {
+                (**self).heartbeats_since(after, limit).await
             }
         }
 

@@ -46,6 +46,23 @@ CREATE TABLE fleet_heartbeats (
     apps      jsonb
 ) WITH (fillfactor = 70);
 
+-- The heartbeat log: each flush's records (ids, last-seen times, metrics), so every replica sees
+-- the heartbeats that reached the others. Numbered under its own head row's lock (commit order),
+-- kept for ten minutes.
+CREATE TABLE fleet_hb_head (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    seq bigint NOT NULL
+);
+INSERT INTO fleet_hb_head (one, seq) VALUES (true, 0);
+
+CREATE TABLE fleet_hb_log (
+    seq       bigint PRIMARY KEY,
+    logged_at timestamptz NOT NULL DEFAULT now(),
+    ids       uuid[] NOT NULL,
+    last_seen int8[] NOT NULL,
+    metrics   jsonb[] NOT NULL
+);
+
 CREATE TABLE fleet_tokens (
     id         text PRIMARY KEY,
     created_at bigint NOT NULL,

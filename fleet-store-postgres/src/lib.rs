@@ -24,9 +24,12 @@
 //! - Command delivery reads the instance's open commands `FOR UPDATE SKIP LOCKED`: two
 //!   concurrent deliveries never hand out the same command, and a cancel waits for (and loses to)
 //!   a delivery holding the row, or wins and the delivery skips it.
-//! - Heartbeats are persisted in batches: one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO
-//!   UPDATE` per flush into `fleet_heartbeats`, whose only index is its key and whose fillfactor
-//!   leaves room on each page, so updates stay HOT.
+//! - Heartbeats are persisted in batches: one statement per flush upserts them (`INSERT … SELECT
+//!   FROM UNNEST(…) ON CONFLICT DO UPDATE`) into `fleet_heartbeats`, whose only index is its key
+//!   and whose fillfactor leaves room on each page, so updates stay HOT — and logs the batch
+//!   (ids, last-seen times, metrics) in `fleet_hb_log`, numbered in commit order, from which every
+//!   other replica's `Fleet::sync` applies the heartbeats that reached this one (kept ten
+//!   minutes).
 //! - Records are the fleet-core types as JSON (`jsonb`), with the columns that queries filter on
 //!   (tenant, tags as `jsonb` with a GIN index, groups as `text[]` with a GIN index, hostname with
 //!   a trigram index, command state) beside them. Times are Unix milliseconds.

@@ -14,8 +14,8 @@ use fleet_core::identity::Fingerprint;
 use fleet_core::policy::{Policy, PolicyName};
 use fleet_core::store::{
     CertificateChange, CertificateStore, Change, ChangeFeed, ChangeKind, CommandStore,
-    EnrollCommit, EnrollResult, EnrollTarget, HeartbeatRecord, HeartbeatStore, HistoryStore,
-    InstanceStore, PolicyStore, Seq, StatusChangeQuery, StoreResult, TokenStore,
+    EnrollCommit, EnrollResult, EnrollTarget, HeartbeatLog, HeartbeatRecord, HeartbeatStore,
+    HistoryStore, InstanceStore, PolicyStore, Seq, StatusChangeQuery, StoreResult, TokenStore,
 };
 use fleet_core::token::{LedgerEntry, LedgerOutcome, RegistrationToken, TokenId, TokenState};
 use fleet_core::trend::TrendBucket;
@@ -360,27 +360,100 @@ impl HeartbeatStore for PgStore {
             metrics.push(r.metrics.as_ref().map(to_json).transpose()?);
             apps.push(r.apps.as_ref().map(to_json).transpose()?);
         }
-        // One statement: atomic per record (and for the batch); instances that do not exist
-        // (never registered, or deleted) are skipped.
+        let mut tx = self.begin().await?;
+        // The batch is numbered in the heartbeat log under the head's lock (commit order) ...
+        let seq: i64 = sqlx::query_scalar("UPDATE fleet_hb_head SET seq = seq + 1 RETURNING seq")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        // ... and one statement, with the arrays sent and parsed once, upserts the last known
+        // state (skipping instances that do not exist: never registered, or deleted) and logs
+        // the batch for the other replicas.
         sqlx::query(
-            "INSERT INTO fleet_heartbeats (id, last_seen, metrics, apps) \
-             SELECT u.id, u.last_seen, u.metrics, u.apps \
-             FROM UNNEST($1::uuid[], $2::int8[], $3::jsonb[], $4::jsonb[]) \
-                 AS u(id, last_seen, metrics, apps) \
-             WHERE EXISTS (SELECT 1 FROM fleet_instances i WHERE i.id = u.id) \
-             ON CONFLICT (id) DO UPDATE SET \
-                 last_seen = EXCLUDED.last_seen, \
-                 metrics = COALESCE(EXCLUDED.metrics, fleet_heartbeats.metrics), \
-                 apps = COALESCE(EXCLUDED.apps, fleet_heartbeats.apps)",
+            "WITH u AS ( \
+                 SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::jsonb[], $4::jsonb[]) \
+                     AS u(id, last_seen, metrics, apps) \
+             ), upsert AS ( \
+                 INSERT INTO fleet_heartbeats (id, last_seen, metrics, apps) \
+                 SELECT u.id, u.last_seen, u.metrics, u.apps FROM u \
+                 WHERE EXISTS (SELECT 1 FROM fleet_instances i WHERE i.id = u.id) \
+                 ON CONFLICT (id) DO UPDATE SET \
+                     last_seen = EXCLUDED.last_seen, \
+                     metrics = COALESCE(EXCLUDED.metrics, fleet_heartbeats.metrics), \
+                     apps = COALESCE(EXCLUDED.apps, fleet_heartbeats.apps) \
+             ) \
+             INSERT INTO fleet_hb_log (seq, ids, last_seen, metrics) \
+             SELECT $5, $1, $2, $3",
         )
         .bind(&ids)
         .bind(&seen)
         .bind(&metrics)
         .bind(&apps)
-        .execute(self.pool())
+        .bind(seq)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
+        if seq % 64 == 0 {
+            sqlx::query("DELETE FROM fleet_hb_log WHERE logged_at < now() - interval '10 minutes'")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)?;
         Ok(())
+    }
+
+    async fn heartbeat_log_head(&self) -> StoreResult<u64> {
+        let head: i64 = sqlx::query_scalar("SELECT seq FROM fleet_hb_head")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(u64::try_from(head).unwrap_or(0))
+    }
+
+    async fn heartbeats_since(&self, after: u64, limit: usize) -> StoreResult<HeartbeatLog> {
+        let after_i = i64::try_from(after).unwrap_or(i64::MAX);
+        let (oldest, last): (Option<i64>, i64) = sqlx::query_as(
+            "SELECT (SELECT min(seq) FROM fleet_hb_log), (SELECT seq FROM fleet_hb_head)",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(db)?;
+        let oldest = oldest.unwrap_or(last + 1);
+        if after_i.saturating_add(1) < oldest && after_i < last {
+            return Err(StoreError::FeedTruncated {
+                requested: after,
+                oldest: u64::try_from(oldest).unwrap_or(0),
+            });
+        }
+        type LogRow = (i64, Vec<Uuid>, Vec<i64>, Vec<Option<serde_json::Value>>);
+        let rows: Vec<LogRow> = sqlx::query_as(
+            "SELECT seq, ids, last_seen, metrics FROM fleet_hb_log WHERE seq > $1 \
+             ORDER BY seq LIMIT $2",
+        )
+        .bind(after_i)
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(self.pool())
+        .await
+        .map_err(db)?;
+        let mut log = HeartbeatLog {
+            position: after,
+            records: Vec::new(),
+        };
+        for (seq, ids, seen, metrics) in rows {
+            for ((id, at), m) in ids.into_iter().zip(seen).zip(metrics) {
+                log.records.push(HeartbeatRecord {
+                    id: InstanceId::from_bytes(*id.as_bytes()),
+                    last_seen: Timestamp::from_unix_millis(at),
+                    metrics: m
+                        .map(|m| from_json(m, "fleet_hb_log.metrics"))
+                        .transpose()?,
+                    apps: None,
+                });
+            }
+            log.position = u64::try_from(seq).unwrap_or(after);
+        }
+        Ok(log)
     }
 }
 

@@ -628,6 +628,22 @@ impl LiveView {
         Some(self.apply_heartbeat(s, now, metrics))
     }
 
+    /// Applies a heartbeat another replica received at `at` (from the store's heartbeat log),
+    /// if it is newer than what this view knows; returns the transitions it caused (none when it
+    /// is not newer), or `None` for an unknown instance.
+    pub fn observe_heartbeat(
+        &mut self,
+        id: InstanceId,
+        at: Timestamp,
+        metrics: Option<&MetricsSample>,
+    ) -> Option<Transitions> {
+        let s = *self.index.get(&id)?;
+        if at <= self.states[s as usize].last_heartbeat {
+            return Some(Transitions::default());
+        }
+        Some(self.apply_heartbeat(s, at, metrics))
+    }
+
     fn apply_heartbeat(
         &mut self,
         s: u32,
