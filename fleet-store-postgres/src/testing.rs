@@ -181,7 +181,13 @@ pub struct TestDatabase {
 impl TestDatabase {
     /// Creates an empty database (see the module docs for where the server comes from).
     pub async fn create() -> Result<Self, TestDbError> {
-        let admin_url = admin_url()?;
+        Self::create_on(&admin_url()?).await
+    }
+
+    /// Creates an empty database on the server `admin_url` names (a database URL whose last path
+    /// segment is replaced by the new database's name).
+    pub async fn create_on(admin_url: &str) -> Result<Self, TestDbError> {
+        let admin_url = admin_url.to_owned();
         let name = format!("fleet_test_{}", uuid::Uuid::new_v4().simple());
         let mut admin = sqlx::PgConnection::connect(&admin_url)
             .await
@@ -235,5 +241,114 @@ impl Drop for TestDatabase {
             });
         });
         let _ = cleanup.join();
+    }
+}
+
+/// A server of its own for a test that stops and restarts it (outages). Stopped and deleted when
+/// dropped, and by a watchdog if the test process dies first.
+#[derive(Debug)]
+pub struct DedicatedServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    port: u16,
+    root: bool,
+}
+
+impl DedicatedServer {
+    /// Initialises and starts a server from the system binaries (no `FLEET_TEST_DATABASE_URL`
+    /// here: the test needs to stop it).
+    pub fn start() -> Result<Self, TestDbError> {
+        let bin = bin_dir().ok_or_else(|| {
+            TestDbError::NotAvailable("no initdb/postgres under /usr/lib/postgresql/*/bin".into())
+        })?;
+        let root = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("fleet-pg-dedicated-")
+            .tempdir()
+            .map_err(|e| TestDbError::Setup(e.to_string()))?
+            .keep();
+        let setup = |r: Result<String, String>| r.map(|_| ()).map_err(TestDbError::Setup);
+        if root {
+            setup(run(Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(&dir)))?;
+        }
+        setup(run(as_server_user(&bin.join("initdb"), root)
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"])
+            .stdout(Stdio::null())))?;
+        let port = free_port().map_err(TestDbError::Setup)?;
+        let server = Self {
+            bin,
+            dir,
+            port,
+            root,
+        };
+        let watchdog = format!(
+            "while [ -d /proc/{parent} ] && [ -d {dir} ]; do sleep 0.5; done; \
+             {pg_ctl} -D {dir}/data stop -m immediate >/dev/null 2>&1; rm -rf {dir}",
+            parent = std::process::id(),
+            dir = server.dir.display(),
+            pg_ctl = server.bin.join("pg_ctl").display(),
+        );
+        let mut w = if root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", &watchdog]);
+            c
+        } else {
+            let mut c = Command::new("sh");
+            c.args(["-c", &watchdog]);
+            c
+        };
+        w.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| TestDbError::Setup(format!("starting the watchdog: {e}")))?;
+        server.resume()?;
+        Ok(server)
+    }
+
+    /// The admin URL (database `postgres`).
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn pg_ctl(&self) -> Command {
+        let mut c = as_server_user(&self.bin.join("pg_ctl"), self.root);
+        c.arg("-D").arg(self.dir.join("data"));
+        c
+    }
+
+    /// Stops the server now (`pg_ctl stop -m fast`): clients see their connections drop.
+    pub fn stop(&self) -> Result<(), TestDbError> {
+        run(self.pg_ctl().args(["stop", "-m", "fast", "-w"]))
+            .map(|_| ())
+            .map_err(TestDbError::Setup)
+    }
+
+    /// Starts it (again) and waits until it accepts connections.
+    pub fn resume(&self) -> Result<(), TestDbError> {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        run(self
+            .pg_ctl()
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-o", &options, "-w", "-t", "30", "start"])
+            .stdout(Stdio::null()))
+        .map(|_| ())
+        .map_err(TestDbError::Setup)
+    }
+}
+
+impl Drop for DedicatedServer {
+    fn drop(&mut self) {
+        let _ = run(self.pg_ctl().args(["stop", "-m", "immediate"]));
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
