@@ -114,9 +114,19 @@ pub struct FleetBuilder<S> {
     alerts: AlertPolicy,
     trend_bucket: Duration,
     recent: RecentMetricsConfig,
+    sweep_lag: Duration,
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
+    /// For replicas sharing a store: how far behind the clock the sweeper replica sweeps, so the
+    /// heartbeats other replicas received (flushed, then followed through the heartbeat log) are
+    /// in its view before it records a status change (default 0; a few seconds — flush plus sync
+    /// interval plus margin — with replicas). See [`Fleet::claim_sweeper`].
+    pub fn sweep_lag(mut self, lag: Duration) -> Self {
+        self.sweep_lag = lag;
+        self
+    }
+
     /// How much recent metrics history to keep in memory for graphs (default
     /// [`RecentMetricsConfig::default`]: the last hour at 15 s, at most 512 MiB).
     pub fn recent_metrics(mut self, config: RecentMetricsConfig) -> Self {
@@ -208,6 +218,9 @@ impl<S: FleetStore> FleetBuilder<S> {
                 recent: Mutex::new(RecentMetrics::new(self.recent)),
                 guard: Mutex::new(MassGuard::default()),
                 hb_position: std::sync::atomic::AtomicU64::new(0),
+                holder: format!("fleet-{}", InstanceId::random()),
+                sweeper: std::sync::atomic::AtomicBool::new(true),
+                sweep_lag: self.sweep_lag,
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -275,6 +288,11 @@ pub(crate) struct Inner<S> {
     guard: Mutex<MassGuard>,
     /// Position in the store's heartbeat log (other replicas' heartbeats); moved under `feed`.
     hb_position: std::sync::atomic::AtomicU64,
+    /// This replica's name in leases.
+    holder: String,
+    /// Whether this replica records sweep results (see `claim_sweeper`).
+    sweeper: std::sync::atomic::AtomicBool,
+    sweep_lag: Duration,
 }
 
 /// The trend bucket being filled, and finished ones not yet written.
@@ -335,6 +353,7 @@ impl<S: FleetStore> Fleet<S> {
             alerts: AlertPolicy::default(),
             trend_bucket: crate::trend::DEFAULT_TREND_BUCKET,
             recent: RecentMetricsConfig::default(),
+            sweep_lag: Duration::ZERO,
         }
     }
 
@@ -600,7 +619,14 @@ impl<S: FleetStore> Fleet<S> {
     /// per-instance alerts whose hold is over; `fleet_alert` is set when a storm began (it is
     /// queued for recording too). Also adds a sample to the current trend bucket.
     pub fn sweep_report(&self) -> SweepReport {
-        let now = self.now();
+        let sweeper = self.is_sweeper();
+        // The sweeper sweeps a little behind the clock, so heartbeats other replicas received
+        // have reached its view before it records anything.
+        let now = if sweeper {
+            self.now().saturating_sub(self.inner.sweep_lag)
+        } else {
+            self.now()
+        };
         let (changes, fleet_size, offline, summary, interval) = {
             let mut view = self.view_mut();
             let changes = view.sweep(now);
@@ -614,6 +640,14 @@ impl<S: FleetStore> Fleet<S> {
                 interval,
             )
         };
+        if !sweeper {
+            // Another replica records status changes, alerts and trends; this view just keeps
+            // its statuses current.
+            return SweepReport {
+                changes,
+                ..SweepReport::default()
+            };
+        }
         self.sample_trend(now, &summary);
         if !changes.is_empty() {
             self.changes().extend(changes.iter().copied());
@@ -642,6 +676,43 @@ impl<S: FleetStore> Fleet<S> {
             .guard
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The lease name replicas use for the sweeper.
+    pub const SWEEPER_LEASE: &'static str = "sweeper";
+
+    /// Takes or renews the sweeper lease for `ttl` (see [`ChangeFeed::acquire_lease`]): with
+    /// replicas sharing a store, one at a time records the status changes sweeps find, the fleet
+    /// alerts and the trends; the others keep their views current without recording. Returns
+    /// whether this replica is the sweeper now. On a store error the role is kept as it was (the
+    /// error is returned), so an outage neither makes two sweepers by itself nor loses changes.
+    /// A fleet that never calls this (one process) is always the sweeper.
+    ///
+    /// [`ChangeFeed::acquire_lease`]: crate::store::ChangeFeed::acquire_lease
+    pub async fn claim_sweeper(&self, ttl: Duration) -> Result<bool, FleetError> {
+        let held = self
+            .inner
+            .store
+            .acquire_lease(Self::SWEEPER_LEASE, &self.inner.holder, self.now(), ttl)
+            .await?
+            .is_some();
+        self.inner.sweeper.store(held, Ordering::Release);
+        Ok(held)
+    }
+
+    /// Gives the sweeper lease up (at shutdown), so another replica takes over at once.
+    pub async fn release_sweeper(&self) -> Result<(), FleetError> {
+        self.inner.sweeper.store(false, Ordering::Release);
+        Ok(self
+            .inner
+            .store
+            .release_lease(Self::SWEEPER_LEASE, &self.inner.holder)
+            .await?)
+    }
+
+    /// Whether this replica records sweep results (see [`claim_sweeper`](Self::claim_sweeper)).
+    pub fn is_sweeper(&self) -> bool {
+        self.inner.sweeper.load(Ordering::Acquire)
     }
 
     fn pending_fleet_alerts(&self) -> MutexGuard<'_, Vec<FleetAlert>> {
@@ -1006,7 +1077,9 @@ impl<S: FleetStore> Fleet<S> {
                     }
                 }
             }
-            if !changes.is_empty() {
+            // Changes a heartbeat received elsewhere causes here are recorded by the sweeper
+            // (the receiving replica records its own view of them; the store keeps each once).
+            if !changes.is_empty() && self.is_sweeper() {
                 self.changes().extend(changes);
             }
             self.inner

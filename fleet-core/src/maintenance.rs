@@ -33,6 +33,9 @@ pub struct MaintenanceConfig {
     pub history_retention: Duration,
     /// How long finished commands are kept (default 30 days).
     pub command_retention: Duration,
+    /// Time-to-live of the sweeper lease, renewed at every sweep (default 10 s): how long a
+    /// failed sweeper replica goes unreplaced.
+    pub sweeper_lease: Duration,
 }
 
 impl Default for MaintenanceConfig {
@@ -44,6 +47,7 @@ impl Default for MaintenanceConfig {
             upkeep_every: Duration::from_secs(60),
             history_retention: Duration::from_secs(400 * 24 * 3600),
             command_retention: Duration::from_secs(30 * 24 * 3600),
+            sweeper_lease: Duration::from_secs(10),
         }
     }
 }
@@ -83,8 +87,8 @@ pub struct Maintenance {
 }
 
 impl Maintenance {
-    /// Stops the timers and waits for the task; the caller then does a final
-    /// [`Fleet::flush_heartbeats`].
+    /// Stops the timers, gives up the sweeper lease and waits for the task; the caller then does
+    /// a final [`Fleet::flush_heartbeats`].
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -117,6 +121,10 @@ impl<S: FleetStore> Fleet<S> {
                         }
                     }
                     _ = sweep.tick() => {
+                        // With replicas, one of them at a time records what sweeps find.
+                        if let Err(e) = fleet.claim_sweeper(config.sweeper_lease).await {
+                            observe(MaintenanceEvent::SyncFailed(e));
+                        }
                         let report = fleet.sweep_report();
                         if let Some(alert) = report.fleet_alert {
                             observe(MaintenanceEvent::MassStaleness(alert));
@@ -151,6 +159,10 @@ impl<S: FleetStore> Fleet<S> {
                         }
                     }
                 }
+            }
+            // Hand the sweep over at once rather than after the lease runs out.
+            if fleet.is_sweeper() {
+                let _ = fleet.release_sweeper().await;
             }
         });
         Maintenance { stop, task }

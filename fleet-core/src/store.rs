@@ -184,6 +184,31 @@ pub trait ChangeFeed: Debug + Send + Sync + 'static {
 
     /// The highest sequence number assigned so far (0 when none).
     async fn latest_seq(&self) -> StoreResult<Seq>;
+
+    /// Takes or renews the lease `name` for `holder` until `now + ttl` — if it is free, has
+    /// expired, or is `holder`'s already — and returns its epoch (a fencing number that grows
+    /// each time the lease changes hands); `None` while another holder has it. Replicas use it so
+    /// that one of them at a time does singleton work (the sweep that records status changes).
+    ///
+    /// **Contract:** atomic; at any time at most one holder's lease is unexpired. A store that
+    /// serves one process only may grant every request (the default, epoch 1).
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        ttl: std::time::Duration,
+    ) -> StoreResult<Option<u64>> {
+        let _ = (name, holder, now, ttl);
+        Ok(Some(1))
+    }
+
+    /// Gives up `holder`'s lease `name` (another holder may take it at once); a no-op when
+    /// `holder` does not hold it.
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        let _ = (name, holder);
+        Ok(())
+    }
 }
 
 /// What an enrollment registers.
@@ -600,6 +625,18 @@ macro_rules! forward {
             }
             async fn latest_seq(&self) -> StoreResult<Seq> {
                 (**self).latest_seq().await
+            }
+            async fn acquire_lease(
+                &self,
+                name: &str,
+                holder: &str,
+                now: Timestamp,
+                ttl: std::time::Duration,
+            ) -> StoreResult<Option<u64>> {
+                (**self).acquire_lease(name, holder, now, ttl).await
+            }
+            async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+                (**self).release_lease(name, holder).await
             }
         }
 

@@ -139,3 +139,11 @@ CREATE TABLE fleet_policies (
     name   text PRIMARY KEY,
     record jsonb NOT NULL
 );
+
+-- Leases for singleton work across replicas (the sweeper); the epoch grows at each change of hands.
+CREATE TABLE fleet_leases (
+    name       text PRIMARY KEY,
+    holder     text NOT NULL,
+    epoch      bigint NOT NULL,
+    expires_at bigint NOT NULL
+);

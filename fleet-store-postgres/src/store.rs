@@ -500,6 +500,44 @@ impl ChangeFeed for PgStore {
             .map_err(db)?;
         Ok(u64::try_from(head).unwrap_or(0))
     }
+
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> StoreResult<Option<u64>> {
+        // One statement: PostgreSQL's row lock on the conflicting row makes it atomic.
+        let epoch: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO fleet_leases (name, holder, epoch, expires_at) VALUES ($1, $2, 1, $4) \
+             ON CONFLICT (name) DO UPDATE SET \
+                 epoch = fleet_leases.epoch \
+                     + CASE WHEN fleet_leases.holder = EXCLUDED.holder THEN 0 ELSE 1 END, \
+                 holder = EXCLUDED.holder, \
+                 expires_at = EXCLUDED.expires_at \
+             WHERE fleet_leases.holder = EXCLUDED.holder OR fleet_leases.expires_at <= $3 \
+             RETURNING epoch",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(ms(now))
+        .bind(ms(now.saturating_add(ttl)))
+        .fetch_optional(self.pool())
+        .await
+        .map_err(db)?;
+        Ok(epoch.map(|e| u64::try_from(e).unwrap_or(0)))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
+        sqlx::query("UPDATE fleet_leases SET expires_at = 0 WHERE name = $1 AND holder = $2")
+            .bind(name)
+            .bind(holder)
+            .execute(self.pool())
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
 }
 
 async fn log(

@@ -90,3 +90,166 @@ async fn replicas_see_each_others_heartbeats() {
         .expect("changes");
     assert!(changes.is_empty(), "{changes:?}");
 }
+
+/// The lease: one holder at a time, renewable by its holder, taken over once expired or
+/// released, the epoch growing at each change of hands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_have_one_holder_at_a_time() {
+    use std::time::Duration;
+
+    use fleet_core::Timestamp;
+    use fleet_core::store::ChangeFeed;
+    let db = TestDatabase::create_or_panic().await;
+    let s = stores(&db, 2).await;
+    let t = |secs: i64| Timestamp::from_unix_secs(1_790_000_000 + secs);
+    let ttl = Duration::from_secs(10);
+    let take = |i: usize, who: &'static str, at| {
+        let s = Arc::clone(&s[i]);
+        async move {
+            s.acquire_lease("sweeper", who, at, ttl)
+                .await
+                .expect("lease")
+        }
+    };
+    assert_eq!(take(0, "a", t(0)).await, Some(1));
+    assert_eq!(take(1, "b", t(1)).await, None, "held by a");
+    assert_eq!(take(0, "a", t(5)).await, Some(1), "renewed");
+    assert_eq!(take(1, "b", t(14)).await, None, "a renewed until 15 s");
+    assert_eq!(take(1, "b", t(15)).await, Some(2), "expired: b takes it");
+    assert_eq!(take(0, "a", t(16)).await, None);
+    s[1].release_lease("sweeper", "b").await.expect("release");
+    assert_eq!(
+        take(0, "a", t(17)).await,
+        Some(3),
+        "released: a takes it at once"
+    );
+
+    // Racing claims: exactly one wins.
+    let mut tasks = Vec::new();
+    for n in 0..16 {
+        let s = Arc::clone(&s[n % 2]);
+        tasks.push(tokio::spawn(async move {
+            s.acquire_lease("other", &format!("r{n}"), t(100), ttl)
+                .await
+                .expect("lease")
+        }));
+    }
+    let mut winners = 0;
+    for task in tasks {
+        winners += usize::from(task.await.expect("task").is_some());
+    }
+    assert_eq!(winners, 1);
+}
+
+/// Two replicas sweep the same fleet: only the sweeper records; when it dies the other takes
+/// the lease after it expires and goes on recording — no status change twice, none lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
+    use std::time::Duration;
+
+    use fleet_core::store::{HistoryStore, StatusChangeQuery};
+    use fleet_core::{Fleet, Heartbeat, ManualClock, NewInstance, Status, SystemInfo, Timestamp};
+    let db = TestDatabase::create_or_panic().await;
+    let s = stores(&db, 2).await;
+    let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
+    let open = |store: DynStore| Fleet::builder(store).clock(clock.clone()).open();
+    let a = open(Arc::clone(&s[0])).await.expect("a");
+    let b = open(Arc::clone(&s[1])).await.expect("b");
+    let ttl = Duration::from_secs(10);
+    assert!(a.claim_sweeper(ttl).await.expect("claim"));
+    assert!(!b.claim_sweeper(ttl).await.expect("claim"));
+    let x = a
+        .register(NewInstance {
+            system: SystemInfo::with_hostname("x"),
+            ..NewInstance::default()
+        })
+        .await
+        .expect("register")
+        .id;
+    b.sync().await.expect("sync");
+    // x heartbeats to a for two minutes while b, cut off from the log, thinks x is silent: b's
+    // sweeps find x stale, but b is not the sweeper, so nothing false is recorded.
+    for _ in 0..24 {
+        clock.advance(Duration::from_secs(5));
+        a.heartbeat(x, Heartbeat::default()).expect("heartbeat");
+        a.claim_sweeper(ttl).await.expect("claim");
+        a.sweep_report();
+        a.flush_heartbeats().await.expect("flush");
+        b.sweep_report();
+        b.flush_heartbeats().await.expect("flush");
+    }
+    assert_eq!(b.view().status(x), Some(Status::Warning), "b's stale view");
+    let none = s[0]
+        .status_changes(&StatusChangeQuery {
+            limit: 10,
+            ..StatusChangeQuery::default()
+        })
+        .await
+        .expect("changes");
+    assert!(none.is_empty(), "only the sweeper records: {none:?}");
+    b.sync().await.expect("sync");
+    assert_eq!(
+        b.view().status(x),
+        Some(Status::Online),
+        "b caught up from the log"
+    );
+
+    // x goes quiet; both sweep every 5 s; a renews its lease.
+    for _ in 0..13 {
+        clock.advance(Duration::from_secs(5));
+        for r in [&a, &b] {
+            r.sync().await.expect("sync");
+            r.claim_sweeper(ttl).await.expect("claim");
+            r.sweep_report();
+            r.flush_heartbeats().await.expect("flush");
+        }
+    }
+    assert_eq!(a.view().status(x), Some(Status::Warning));
+    assert_eq!(
+        b.view().status(x),
+        Some(Status::Warning),
+        "b's view follows too"
+    );
+    let recorded = |store: DynStore| async move {
+        store
+            .status_changes(&StatusChangeQuery {
+                limit: 10,
+                ..StatusChangeQuery::default()
+            })
+            .await
+            .expect("changes")
+    };
+    assert_eq!(
+        recorded(Arc::clone(&s[0])).await.len(),
+        1,
+        "recorded once, by a"
+    );
+
+    // a dies (no more claims, sweeps or flushes); b takes over once a's lease expired.
+    let mut took_over = None;
+    for k in 0..60 {
+        clock.advance(Duration::from_secs(5));
+        b.sync().await.expect("sync");
+        if b.claim_sweeper(ttl).await.expect("claim") && took_over.is_none() {
+            took_over = Some(k);
+        }
+        b.sweep_report();
+        b.flush_heartbeats().await.expect("flush");
+    }
+    assert!(took_over.is_some_and(|k| k <= 2), "{took_over:?}");
+    assert_eq!(b.view().status(x), Some(Status::Offline));
+    let all = recorded(Arc::clone(&s[1])).await;
+    let path: Vec<(Status, Status)> = all
+        .iter()
+        .rev()
+        .map(|c| (c.transition.from, c.transition.to))
+        .collect();
+    assert_eq!(
+        path,
+        vec![
+            (Status::Online, Status::Warning),
+            (Status::Warning, Status::Offline)
+        ],
+        "nothing twice, nothing lost"
+    );
+}

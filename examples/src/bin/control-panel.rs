@@ -154,6 +154,11 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
     let ca_pem = args.data_dir.join("ca.pem");
     let ca_key = args.data_dir.join("ca-key.pem");
     let mut builder = Fleet::builder(store.clone()).policy(policy);
+    if args.store == StoreKind::Postgres {
+        // Replicas: the sweeper records only once the others' heartbeats (flushed every second,
+        // followed every second) have had time to reach it.
+        builder = builder.sweep_lag(Duration::from_secs(3));
+    }
     if ca_pem.exists() && ca_key.exists() {
         let ca = CertificateAuthority::from_pem(
             &std::fs::read_to_string(&ca_pem)?,
