@@ -93,7 +93,11 @@ async fn an_outage_keeps_heartbeats_and_refuses_durable_writes_until_the_databas
         .enroll(request(&token.presented.to_string(), &csr, "late"))
         .await
     {
-        Err(EnrollError::Store(StoreError::Unavailable { .. })) => {}
+        Err(e @ EnrollError::Store(StoreError::Unavailable { .. })) => {
+            // What the agent server answers for it: 503 with Retry-After.
+            let code = fleet_agent_proto::ErrorCode::from(&e);
+            assert_eq!(code.http_status(), 503, "{code:?}");
+        }
         other => panic!("enrollment during the outage must be Unavailable, got {other:?}"),
     }
     let err = fleet

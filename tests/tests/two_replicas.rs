@@ -1,7 +1,8 @@
 //! Two control-plane replicas on one PostgreSQL database, each with its own agent server over
 //! real mutual TLS on loopback: agents spread over both, both summaries converge, an agent that
-//! moves from replica A to replica B keeps its identity, and a command enqueued on A is delivered
-//! through B.
+//! moves from replica A to replica B keeps its identity, a command enqueued on A is delivered
+//! through B, and when the sweeper replica dies the other takes the sweep over with no status
+//! change recorded twice or lost.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +12,10 @@ use fleet_agent_proto::client::{self, AgentClient, Endpoint};
 use fleet_agent_proto::runner::CommandRunner;
 use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
 use fleet_core::command::CommandQuery;
+use fleet_core::store::StatusChangeQuery;
 use fleet_core::{
-    Clock, CommandKind, CommandState, Filter, Fleet, MaxUses, NewCommand, NewToken, SystemClock,
-    SystemInfo, TenantScope,
+    Clock, CommandKind, CommandState, Filter, Fleet, InstanceId, ManualClock, MaxUses, NewCommand,
+    NewToken, Status, SystemClock, SystemInfo, TenantScope,
 };
 use fleet_store_postgres::PgStore;
 use fleet_store_postgres::testing::TestDatabase;
@@ -26,11 +28,16 @@ struct Replica {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn replica(url: &str) -> Replica {
+async fn replica(url: &str, clock: &ManualClock) -> Replica {
     let store = PgStore::connect(url).await.expect("connect");
     store.migrate().await.expect("migrate");
-    // Both replicas load the one CA the first of them stored.
-    let fleet = Fleet::builder(store).open().await.expect("open");
+    // Both replicas load the one CA the first of them stored. One manual clock decides status
+    // on both (it starts at the real time: rustls checks certificates against that).
+    let fleet = Fleet::builder(store)
+        .clock(clock.clone())
+        .open()
+        .await
+        .expect("open");
     let cert = fleet
         .ca()
         .issue_server(
@@ -70,8 +77,15 @@ async fn replica(url: &str) -> Replica {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_share_agents_identities_and_commands() {
     let db = TestDatabase::create_or_panic().await;
-    let a = replica(&db.url).await;
-    let b = replica(&db.url).await;
+    let clock = ManualClock::new(SystemClock.now());
+    let a = replica(&db.url, &clock).await;
+    let b = replica(&db.url, &clock).await;
+    let lease = Duration::from_secs(10);
+    assert!(
+        a.fleet.claim_sweeper(lease).await.expect("claim"),
+        "a sweeps"
+    );
+    assert!(!b.fleet.claim_sweeper(lease).await.expect("claim"));
     assert_eq!(
         a.fleet.ca().fingerprint(),
         b.fleet.ca().fingerprint(),
@@ -172,8 +186,88 @@ async fn two_replicas_share_agents_identities_and_commands() {
         .expect("known to B");
     assert_eq!(seen_on_b.hostname, "agent-0", "same identity, same record");
 
-    for r in [a, b] {
-        let _ = r.stop.send(());
-        r.task.await.expect("stopped");
+    // Agent 3 (on B) goes quiet; the others keep heartbeating where they are. A, the sweeper,
+    // records the warning; B, which received agent 3's last heartbeat, only follows.
+    let heartbeat_all_but_3 = || async {
+        for (i, id) in agents.iter().enumerate() {
+            if i == 3 {
+                continue;
+            }
+            let at = if i % 2 == 0 && i != 0 { &a } else { &b };
+            AgentClient::new(at.endpoint.clone(), id.clone())
+                .expect("client")
+                .heartbeat(&HeartbeatRequest::default())
+                .await
+                .expect("heartbeat");
+        }
+    };
+    let quiet = agents[3].instance_id;
+    for _ in 0..5 {
+        clock.advance(Duration::from_secs(15));
+        heartbeat_all_but_3().await;
+        for r in [&a, &b] {
+            r.fleet.flush_heartbeats().await.expect("flush");
+        }
+        for r in [&a, &b] {
+            r.fleet.sync().await.expect("sync");
+            r.fleet.claim_sweeper(lease).await.expect("claim");
+            r.fleet.sweep_report();
+        }
     }
+    for r in [&a, &b] {
+        r.fleet.flush_heartbeats().await.expect("flush");
+        assert_eq!(r.fleet.view().status(quiet), Some(Status::Warning));
+    }
+    let on_a = a.fleet.summary(&Filter::all(), &TenantScope::All);
+    assert_eq!((on_a.online, on_a.warning), (5, 1), "{on_a:?}");
+
+    // A dies. B takes the sweep over once A's lease ran out and records the offline.
+    let _ = a.stop.send(());
+    a.task.await.expect("stopped");
+    drop(a.fleet);
+    for _ in 0..20 {
+        clock.advance(Duration::from_secs(15));
+        for (i, id) in agents.iter().enumerate() {
+            if i != 3 {
+                AgentClient::new(b.endpoint.clone(), id.clone())
+                    .expect("client")
+                    .heartbeat(&HeartbeatRequest::default())
+                    .await
+                    .expect("heartbeat");
+            }
+        }
+        b.fleet.flush_heartbeats().await.expect("flush");
+        b.fleet.sync().await.expect("sync");
+        b.fleet.claim_sweeper(lease).await.expect("claim");
+        b.fleet.sweep_report();
+    }
+    assert!(b.fleet.is_sweeper(), "b took over");
+    b.fleet.flush_heartbeats().await.expect("flush");
+    let history = b
+        .fleet
+        .status_changes(
+            &TenantScope::All,
+            &StatusChangeQuery {
+                limit: 100,
+                ..StatusChangeQuery::default()
+            },
+        )
+        .await
+        .expect("history");
+    let path: Vec<(InstanceId, Status, Status)> = history
+        .iter()
+        .rev()
+        .map(|c| (c.instance, c.transition.from, c.transition.to))
+        .collect();
+    assert_eq!(
+        path,
+        vec![
+            (quiet, Status::Online, Status::Warning),
+            (quiet, Status::Warning, Status::Offline)
+        ],
+        "each change once, none lost, nobody else stale"
+    );
+
+    let _ = b.stop.send(());
+    b.task.await.expect("stopped");
 }
