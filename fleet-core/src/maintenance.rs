@@ -24,7 +24,8 @@ pub struct MaintenanceConfig {
     pub flush_every: Duration,
     /// Sweep interval: how late a status change may be noticed (its recorded time is exact).
     pub sweep_every: Duration,
-    /// Change-feed polling interval: how far behind other replicas this view may be.
+    /// Change-feed polling interval: how far behind other replicas this view may be (stores
+    /// with a wake-up hint, like PostgreSQL's LISTEN/NOTIFY, are followed sooner).
     pub sync_every: Duration,
     /// Interval of the slower chores: expiring commands and applying the retentions below.
     pub upkeep_every: Duration,
@@ -151,6 +152,12 @@ impl<S: FleetStore> Fleet<S> {
                                 }
                             }
                             Err(e) => observe(MaintenanceEvent::UpkeepFailed(e)),
+                        }
+                    }
+                    // Another replica wrote (a hint from the store): follow it now.
+                    () = fleet.store().wait_for_writes() => {
+                        if let Err(e) = fleet.sync().await {
+                            observe(MaintenanceEvent::SyncFailed(e));
                         }
                     }
                     _ = sync.tick() => {

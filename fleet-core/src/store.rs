@@ -209,6 +209,14 @@ pub trait ChangeFeed: Debug + Send + Sync + 'static {
         let _ = (name, holder);
         Ok(())
     }
+
+    /// Completes when another process may have written (a change, a heartbeat batch) — a
+    /// wake-up hint so replicas follow each other sooner than their polling interval, never the
+    /// source of truth: callers still read [`changes_since`](Self::changes_since). It may complete
+    /// spuriously or miss a write. The default never completes (polling alone).
+    async fn wait_for_writes(&self) {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// What an enrollment registers.
@@ -637,6 +645,9 @@ macro_rules! forward {
             }
             async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {
                 (**self).release_lease(name, holder).await
+            }
+            async fn wait_for_writes(&self) {
+                (**self).wait_for_writes().await
             }
         }
 

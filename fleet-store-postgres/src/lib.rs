@@ -34,6 +34,10 @@
 //!   (tenant, tags as `jsonb` with a GIN index, groups as `text[]` with a GIN index, hostname with
 //!   a trigram index, command state) beside them. Times are Unix milliseconds.
 //!
+//! - Replicas poll the change feed and the heartbeat log; writers also `NOTIFY fleet_writes` at
+//!   commit, and `wait_for_writes` (a `LISTEN` on one extra connection) wakes them sooner — a
+//!   hint only, never the source of truth.
+//!
 //! Errors: a pool that cannot reach the database reports [`StoreError::Unavailable`] (the caller
 //! may retry; nothing was written); everything else is [`StoreError::Backend`] with the sqlx
 //! error as its source.
@@ -52,13 +56,15 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fleet_core::StoreError;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 
 pub use fleet_core;
 pub use sqlx;
@@ -79,10 +85,49 @@ pub enum PgStoreError {
     Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
+/// The channel writers notify (at commit) and replicas listen on, as a wake-up hint.
+pub const NOTIFY_CHANNEL: &str = "fleet_writes";
+
 /// The PostgreSQL store; cheap to clone (a pool handle).
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    wake: Arc<Wake>,
+}
+
+/// The LISTEN side of the wake-up hint: one listener task per store, started on first use.
+#[derive(Debug, Default)]
+struct Wake {
+    notify: tokio::sync::Notify,
+    started: AtomicBool,
+}
+
+/// Listens on [`NOTIFY_CHANNEL`] and wakes the waiters; reconnects after errors; ends when the
+/// store is gone or its pool closed.
+async fn listen(pool: PgPool, wake: std::sync::Weak<Wake>) {
+    while !pool.is_closed() {
+        if let Ok(mut listener) = PgListener::connect_with(&pool).await
+            && listener.listen(NOTIFY_CHANNEL).await.is_ok()
+        {
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
+                let Some(w) = wake.upgrade() else { return };
+                match next {
+                    Ok(Ok(Some(_))) => w.notify.notify_waiters(),
+                    // The connection dropped (sqlx reconnects on the next call): writes may
+                    // have been missed, so wake everyone to poll.
+                    Ok(Ok(None)) => w.notify.notify_waiters(),
+                    Ok(Err(_)) => break,
+                    Err(_) if pool.is_closed() => return,
+                    Err(_) => {}
+                }
+            }
+        }
+        if wake.strong_count() == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }
 
 impl PgStore {
@@ -94,12 +139,24 @@ impl PgStore {
             .connect(url)
             .await
             .map_err(PgStoreError::Connect)?;
-        Ok(Self { pool })
+        Ok(Self::new(pool))
     }
 
     /// A store over a pool you configured.
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            wake: Arc::default(),
+        }
+    }
+
+    /// Waits for a notification on [`NOTIFY_CHANNEL`] (starting the listener on first use).
+    pub(crate) async fn notified(&self) {
+        let notified = self.wake.notify.notified();
+        if !self.wake.started.swap(true, Ordering::AcqRel) {
+            tokio::spawn(listen(self.pool.clone(), Arc::downgrade(&self.wake)));
+        }
+        notified.await;
     }
 
     /// The pool.

@@ -101,6 +101,15 @@ fn command_uuid(id: CommandId) -> Uuid {
     Uuid::from_bytes(*id.as_bytes())
 }
 
+async fn notify(conn: &mut PgConnection) -> Result<(), StoreError> {
+    sqlx::query("SELECT pg_notify($1, '')")
+        .bind(crate::NOTIFY_CHANNEL)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
 /// Numbers `changes` from the feed head (taking its lock until the transaction ends) and appends
 /// them; returns the last sequence number.
 async fn append_changes(
@@ -127,6 +136,8 @@ async fn append_changes(
     .execute(&mut *tx)
     .await
     .map_err(db)?;
+    // Wake the other replicas (delivered at commit; a hint, the feed is the truth).
+    notify(&mut *tx).await?;
     // Forget old changes now and then (every 4,096 sequence numbers or so).
     if first / 4096 != (head + 1) / 4096 {
         sqlx::query("DELETE FROM fleet_changes WHERE seq <= $1")
@@ -393,6 +404,7 @@ impl HeartbeatStore for PgStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
+        notify(&mut tx).await?;
         if seq % 64 == 0 {
             sqlx::query("DELETE FROM fleet_hb_log WHERE logged_at < now() - interval '10 minutes'")
                 .execute(&mut *tx)
@@ -527,6 +539,10 @@ impl ChangeFeed for PgStore {
         .await
         .map_err(db)?;
         Ok(epoch.map(|e| u64::try_from(e).unwrap_or(0)))
+    }
+
+    async fn wait_for_writes(&self) {
+        self.notified().await;
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> StoreResult<()> {

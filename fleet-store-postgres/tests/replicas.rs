@@ -253,3 +253,45 @@ async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
         "nothing twice, nothing lost"
     );
 }
+
+/// A write through one pool wakes a replica waiting on another at once (LISTEN/NOTIFY), well
+/// before a one-second poll would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wake_the_other_replicas() {
+    use std::time::{Duration, Instant};
+
+    use fleet_core::store::{ChangeFeed, HeartbeatRecord, HeartbeatStore, InstanceStore};
+    let db = TestDatabase::create_or_panic().await;
+    let s = stores(&db, 2).await;
+    for round in 0..3 {
+        let waiter = Arc::clone(&s[1]);
+        let woke = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(10), waiter.wait_for_writes())
+                .await
+                .is_ok()
+        });
+        // Give the listener time to start (first round) and the waiter to wait.
+        tokio::time::sleep(Duration::from_millis(if round == 0 { 1500 } else { 200 })).await;
+        let started = Instant::now();
+        let inst = fleet_core::testing::instance(round);
+        if round == 2 {
+            s[0].insert_instance(&inst).await.expect("insert");
+            s[0].write_heartbeats(&[HeartbeatRecord {
+                id: inst.id,
+                last_seen: inst.last_seen,
+                metrics: None,
+                apps: None,
+            }])
+            .await
+            .expect("heartbeats");
+        } else {
+            s[0].insert_instance(&inst).await.expect("insert");
+        }
+        assert!(woke.await.expect("task"), "round {round}: woken");
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "round {round}: woken in {:?}",
+            started.elapsed()
+        );
+    }
+}
