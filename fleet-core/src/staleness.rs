@@ -323,8 +323,14 @@ impl StalenessPolicy {
         let mut out = Transitions::default();
         let mut next = state;
 
-        // Time first: catch up on what silence since the last heartbeat has caused.
-        let target = self.status_at(state.last_heartbeat, now);
+        // Time first: catch up on what silence since the last heartbeat has caused. A heartbeat
+        // arriving in the very millisecond a threshold is crossed counts as in time (otherwise,
+        // with recovery hysteresis, a punctual instance could be held in warning).
+        let until = match event {
+            Event::Heartbeat => now.saturating_sub(Duration::from_millis(1)),
+            Event::Tick => now,
+        };
+        let target = self.status_at(state.last_heartbeat, until);
         if target > next.status {
             if next.status == Status::Online {
                 out.push(Transition {
@@ -386,6 +392,30 @@ mod tests {
 
     fn t(secs: i64) -> Timestamp {
         Timestamp::from_unix_secs(secs)
+    }
+
+    /// Found by the property test: warning at 75.782 s, hysteresis 2, a tick at 75.781 s
+    /// (online) and a heartbeat at 75.782 s — the crossing instant — kept it in warning.
+    #[test]
+    fn a_heartbeat_at_the_crossing_instant_is_in_time() {
+        let p = StalenessPolicy {
+            warning_after: Duration::from_millis(75_782),
+            offline_after: Duration::from_millis(75_783),
+            heartbeat_interval: None,
+            recovery_heartbeats: 2,
+        };
+        let t0 = Timestamp::from_unix_millis(1_000_000);
+        let s = StalenessState::new(t0);
+        let (s, _) = p.step(s, Event::Tick, Timestamp::from_unix_millis(1_075_781));
+        assert_eq!(s.status, Status::Online);
+        let (s, tr) = p.step(s, Event::Heartbeat, Timestamp::from_unix_millis(1_075_782));
+        assert_eq!(s.status, Status::Online);
+        assert!(tr.is_empty());
+        // One millisecond later it is late: caught up, and held by the hysteresis.
+        let s = StalenessState::new(t0);
+        let (s, tr) = p.step(s, Event::Heartbeat, Timestamp::from_unix_millis(1_075_783));
+        assert_eq!(s.status, Status::Warning);
+        assert_eq!(tr.len(), 1);
     }
 
     #[test]
