@@ -118,10 +118,11 @@ pub struct FleetBuilder<S> {
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
-    /// For replicas sharing a store: how far behind the clock the sweeper replica sweeps, so the
-    /// heartbeats other replicas received (flushed, then followed through the heartbeat log) are
-    /// in its view before it records a status change (default 0; a few seconds — flush plus sync
-    /// interval plus margin — with replicas). See [`Fleet::claim_sweeper`].
+    /// Makes this fleet a replica of others sharing its store: it records sweep results only
+    /// while it holds the sweeper lease ([`Fleet::claim_sweeper`]), and sweeps `lag` behind the
+    /// clock, so the heartbeats other replicas received (flushed, then followed through the
+    /// heartbeat log) are in its view before it judges anyone silent — a few seconds: flush plus
+    /// sync interval plus margin. Default: zero, a single control plane that always records.
     pub fn sweep_lag(mut self, lag: Duration) -> Self {
         self.sweep_lag = lag;
         self
@@ -219,7 +220,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 guard: Mutex::new(MassGuard::default()),
                 hb_position: std::sync::atomic::AtomicU64::new(0),
                 holder: format!("fleet-{}", InstanceId::random()),
-                sweeper: std::sync::atomic::AtomicBool::new(true),
+                lease: Mutex::new(LeaseState::default()),
                 sweep_lag: self.sweep_lag,
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
@@ -290,9 +291,18 @@ pub(crate) struct Inner<S> {
     hb_position: std::sync::atomic::AtomicU64,
     /// This replica's name in leases.
     holder: String,
-    /// Whether this replica records sweep results (see `claim_sweeper`).
-    sweeper: std::sync::atomic::AtomicBool,
+    /// The sweeper role (replicas only; see `claim_sweeper`).
+    lease: Mutex<LeaseState>,
     sweep_lag: Duration,
+}
+
+/// A replica's sweeper role: until when its lease holds, and what it found while it did not
+/// hold it (recorded if it takes the lease over; the store keeps each change once).
+#[derive(Debug, Default)]
+struct LeaseState {
+    until: Option<Timestamp>,
+    ttl: Duration,
+    unrecorded: std::collections::VecDeque<(Timestamp, StatusChange)>,
 }
 
 /// The trend bucket being filled, and finished ones not yet written.
@@ -620,13 +630,9 @@ impl<S: FleetStore> Fleet<S> {
     /// queued for recording too). Also adds a sample to the current trend bucket.
     pub fn sweep_report(&self) -> SweepReport {
         let sweeper = self.is_sweeper();
-        // The sweeper sweeps a little behind the clock, so heartbeats other replicas received
-        // have reached its view before it records anything.
-        let now = if sweeper {
-            self.now().saturating_sub(self.inner.sweep_lag)
-        } else {
-            self.now()
-        };
+        // Replicas sweep a little behind the clock, so heartbeats other replicas received have
+        // reached the view before anyone is judged silent.
+        let now = self.now().saturating_sub(self.inner.sweep_lag);
         let (changes, fleet_size, offline, summary, interval) = {
             let mut view = self.view_mut();
             let changes = view.sweep(now);
@@ -641,8 +647,9 @@ impl<S: FleetStore> Fleet<S> {
             )
         };
         if !sweeper {
-            // Another replica records status changes, alerts and trends; this view just keeps
-            // its statuses current.
+            // Another replica records status changes, alerts and trends; this view keeps its
+            // statuses current and remembers what it found in case it takes the sweep over.
+            self.keep_unrecorded(&changes);
             return SweepReport {
                 changes,
                 ..SweepReport::default()
@@ -683,26 +690,62 @@ impl<S: FleetStore> Fleet<S> {
 
     /// Takes or renews the sweeper lease for `ttl` (see [`ChangeFeed::acquire_lease`]): with
     /// replicas sharing a store, one at a time records the status changes sweeps find, the fleet
-    /// alerts and the trends; the others keep their views current without recording. Returns
-    /// whether this replica is the sweeper now. On a store error the role is kept as it was (the
-    /// error is returned), so an outage neither makes two sweepers by itself nor loses changes.
-    /// A fleet that never calls this (one process) is always the sweeper.
+    /// alerts and the trends; the others keep their views current without recording (and record
+    /// what they found in the meantime if they take over). Returns whether this replica holds
+    /// the lease now. On a store error the role lasts until the lease it last took runs out.
+    /// Replicas' clocks must agree to well within `ttl` (NTP). A single control plane (no
+    /// [`sweep_lag`](FleetBuilder::sweep_lag)) always records, whether or not it calls this.
     ///
     /// [`ChangeFeed::acquire_lease`]: crate::store::ChangeFeed::acquire_lease
     pub async fn claim_sweeper(&self, ttl: Duration) -> Result<bool, FleetError> {
+        let now = self.now();
+        let was = self.is_sweeper();
         let held = self
             .inner
             .store
-            .acquire_lease(Self::SWEEPER_LEASE, &self.inner.holder, self.now(), ttl)
+            .acquire_lease(Self::SWEEPER_LEASE, &self.inner.holder, now, ttl)
             .await?
             .is_some();
-        self.inner.sweeper.store(held, Ordering::Release);
+        let takeover = {
+            let mut lease = self.lease();
+            lease.ttl = ttl;
+            lease.until = held.then(|| now.saturating_add(ttl));
+            if held && !was {
+                std::mem::take(&mut lease.unrecorded)
+            } else {
+                Default::default()
+            }
+        };
+        if held && !was {
+            // Taking over: what this view found while another replica swept is recorded now (the
+            // store keeps each change once), and the trend bucket continues the stored one.
+            self.changes().extend(takeover.into_iter().map(|(_, c)| c));
+            let bucket = TrendBucket::containing(now, self.inner.trend_bucket);
+            let stored = self
+                .inner
+                .store
+                .trend_buckets(
+                    bucket.start,
+                    bucket.start.saturating_add(Duration::from_millis(1)),
+                )
+                .await?;
+            let mut t = self.trend();
+            t.current = Some(stored.into_iter().next().unwrap_or(bucket));
+            t.unwritten.clear();
+            t.dirty = false;
+        } else if !held && was && self.is_replica() {
+            // Deposed: the trend bucket belongs to the new sweeper now.
+            let mut t = self.trend();
+            t.current = None;
+            t.unwritten.clear();
+            t.dirty = false;
+        }
         Ok(held)
     }
 
     /// Gives the sweeper lease up (at shutdown), so another replica takes over at once.
     pub async fn release_sweeper(&self) -> Result<(), FleetError> {
-        self.inner.sweeper.store(false, Ordering::Release);
+        self.lease().until = None;
         Ok(self
             .inner
             .store
@@ -710,9 +753,40 @@ impl<S: FleetStore> Fleet<S> {
             .await?)
     }
 
-    /// Whether this replica records sweep results (see [`claim_sweeper`](Self::claim_sweeper)).
+    /// Whether this fleet is a replica (see [`FleetBuilder::sweep_lag`]).
+    fn is_replica(&self) -> bool {
+        !self.inner.sweep_lag.is_zero()
+    }
+
+    /// Whether this fleet records sweep results: always for a single control plane; for a
+    /// replica, while the sweeper lease it last took holds (a replica that cannot renew it loses
+    /// the role when it runs out, whatever the store says).
     pub fn is_sweeper(&self) -> bool {
-        self.inner.sweeper.load(Ordering::Acquire)
+        if !self.is_replica() {
+            return true;
+        }
+        let now = self.now();
+        self.lease().until.is_some_and(|until| now < until)
+    }
+
+    fn lease(&self) -> MutexGuard<'_, LeaseState> {
+        self.inner
+            .lease
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Remembers changes this replica applied without recording them, for as long as a takeover
+    /// could still need them (the lease's time-to-live plus the lag, and a margin).
+    fn keep_unrecorded(&self, changes: &[StatusChange]) {
+        let now = self.now();
+        let mut lease = self.lease();
+        let keep = lease.ttl + self.inner.sweep_lag + Duration::from_secs(30);
+        let cutoff = now.saturating_sub(keep);
+        while lease.unrecorded.front().is_some_and(|(t, _)| *t < cutoff) {
+            lease.unrecorded.pop_front();
+        }
+        lease.unrecorded.extend(changes.iter().map(|c| (now, *c)));
     }
 
     fn pending_fleet_alerts(&self) -> MutexGuard<'_, Vec<FleetAlert>> {
@@ -1079,8 +1153,12 @@ impl<S: FleetStore> Fleet<S> {
             }
             // Changes a heartbeat received elsewhere causes here are recorded by the sweeper
             // (the receiving replica records its own view of them; the store keeps each once).
-            if !changes.is_empty() && self.is_sweeper() {
-                self.changes().extend(changes);
+            if !changes.is_empty() {
+                if self.is_sweeper() {
+                    self.changes().extend(changes);
+                } else {
+                    self.keep_unrecorded(&changes);
+                }
             }
             self.inner
                 .hb_position

@@ -35,8 +35,8 @@
 //!   a trigram index, command state) beside them. Times are Unix milliseconds.
 //!
 //! - Replicas poll the change feed and the heartbeat log; writers also `NOTIFY fleet_writes` at
-//!   commit, and `wait_for_writes` (a `LISTEN` on one extra connection) wakes them sooner — a
-//!   hint only, never the source of truth.
+//!   commit, and `wait_for_writes` (a `LISTEN` that holds one of the pool's connections) wakes
+//!   them sooner — a hint only, never the source of truth.
 //!
 //! Errors: a pool that cannot reach the database reports [`StoreError::Unavailable`] (the caller
 //! may retry; nothing was written); everything else is [`StoreError::Backend`] with the sqlx

@@ -29,6 +29,9 @@ use crate::{FEED_RETENTION, PgStore, db, from_json, to_json};
 
 type Tx<'a> = Transaction<'a, Postgres>;
 
+/// Heartbeat-log batches kept (about ten minutes of one flush a second per replica).
+const HB_LOG_RETENTION: i64 = 1200;
+
 fn ms(t: Timestamp) -> i64 {
     t.as_unix_millis()
 }
@@ -99,6 +102,15 @@ fn command_not_found(id: CommandId) -> StoreError {
 
 fn command_uuid(id: CommandId) -> Uuid {
     Uuid::from_bytes(*id.as_bytes())
+}
+
+/// A failed COMMIT: the server may have committed before the connection broke, so the outcome
+/// is unknown — never `Unavailable` ("nothing was written"), which would invite a blind retry.
+fn commit_err(e: sqlx::Error) -> StoreError {
+    StoreError::Backend {
+        backend: "postgres",
+        source: Box::new(e),
+    }
 }
 
 async fn notify(conn: &mut PgConnection) -> Result<(), StoreError> {
@@ -270,7 +282,7 @@ impl PgStore {
         edit(&mut inst);
         update_instance_row(&mut tx, &inst).await?;
         let seq = append_change(&mut tx, id, ChangeKind::Upserted).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(seq)
     }
 }
@@ -283,7 +295,7 @@ impl InstanceStore for PgStore {
             return Err(instance_exists(instance.id));
         }
         let seq = append_change(&mut tx, instance.id, ChangeKind::Upserted).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(seq)
     }
 
@@ -342,7 +354,7 @@ impl InstanceStore for PgStore {
             .await
             .map_err(db)?;
         let seq = append_change(&mut tx, id, ChangeKind::Deleted).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(seq)
     }
 
@@ -392,6 +404,7 @@ impl HeartbeatStore for PgStore {
                      last_seen = EXCLUDED.last_seen, \
                      metrics = COALESCE(EXCLUDED.metrics, fleet_heartbeats.metrics), \
                      apps = COALESCE(EXCLUDED.apps, fleet_heartbeats.apps) \
+                 WHERE EXCLUDED.last_seen >= fleet_heartbeats.last_seen \
              ) \
              INSERT INTO fleet_hb_log (seq, ids, last_seen, metrics) \
              SELECT $5, $1, $2, $3",
@@ -406,12 +419,13 @@ impl HeartbeatStore for PgStore {
         .map_err(db)?;
         notify(&mut tx).await?;
         if seq % 64 == 0 {
-            sqlx::query("DELETE FROM fleet_hb_log WHERE logged_at < now() - interval '10 minutes'")
+            sqlx::query("DELETE FROM fleet_hb_log WHERE seq <= $1")
+                .bind(seq - HB_LOG_RETENTION)
                 .execute(&mut *tx)
                 .await
                 .map_err(db)?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(())
     }
 
@@ -425,29 +439,28 @@ impl HeartbeatStore for PgStore {
 
     async fn heartbeats_since(&self, after: u64, limit: usize) -> StoreResult<HeartbeatLog> {
         let after_i = i64::try_from(after).unwrap_or(i64::MAX);
-        let (oldest, last): (Option<i64>, i64) = sqlx::query_as(
-            "SELECT (SELECT min(seq) FROM fleet_hb_log), (SELECT seq FROM fleet_hb_head)",
-        )
-        .fetch_one(self.pool())
-        .await
-        .map_err(db)?;
-        let oldest = oldest.unwrap_or(last + 1);
-        if after_i.saturating_add(1) < oldest && after_i < last {
-            return Err(StoreError::FeedTruncated {
-                requested: after,
-                oldest: u64::try_from(oldest).unwrap_or(0),
-            });
-        }
+        let last: i64 = sqlx::query_scalar("SELECT seq FROM fleet_hb_head")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
         type LogRow = (i64, Vec<Uuid>, Vec<i64>, Vec<Option<serde_json::Value>>);
         let rows: Vec<LogRow> = sqlx::query_as(
             "SELECT seq, ids, last_seen, metrics FROM fleet_hb_log WHERE seq > $1 \
              ORDER BY seq LIMIT $2",
         )
         .bind(after_i)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
         .fetch_all(self.pool())
         .await
         .map_err(db)?;
+        // Batch numbers are contiguous: a gap right after `after` means pruned batches.
+        let first = rows.first().map(|r| r.0);
+        if after_i < last && first != Some(after_i + 1) {
+            return Err(StoreError::FeedTruncated {
+                requested: after,
+                oldest: first.map_or(0, |f| u64::try_from(f).unwrap_or(0)),
+            });
+        }
         let mut log = HeartbeatLog {
             position: after,
             records: Vec::new(),
@@ -473,28 +486,29 @@ impl HeartbeatStore for PgStore {
 impl ChangeFeed for PgStore {
     async fn changes_since(&self, after: Seq, limit: usize) -> StoreResult<Vec<Change>> {
         let after_i = i64::try_from(after).unwrap_or(i64::MAX);
-        let (oldest, last): (Option<i64>, i64) = sqlx::query_as(
-            "SELECT (SELECT min(seq) FROM fleet_changes), (SELECT seq FROM fleet_feed_head)",
-        )
-        .fetch_one(self.pool())
-        .await
-        .map_err(db)?;
-        let oldest = oldest.unwrap_or(last + 1);
-        if after_i.saturating_add(1) < oldest && after_i < last {
-            return Err(StoreError::FeedTruncated {
-                requested: after,
-                oldest: u64::try_from(oldest).unwrap_or(0),
-            });
-        }
+        let last: i64 = sqlx::query_scalar("SELECT seq FROM fleet_feed_head")
+            .fetch_one(self.pool())
+            .await
+            .map_err(db)?;
         let rows: Vec<(i64, Uuid, i16)> = sqlx::query_as(
             "SELECT seq, instance, kind FROM fleet_changes WHERE seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_i)
-        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .bind(i64::try_from(limit.max(1)).unwrap_or(i64::MAX))
         .fetch_all(self.pool())
         .await
         .map_err(db)?;
+        // Sequence numbers are contiguous (a rolled-back write rolls its numbers back too), so a
+        // gap right after `after` means pruned changes.
+        let first = rows.first().map(|r| r.0);
+        if after_i < last && first != Some(after_i + 1) {
+            return Err(StoreError::FeedTruncated {
+                requested: after,
+                oldest: first.map_or(0, |f| u64::try_from(f).unwrap_or(0)),
+            });
+        }
         rows.into_iter()
+            .take(limit)
             .map(|(seq, instance, kind)| {
                 Ok(Change {
                     seq: u64::try_from(seq).unwrap_or(0),
@@ -662,7 +676,7 @@ impl TokenStore for PgStore {
             .execute(&mut *tx)
             .await
             .map_err(db)?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(token)
     }
 
@@ -800,7 +814,7 @@ impl TokenStore for PgStore {
             let seq = append_change(&mut tx, instance, ChangeKind::Upserted).await?;
             EnrollResult::Enrolled { seq }
         };
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(result)
     }
 }
@@ -846,7 +860,7 @@ impl CertificateStore for PgStore {
         }
         update_instance_row(&mut tx, &inst).await?;
         let seq = append_change(&mut tx, id, ChangeKind::Upserted).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(seq)
     }
 
@@ -1023,7 +1037,16 @@ impl HistoryStore for PgStore {
                 .map_err(db)?;
             n += usize::try_from(done.rows_affected()).unwrap_or(usize::MAX);
         }
-        tx.commit().await.map_err(db)?;
+        // A heartbeat flush racing a deregistration can leave the deleted instance a state row;
+        // the upkeep that applies retention sweeps such rows away (not counted as history).
+        sqlx::query(
+            "DELETE FROM fleet_heartbeats h \
+             WHERE NOT EXISTS (SELECT 1 FROM fleet_instances i WHERE i.id = h.id)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(n)
     }
 }
@@ -1073,7 +1096,13 @@ impl CommandStore for PgStore {
         let mut expires = Vec::with_capacity(commands.len());
         let mut keys = Vec::with_capacity(commands.len());
         let mut records = Vec::with_capacity(commands.len());
-        for c in commands {
+        // Rows go in (instance, key) order, so two batches contending for the same idempotency
+        // keys wait for each other instead of deadlocking.
+        let mut ordered: Vec<&Command> = commands.iter().collect();
+        ordered.sort_by(|a, b| {
+            (a.instance, &a.idempotency_key).cmp(&(b.instance, &b.idempotency_key))
+        });
+        for c in ordered {
             ids.push(command_uuid(c.id));
             instances.push(uuid(c.instance));
             batches.push(c.batch.map(|b| Uuid::from_bytes(*b.as_bytes())));
@@ -1137,7 +1166,7 @@ impl CommandStore for PgStore {
         if !changes.is_empty() {
             append_changes(&mut tx, &changes).await?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(out)
     }
 
@@ -1241,7 +1270,7 @@ impl CommandStore for PgStore {
         .await
         .map_err(db)?;
         delivery.open = usize::try_from(open).unwrap_or(0);
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(delivery)
     }
 
@@ -1263,7 +1292,7 @@ impl CommandStore for PgStore {
         if c.complete(outcome, result.clone(), now) {
             save_command(&mut tx, &c).await?;
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(c)
     }
 
@@ -1281,7 +1310,7 @@ impl CommandStore for PgStore {
         c.state = CommandState::Cancelled;
         c.finished_at = Some(now);
         save_command(&mut tx, &c).await?;
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(c)
     }
 
@@ -1304,7 +1333,7 @@ impl CommandStore for PgStore {
                 n += 1;
             }
         }
-        tx.commit().await.map_err(db)?;
+        tx.commit().await.map_err(commit_err)?;
         Ok(n)
     }
 

@@ -87,7 +87,29 @@ fn free_port() -> Result<u16, String> {
     l.local_addr().map(|a| a.port()).map_err(|e| e.to_string())
 }
 
+/// Starts the throwaway server, trying again on a fresh port if another process took the one it
+/// picked first (ports are chosen free but can be taken before the server binds them).
 fn start_server() -> Result<Server, String> {
+    let mut last = String::new();
+    for _ in 0..3 {
+        match start_server_once() {
+            Ok(s) => return Ok(s),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Whether the server in `data` is ours and listening on `port` (its pid file says so), so a
+/// ready answer on the port is not another process's server.
+fn serves_port(data: &Path, port: u16) -> bool {
+    std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|pid| pid.lines().nth(3).map(|l| l.trim() == port.to_string()))
+        .unwrap_or(false)
+}
+
+fn start_server_once() -> Result<Server, String> {
     let bin = bin_dir().ok_or("no initdb/postgres under /usr/lib/postgresql/*/bin")?;
     let root = is_root();
     let dir = tempfile::Builder::new()
@@ -144,12 +166,16 @@ fn start_server() -> Result<Server, String> {
     let admin_url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = Command::new(bin.join("pg_isready"))
-            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
-            .status()
-            .is_ok_and(|s| s.success());
+        let ready = serves_port(&data, port)
+            && Command::new(bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q"])
+                .status()
+                .is_ok_and(|s| s.success());
         if ready {
             return Ok(Server { admin_url });
+        }
+        if !dir.exists() {
+            return Err("the server exited at once (port taken?)".into());
         }
         if Instant::now() > deadline {
             let log = std::fs::read_to_string(dir.join("server.log")).unwrap_or_default();

@@ -152,7 +152,12 @@ async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
     let db = TestDatabase::create_or_panic().await;
     let s = stores(&db, 2).await;
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
-    let open = |store: DynStore| Fleet::builder(store).clock(clock.clone()).open();
+    let open = |store: DynStore| {
+        Fleet::builder(store)
+            .clock(clock.clone())
+            .sweep_lag(Duration::from_secs(1))
+            .open()
+    };
     let a = open(Arc::clone(&s[0])).await.expect("a");
     let b = open(Arc::clone(&s[1])).await.expect("b");
     let ttl = Duration::from_secs(10);
@@ -194,9 +199,23 @@ async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
         "b caught up from the log"
     );
 
+    // y heartbeats to a a little longer: its warning will fall due between a's death and b's
+    // takeover, when nobody records — b must record it when it takes over.
+    let y = a
+        .register(NewInstance {
+            system: SystemInfo::with_hostname("y"),
+            ..NewInstance::default()
+        })
+        .await
+        .expect("register")
+        .id;
+
     // x goes quiet; both sweep every 5 s; a renews its lease.
-    for _ in 0..13 {
+    for round in 0..13 {
         clock.advance(Duration::from_secs(5));
+        if round == 0 {
+            a.heartbeat(y, Heartbeat::default()).expect("heartbeat");
+        }
         for r in [&a, &b] {
             r.sync().await.expect("sync");
             r.claim_sweeper(ttl).await.expect("claim");
@@ -222,7 +241,7 @@ async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
     assert_eq!(
         recorded(Arc::clone(&s[0])).await.len(),
         1,
-        "recorded once, by a"
+        "x's warning, recorded once, by a"
     );
 
     // a dies (no more claims, sweeps or flushes); b takes over once a's lease expired.
@@ -239,18 +258,22 @@ async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
     assert!(took_over.is_some_and(|k| k <= 2), "{took_over:?}");
     assert_eq!(b.view().status(x), Some(Status::Offline));
     let all = recorded(Arc::clone(&s[1])).await;
-    let path: Vec<(Status, Status)> = all
-        .iter()
-        .rev()
-        .map(|c| (c.transition.from, c.transition.to))
-        .collect();
+    let path = |id| {
+        all.iter()
+            .rev()
+            .filter(|c| c.instance == id)
+            .map(|c| (c.transition.from, c.transition.to))
+            .collect::<Vec<_>>()
+    };
+    let quiet_path = vec![
+        (Status::Online, Status::Warning),
+        (Status::Warning, Status::Offline),
+    ];
+    assert_eq!(path(x), quiet_path, "x: nothing twice, nothing lost");
     assert_eq!(
-        path,
-        vec![
-            (Status::Online, Status::Warning),
-            (Status::Warning, Status::Offline)
-        ],
-        "nothing twice, nothing lost"
+        path(y),
+        quiet_path,
+        "y: its warning fell due while nobody swept, and b recorded it on taking over"
     );
 }
 

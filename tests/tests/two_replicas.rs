@@ -35,6 +35,7 @@ async fn replica(url: &str, clock: &ManualClock) -> Replica {
     // on both (it starts at the real time: rustls checks certificates against that).
     let fleet = Fleet::builder(store)
         .clock(clock.clone())
+        .sweep_lag(Duration::from_secs(1))
         .open()
         .await
         .expect("open");

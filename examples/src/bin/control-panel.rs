@@ -159,7 +159,9 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         // followed every second) have had time to reach it.
         builder = builder.sweep_lag(Duration::from_secs(3));
     }
-    if ca_pem.exists() && ca_key.exists() {
+    // With PostgreSQL the CA lives in the database, shared by every replica: files in the data
+    // dir (say, from an earlier sled run) must not give this replica a different one.
+    if args.store == StoreKind::Sled && ca_pem.exists() && ca_key.exists() {
         let ca = CertificateAuthority::from_pem(
             &std::fs::read_to_string(&ca_pem)?,
             &std::fs::read_to_string(&ca_key)?,
@@ -174,11 +176,18 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         elapsed_ms = started.elapsed().as_millis() as u64,
         "fleet loaded"
     );
-    if !ca_pem.exists() {
-        let material = fleet.ca().to_material();
-        std::fs::write(&ca_pem, &material.cert_pem)?;
-        write_private(&ca_key, &material.key_pem)?;
-        tracing::info!(path = %ca_pem.display(), "wrote the CA certificate (ca-key.pem is 0600)");
+    match args.store {
+        StoreKind::Sled if !ca_pem.exists() => {
+            let material = fleet.ca().to_material();
+            std::fs::write(&ca_pem, &material.cert_pem)?;
+            write_private(&ca_key, &material.key_pem)?;
+            tracing::info!(path = %ca_pem.display(), "wrote the CA certificate (ca-key.pem is 0600)");
+        }
+        StoreKind::Postgres => {
+            // Only the certificate, for clients to trust; the key stays in the database.
+            std::fs::write(&ca_pem, &fleet.ca().to_material().cert_pem)?;
+        }
+        StoreKind::Sled => {}
     }
     let token_path = args.data_dir.join("operator-token");
     if !token_path.exists() {
