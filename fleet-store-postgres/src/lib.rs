@@ -38,6 +38,19 @@
 //!   commit, and `wait_for_writes` (a `LISTEN` that holds one of the pool's connections) wakes
 //!   them sooner — a hint only, never the source of truth.
 //!
+//! ## Several replicas
+//!
+//! Open each replica's `Fleet` with [`FleetBuilder::sweep_lag`] (a few seconds) and run its
+//! maintenance (`Fleet::spawn_maintenance`): every replica follows the change feed and the
+//! heartbeat log, so all views agree within about a second; one replica at a time holds the
+//! sweeper lease (`fleet_leases`, with an epoch that grows at each change of hands) and records
+//! status changes, fleet alerts and trends; when it dies another takes over once the lease
+//! (10 s by default) runs out and records what its own view found meanwhile. Status changes are
+//! keyed by instance, time and statuses, so a change two replicas record is kept once. Replicas'
+//! clocks must agree to well within the lease (NTP).
+//!
+//! [`FleetBuilder::sweep_lag`]: fleet_core::FleetBuilder::sweep_lag
+//!
 //! Errors: a pool that cannot reach the database reports [`StoreError::Unavailable`] (the caller
 //! may retry; nothing was written); everything else is [`StoreError::Backend`] with the sqlx
 //! error as its source.
