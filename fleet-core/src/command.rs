@@ -433,6 +433,20 @@ impl Command {
         self.finished_at = Some(now);
     }
 
+    /// Cancels it if it is still queued (the rule every store shares);
+    /// [`StoreError::Conflict`] and no change otherwise.
+    pub fn cancel(&mut self, now: Timestamp) -> Result<(), StoreError> {
+        if self.state != CommandState::Queued {
+            return Err(StoreError::Conflict(format!(
+                "command {} is {}, only a queued command can be cancelled",
+                self.id, self.state
+            )));
+        }
+        self.state = CommandState::Cancelled;
+        self.finished_at = Some(now);
+        Ok(())
+    }
+
     /// Marks it delivered at `now` with a lease of `lease` (the rule every store shares).
     pub fn deliver(&mut self, now: Timestamp, lease: Duration) {
         self.state = CommandState::Delivered;

@@ -12,8 +12,7 @@ use async_trait::async_trait;
 use crate::alert::{FleetAlert, FleetAlertQuery};
 use crate::ca::{CaMaterial, CertificateRecord, RevokedCertificate};
 use crate::command::{
-    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, CommandState, Delivery,
-    Enqueued,
+    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, Delivery, Enqueued,
 };
 use crate::error::{RecordKind, StoreError};
 use crate::identity::{Fingerprint, Serial};
@@ -635,14 +634,7 @@ impl CommandStore for MemoryStore {
             .commands
             .get_mut(&id)
             .ok_or_else(|| command_not_found(id))?;
-        if c.state != CommandState::Queued {
-            return Err(StoreError::Conflict(format!(
-                "command {id} is {}, only a queued command can be cancelled",
-                c.state
-            )));
-        }
-        c.state = CommandState::Cancelled;
-        c.finished_at = Some(now);
+        c.cancel(now)?;
         let c = c.clone();
         s.open_commands.remove(&(c.instance, id));
         Ok(c)

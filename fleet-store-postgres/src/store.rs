@@ -1301,14 +1301,7 @@ impl CommandStore for PgStore {
         let Some(mut c) = command_for_update(&mut tx, id).await? else {
             return Err(command_not_found(id));
         };
-        if c.state != CommandState::Queued {
-            return Err(StoreError::Conflict(format!(
-                "command {id} is {}, only a queued command can be cancelled",
-                c.state
-            )));
-        }
-        c.state = CommandState::Cancelled;
-        c.finished_at = Some(now);
+        c.cancel(now)?;
         save_command(&mut tx, &c).await?;
         tx.commit().await.map_err(commit_err)?;
         Ok(c)

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use fleet_core::command::{
-    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, CommandState, Delivery,
-    Enqueued,
+    Command, CommandId, CommandOutcome, CommandQuery, CommandResult, Delivery, Enqueued,
 };
 use fleet_core::error::RecordKind;
 use fleet_core::policy::{Policy, PolicyName};
@@ -273,14 +272,7 @@ impl CommandStore for SledStore {
                 let Some(mut c) = get_tx(cmds, id)? else {
                     return abort(not_found(id));
                 };
-                if c.state != CommandState::Queued {
-                    return abort(StoreError::Conflict(format!(
-                        "command {id} is {}, only a queued command can be cancelled",
-                        c.state
-                    )));
-                }
-                c.state = CommandState::Cancelled;
-                c.finished_at = Some(now);
+                tx(c.cancel(now))?;
                 cmds.insert(id.as_bytes(), tx(encode(&c))?)?;
                 open.remove(&pair(c.instance.as_bytes(), id.as_bytes()))?;
                 Ok(c)
