@@ -14,7 +14,11 @@
 //!   conformance suite every store must pass (`testing`, feature `testing`);
 //! - the [`LiveView`], an in-memory index answering summaries, filters and search over a million
 //!   instances without touching the store, and [`Fleet`], the façade that ties view and store
-//!   together.
+//!   together;
+//! - what makes a fleet manageable over time: the [`command`] queue (delivered in heartbeat
+//!   replies, surviving offline instances), [`alert`]s with the start-up grace and the
+//!   mass-staleness guard, exact uptime [`history`], fleet [`trend`]s, [`recent`] metrics for
+//!   graphs, and [`policy`] compliance.
 //!
 //! Time comes only from a [`Clock`]; tests use [`ManualClock`].
 //!
