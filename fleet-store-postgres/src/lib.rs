@@ -65,6 +65,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+mod pushdown;
 mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -80,6 +81,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgListener, PgPoolOptions};
 
 pub use fleet_core;
+pub use pushdown::PushdownError;
 pub use sqlx;
 
 /// How many change-feed entries the store keeps (older ones are pruned; a replica that fell

@@ -244,7 +244,7 @@ async fn update_instance_row(tx: &mut PgConnection, inst: &Instance) -> Result<(
 }
 
 /// The stored record with the heartbeat state laid over it.
-fn instance_from_row(row: &sqlx::postgres::PgRow) -> Result<Instance, StoreError> {
+pub(crate) fn instance_from_row(row: &sqlx::postgres::PgRow) -> Result<Instance, StoreError> {
     let record: serde_json::Value = row.try_get("record").map_err(db)?;
     let mut inst: Instance = from_json(record, "fleet_instances.record")?;
     let last_seen: Option<i64> = row.try_get("last_seen").map_err(db)?;
