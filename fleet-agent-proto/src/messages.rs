@@ -123,13 +123,14 @@ pub struct CommandResult {
 
 impl From<CommandResult> for ReportedResult {
     fn from(r: CommandResult) -> Self {
-        let cut = fleet_core::CommandResult::new(r.exit_code, r.output);
+        // `Fleet::exchange` cuts the output to the limit and keeps the agent's flag.
         Self {
             id: r.id,
             outcome: r.outcome,
             result: fleet_core::CommandResult {
-                truncated: cut.truncated || r.truncated,
-                ..cut
+                exit_code: r.exit_code,
+                output: r.output,
+                truncated: r.truncated,
             },
         }
     }

@@ -854,10 +854,7 @@ impl<S: FleetStore> Fleet<S> {
         hb: crate::Heartbeat,
         results: Vec<ReportedResult>,
     ) -> Result<Exchange, FleetError> {
-        self.authenticate(identity).await.map_err(|e| match e {
-            crate::AuthError::Store(s) => FleetError::from(s),
-            _ => FleetError::InstanceNotFound(identity.instance),
-        })?;
+        self.authenticate_instance(identity).await?;
         self.exchange(identity.instance, hb, results).await
     }
 

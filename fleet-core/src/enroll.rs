@@ -611,11 +611,21 @@ impl<S: FleetStore> Fleet<S> {
         identity: &InstanceIdentity,
         hb: Heartbeat,
     ) -> Result<HeartbeatAck, FleetError> {
+        self.authenticate_instance(identity).await?;
+        self.heartbeat(identity.instance, hb)
+    }
+
+    /// [`authenticate`](Self::authenticate) with the refusals folded into
+    /// [`FleetError::InstanceNotFound`] (store failures kept), for the calls that act as the
+    /// instance.
+    pub(crate) async fn authenticate_instance(
+        &self,
+        identity: &InstanceIdentity,
+    ) -> Result<(), FleetError> {
         self.authenticate(identity).await.map_err(|e| match e {
             AuthError::Store(s) => FleetError::from(s),
             _ => FleetError::InstanceNotFound(identity.instance),
-        })?;
-        self.heartbeat(identity.instance, hb)
+        })
     }
 
     /// Issues a renewed certificate to an authenticated instance for `csr_pem`. The new

@@ -251,12 +251,8 @@ impl<S: FleetStore> FleetBuilder<S> {
                 .view_mut()
                 .begin_grace(started, started.saturating_add(grace), horizon);
         }
-        let bucket = TrendBucket::containing(started, fleet.inner.trend_bucket);
-        let current = recent
-            .into_iter()
-            .find(|b| b.start == bucket.start)
-            .unwrap_or(bucket);
-        fleet.trend().current = Some(current);
+        let current = fleet.bucket_at(started, recent);
+        fleet.trend().resume(Some(current));
         Ok(fleet)
     }
 }
@@ -311,6 +307,15 @@ struct TrendState {
     current: Option<TrendBucket>,
     unwritten: Vec<TrendBucket>,
     dirty: bool,
+}
+
+impl TrendState {
+    /// Starts over from `current` (the stored bucket, or none), with nothing to write.
+    fn resume(&mut self, current: Option<TrendBucket>) {
+        self.current = current;
+        self.unwritten.clear();
+        self.dirty = false;
+    }
 }
 
 /// What one sweep found; see [`Fleet::sweep_report`].
@@ -455,12 +460,8 @@ impl<S: FleetStore> Fleet<S> {
                 .heartbeat(id, now, hb.metrics.as_ref())
                 .ok_or(FleetError::InstanceNotFound(id))?;
             let status = view.status(id).unwrap_or(Status::Online);
-            // Recorded under the view lock, so a deregistration (view first, then the rings)
-            // cannot slip in between and leave a ring behind.
-            if hb.metrics.is_some()
-                && let Some(p) = view.point(id)
-            {
-                self.recent().record(id, &p);
+            if hb.metrics.is_some() {
+                self.record_point(&view, id);
             }
             (transitions, status, view.policy().heartbeat_interval())
         };
@@ -587,6 +588,14 @@ impl<S: FleetStore> Fleet<S> {
         Ok(())
     }
 
+    /// Adds the instance's current figures to its ring. Called with the view locked, so a
+    /// deregistration (view first, then the rings) cannot slip in between and leave a ring.
+    fn record_point(&self, view: &LiveView, id: InstanceId) {
+        if let Some(p) = view.point(id) {
+            self.recent().record(id, &p);
+        }
+    }
+
     fn recent(&self) -> MutexGuard<'_, RecentMetrics> {
         self.inner
             .recent
@@ -698,6 +707,9 @@ impl<S: FleetStore> Fleet<S> {
     ///
     /// [`ChangeFeed::acquire_lease`]: crate::store::ChangeFeed::acquire_lease
     pub async fn claim_sweeper(&self, ttl: Duration) -> Result<bool, FleetError> {
+        if !self.is_replica() {
+            return Ok(true);
+        }
         let now = self.now();
         let was = self.is_sweeper();
         let held = self
@@ -720,25 +732,17 @@ impl<S: FleetStore> Fleet<S> {
             // Taking over: what this view found while another replica swept is recorded now (the
             // store keeps each change once), and the trend bucket continues the stored one.
             self.changes().extend(takeover.into_iter().map(|(_, c)| c));
-            let bucket = TrendBucket::containing(now, self.inner.trend_bucket);
+            let start = TrendBucket::containing(now, self.inner.trend_bucket).start;
             let stored = self
                 .inner
                 .store
-                .trend_buckets(
-                    bucket.start,
-                    bucket.start.saturating_add(Duration::from_millis(1)),
-                )
+                .trend_buckets(start, start.saturating_add(Duration::from_millis(1)))
                 .await?;
-            let mut t = self.trend();
-            t.current = Some(stored.into_iter().next().unwrap_or(bucket));
-            t.unwritten.clear();
-            t.dirty = false;
-        } else if !held && was && self.is_replica() {
+            let current = self.bucket_at(now, stored);
+            self.trend().resume(Some(current));
+        } else if !held && was {
             // Deposed: the trend bucket belongs to the new sweeper now.
-            let mut t = self.trend();
-            t.current = None;
-            t.unwritten.clear();
-            t.dirty = false;
+            self.trend().resume(None);
         }
         Ok(held)
     }
@@ -801,6 +805,15 @@ impl<S: FleetStore> Fleet<S> {
             .trend
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The trend bucket containing `at`: the stored one among `stored` if any, else a new one.
+    fn bucket_at(&self, at: Timestamp, stored: Vec<TrendBucket>) -> TrendBucket {
+        let fresh = TrendBucket::containing(at, self.inner.trend_bucket);
+        stored
+            .into_iter()
+            .find(|b| b.start == fresh.start)
+            .unwrap_or(fresh)
     }
 
     fn sample_trend(&self, now: Timestamp, summary: &FleetSummary) {
@@ -934,8 +947,12 @@ impl<S: FleetStore> Fleet<S> {
         query: &StatusChangeQuery,
         filter: &Filter,
     ) -> Result<Vec<StatusChange>, FleetError> {
+        // Unfiltered, the store's newest `limit` plus the unflushed ones hold the answer;
+        // filtered, the filter runs here, over every change in the window.
         let mut wide = query.clone();
-        wide.limit = usize::MAX;
+        if !filter.is_all() || *scope != TenantScope::All {
+            wide.limit = usize::MAX;
+        }
         let mut all = self.inner.store.status_changes(&wide).await?;
         let stored: HashSet<StatusChange> = all.iter().copied().collect();
         all.extend(
@@ -1144,10 +1161,8 @@ impl<S: FleetStore> Fleet<S> {
                         instance: r.id,
                         transition,
                     }));
-                    if r.metrics.is_some()
-                        && let Some(p) = view.point(r.id)
-                    {
-                        self.recent().record(r.id, &p);
+                    if r.metrics.is_some() {
+                        self.record_point(&view, r.id);
                     }
                 }
             }
