@@ -27,7 +27,9 @@
 //! | `GET /api/v1/policies/results` | fleet compliance % per policy |
 //! | `GET /api/v1/instances/{id}/policies` | the instance's policies with pass/fail and the reason (also in its detail) |
 //!
-//! Times in queries are RFC 3339 (`2026-11-24T15:00:00Z`).
+//! Times in queries are RFC 3339 (`2026-11-24T15:00:00Z`). Every reply carries
+//! `Server-Timing: app;dur=MS`, the time the handler took (what `fleet-bench query` reports as
+//! server time).
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
 //! position of the mistake.
@@ -681,9 +683,21 @@ impl<S: FleetStore> OperatorApi<S> {
             let api = Arc::clone(&self);
             let watcher = graceful.watcher();
             tokio::spawn(async move {
+                let _ = tcp.set_nodelay(true);
                 let service = hyper::service::service_fn(move |req| {
                     let api = Arc::clone(&api);
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                    async move {
+                        let started = std::time::Instant::now();
+                        let mut resp = api.handle(req).await;
+                        // The server's own time, for clients that measure us (fleet-bench).
+                        let ms = started.elapsed().as_secs_f64() * 1000.0;
+                        if let Ok(v) =
+                            hyper::header::HeaderValue::from_str(&format!("app;dur={ms:.3}"))
+                        {
+                            resp.headers_mut().insert("server-timing", v);
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let mut builder =
                     hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

@@ -296,6 +296,12 @@ impl AgentClient {
         Ok(Arc::new(cfg))
     }
 
+    /// The TLS settings in use: the identity's CA as the only root, its certificate as the
+    /// client certificate, the `ring` provider.
+    pub fn tls_config(&self) -> &Arc<rustls::ClientConfig> {
+        &self.tls
+    }
+
     /// The identity in use.
     pub fn identity(&self) -> &AgentIdentity {
         &self.identity

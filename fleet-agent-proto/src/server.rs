@@ -431,6 +431,8 @@ impl<S: FleetStore> AgentServer<S> {
             let idle_timeout = self.config.idle_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
+                // Replies are written whole; Nagle would only hold them back.
+                let _ = tcp.set_nodelay(true);
                 let Ok(Ok(tls)) =
                     tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await
                 else {

@@ -806,6 +806,9 @@ impl<S: FleetStore> Fleet<S> {
         results: Vec<ReportedResult>,
     ) -> Result<Exchange, FleetError> {
         let ack = self.heartbeat(id, hb)?;
+        if self.inner.write_through {
+            self.persist_heartbeat(id).await?;
+        }
         let now = self.now();
         for r in results {
             let result = CommandResult::new(r.result.exit_code, r.result.output);

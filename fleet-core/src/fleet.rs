@@ -115,6 +115,7 @@ pub struct FleetBuilder<S> {
     trend_bucket: Duration,
     recent: RecentMetricsConfig,
     sweep_lag: Duration,
+    write_through: bool,
 }
 
 impl<S: FleetStore> FleetBuilder<S> {
@@ -125,6 +126,18 @@ impl<S: FleetStore> FleetBuilder<S> {
     /// sync interval plus margin. Default: zero, a single control plane that always records.
     pub fn sweep_lag(mut self, lag: Duration) -> Self {
         self.sweep_lag = lag;
+        self
+    }
+
+    /// Persists every heartbeat that arrives through [`Fleet::exchange`] (or
+    /// [`Fleet::exchange_as`]) before answering, one store write per heartbeat, instead of
+    /// batching them into the next [`Fleet::flush_heartbeats`]. Default: off. Batching is what
+    /// lets one core take tens of thousands of heartbeats a second (`fleet-bench heartbeat
+    /// --write-through` shows the difference on your store); turn this on only when losing the
+    /// last second of liveness data in a crash is not acceptable. A failed write answers the
+    /// heartbeat with the store's error and keeps the record for the next flush.
+    pub fn write_through(mut self, on: bool) -> Self {
+        self.write_through = on;
         self
     }
 
@@ -222,6 +235,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 holder: format!("fleet-{}", InstanceId::random()),
                 lease: Mutex::new(LeaseState::default()),
                 sweep_lag: self.sweep_lag,
+                write_through: self.write_through,
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
             }),
@@ -290,6 +304,8 @@ pub(crate) struct Inner<S> {
     /// The sweeper role (replicas only; see `claim_sweeper`).
     lease: Mutex<LeaseState>,
     sweep_lag: Duration,
+    /// Persist each exchanged heartbeat before answering (see `FleetBuilder::write_through`).
+    pub(crate) write_through: bool,
 }
 
 /// A replica's sweeper role: until when its lease holds, and what it found while it did not
@@ -369,6 +385,7 @@ impl<S: FleetStore> Fleet<S> {
             trend_bucket: crate::trend::DEFAULT_TREND_BUCKET,
             recent: RecentMetricsConfig::default(),
             sweep_lag: Duration::ZERO,
+            write_through: false,
         }
     }
 
@@ -523,6 +540,26 @@ impl<S: FleetStore> Fleet<S> {
         // Fleet alerts and trend buckets last: a failure there never holds heartbeats back.
         self.flush_history().await?;
         Ok(written)
+    }
+
+    /// Writes instance `id`'s waiting heartbeat record now, alone (write-through mode). On a
+    /// store error the record goes back to the batch for the next flush.
+    pub(crate) async fn persist_heartbeat(&self, id: InstanceId) -> Result<(), FleetError> {
+        let Some(record) = self.pending().remove(&id) else {
+            return Ok(());
+        };
+        let batch = [record];
+        if let Err(e) = self.inner.store.write_heartbeats(&batch).await {
+            let [older] = batch;
+            let mut pending = self.pending();
+            let merged = match pending.remove(&id) {
+                Some(newer) => merge(older, newer),
+                None => older,
+            };
+            pending.insert(id, merged);
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Number of heartbeat records waiting for the next flush.

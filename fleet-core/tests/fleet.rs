@@ -607,6 +607,60 @@ async fn failed_flush_loses_nothing() {
 }
 
 #[tokio::test]
+async fn write_through_persists_each_exchanged_heartbeat_before_answering() {
+    let clock = ManualClock::new(T0);
+    let fleet = Fleet::builder(Arc::new(Flaky::default()))
+        .clock(clock.clone())
+        .write_through(true)
+        .open()
+        .await
+        .unwrap();
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let m1 = MetricsSample {
+        cpu_percent: Some(1.0),
+        ..MetricsSample::default()
+    };
+    clock.advance(Duration::from_secs(10));
+    let hb = |m: Option<MetricsSample>| Heartbeat {
+        metrics: m,
+        apps: None,
+    };
+    fleet
+        .exchange(a.id, hb(Some(m1.clone())), Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(fleet.pending_heartbeats(), 0, "nothing waits for a flush");
+    let stored = fleet.store().get_instance(a.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_seen, T0.saturating_add(Duration::from_secs(10)));
+    assert_eq!(stored.metrics, Some(m1.clone()));
+
+    // A failed write answers with the store's error and keeps the record for the next flush.
+    fleet.store().down.store(true, Ordering::SeqCst);
+    clock.advance(Duration::from_secs(10));
+    let err = fleet
+        .exchange(a.id, hb(None), Vec::new())
+        .await
+        .unwrap_err();
+    assert!(err.is_unavailable(), "{err}");
+    assert_eq!(fleet.pending_heartbeats(), 1, "the record is kept");
+    let stored = fleet.store().get_instance(a.id).await.unwrap().unwrap();
+    assert_eq!(
+        stored.last_seen,
+        T0.saturating_add(Duration::from_secs(10)),
+        "the store is unchanged"
+    );
+    fleet.store().down.store(false, Ordering::SeqCst);
+    assert_eq!(fleet.flush_heartbeats().await.unwrap(), 1);
+    let stored = fleet.store().get_instance(a.id).await.unwrap().unwrap();
+    assert_eq!(stored.last_seen, T0.saturating_add(Duration::from_secs(20)));
+    assert_eq!(
+        stored.metrics,
+        Some(m1),
+        "the older sample survives the merge"
+    );
+}
+
+#[tokio::test]
 async fn replicas_follow_each_other_through_the_change_feed() {
     let store = Arc::new(MemoryStore::new());
     let clock = ManualClock::new(T0);

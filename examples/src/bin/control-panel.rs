@@ -11,9 +11,7 @@
 //! `--agent-listen` and the operator API on `--operator-listen` (loopback by default).
 //! SIGINT/SIGTERM flush batched heartbeats and close the store before exiting.
 
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,9 +26,9 @@ use fleet_core::{
     StalenessPolicy, TenantScope,
 };
 use fleet_examples::operator::OperatorApi;
+use fleet_examples::{listen, write_private};
 use fleet_store_postgres::PgStore;
 use fleet_store_sled::SledStore;
-use tokio::net::TcpListener;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -90,16 +88,13 @@ struct Serve {
     offline_after: u64,
 }
 
-fn write_private(path: &Path, contents: &str) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(contents.as_bytes())
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+/// The first address `addr` (`host:port`) resolves to.
+async fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
+    tokio::net::lookup_host(addr)
+        .await
+        .with_context(|| format!("resolving {addr}"))?
+        .next()
+        .with_context(|| format!("{addr} resolves to no address"))
 }
 
 async fn shutdown_signal() {
@@ -204,13 +199,9 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
             .ca()
             .issue_server(&names, fleet.now(), Duration::from_secs(365 * 86_400))?;
     let tls = tls_config(fleet.ca().cert_der(), &server_cert)?;
-    let agent_listener = TcpListener::bind(&args.agent_listen)
-        .await
-        .with_context(|| format!("binding {}", args.agent_listen))?;
+    let agent_listener = listen(resolve(&args.agent_listen).await?)?;
     let agent_addr = agent_listener.local_addr()?;
-    let operator_listener = TcpListener::bind(&args.operator_listen)
-        .await
-        .with_context(|| format!("binding {}", args.operator_listen))?;
+    let operator_listener = listen(resolve(&args.operator_listen).await?)?;
     let operator_addr = operator_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
