@@ -77,7 +77,7 @@ impl ClientError {
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    crate::crypto_provider()
 }
 
 /// Accepts a server chain only if it contains the pinned CA and the leaf verifies against it.

@@ -87,12 +87,12 @@ pub enum ServerError {
 
 /// Builds the rustls server configuration: the server certificate and key, client certificates
 /// optional but verified against the fleet CA when presented, ALPN h2 and http/1.1, the `ring`
-/// provider.
+/// provider with the AES-128-GCM suites preferred.
 pub fn tls_config(
     ca_der: &[u8],
     server: &ServerCertificate,
 ) -> Result<Arc<rustls::ServerConfig>, ServerError> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = crate::crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
     roots.add(CertificateDer::from(ca_der.to_vec()))?;
     let verifier =
@@ -112,6 +112,8 @@ pub fn tls_config(
             key,
         )?;
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // Our order (AES-128-GCM first, see `crypto_provider`), whatever the client prefers.
+    cfg.ignore_client_order = true;
     Ok(Arc::new(cfg))
 }
 

@@ -404,6 +404,45 @@ async fn refusals_have_their_documented_errors_and_change_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
+    let h = Harness::start(ServerConfig::default()).await;
+    // rustls' default client order puts AES-256-GCM first.
+    let default_order = rustls::crypto::ring::default_provider().cipher_suites;
+    assert_eq!(
+        default_order[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    let tls = connect(&h, None, &[b"http/1.1"]).await;
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    // A client that offers only AES-256-GCM still gets it.
+    let mut only_256 = rustls::crypto::ring::default_provider();
+    only_256
+        .cipher_suites
+        .retain(|s| s.suite() == rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from(h.ca_der.clone())).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(only_256))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(h.addr).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()),
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+    drop(tls);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_ca_fails_the_handshake() {
     let h = Harness::start(ServerConfig::default()).await;
     let other =
