@@ -67,6 +67,7 @@ fn heartbeat_compares_with_the_baseline_in_the_same_run() {
     let r = &r[0];
     assert_eq!(r["scenario"], "heartbeat");
     phase_is_sane(r, &["baseline"]);
+    phase_is_sane(r, &["baseline_paced", "phase"]);
     phase_is_sane(r, &["max"]);
     phase_is_sane(r, &["paced", "phase"]);
     let ratio = num(r, &["ratio_to_baseline"]);

@@ -44,7 +44,9 @@ use crate::{
 pub struct ServerConfig {
     /// Time a client has to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
-    /// Time a client has to send a request's headers.
+    /// Time a client has to send a request's headers. hyper also runs this timer while a
+    /// kept-alive connection waits for its next request, so the server uses the larger of this
+    /// and `idle_timeout`: an agent heartbeating every 15 s keeps its connection.
     pub header_read_timeout: Duration,
     /// A connection with no traffic for this long is closed (keep it above two heartbeat
     /// intervals so agents keep their connections).
@@ -429,7 +431,12 @@ impl<S: FleetStore> AgentServer<S> {
             let acceptor = acceptor.clone();
             let watcher = graceful.watcher();
             let handshake_timeout = self.config.tls_handshake_timeout;
-            let header_timeout = self.config.header_read_timeout;
+            // hyper (≥ 1.6) times the wait for the next request on a kept-alive connection
+            // with the header-read timer: never shorter than the idle timeout.
+            let header_timeout = self
+                .config
+                .header_read_timeout
+                .max(self.config.idle_timeout);
             let idle_timeout = self.config.idle_timeout;
             tokio::spawn(async move {
                 let _permit = permit;

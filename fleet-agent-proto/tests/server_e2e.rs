@@ -700,6 +700,52 @@ async fn heartbeats_over_http2() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_outlives_the_header_read_timeout_between_requests() {
+    // hyper runs its header-read timer while a kept-alive connection waits for the next
+    // request; the server must not let that cut agents off between heartbeats.
+    let config = ServerConfig {
+        header_read_timeout: Duration::from_millis(200),
+        idle_timeout: Duration::from_secs(30),
+        ..ServerConfig::default()
+    };
+    let h = Harness::start(config).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (id, _) = enroll(&h, &token.presented.to_string(), "kept-alive").await;
+    let tls = connect(&h, Some(&id), &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    for _ in 0..2 {
+        assert_eq!(
+            sender
+                .send_request(heartbeat_request())
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        // Quiet for three header-read timeouts (transport timing: a real-clock wait).
+        tokio::time::sleep(Duration::from_millis(600)).await;
+    }
+    assert!(!conn.is_finished(), "the server kept the connection");
+    assert_eq!(
+        sender
+            .send_request(heartbeat_request())
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(sender);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quiet_connections_are_closed_after_the_idle_timeout() {
     let config = ServerConfig {
         idle_timeout: Duration::from_millis(1000),

@@ -427,7 +427,10 @@ async fn baseline(dir: &Path) -> Result<()> {
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(fleet_agent_proto::DEFAULT_HEADER_READ_TIMEOUT);
+                .header_read_timeout(
+                    fleet_agent_proto::DEFAULT_HEADER_READ_TIMEOUT
+                        .max(fleet_agent_proto::DEFAULT_IDLE_TIMEOUT),
+                );
             builder.http2().timer(TokioTimer::new());
             let _ = builder.serve_connection(TokioIo::new(tls), service).await;
         });

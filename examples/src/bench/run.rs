@@ -451,7 +451,7 @@ async fn drive(
     rate: Option<f64>,
     warmup: Duration,
     measure: Duration,
-) -> Result<(Phase, Vec<TlsConn>)> {
+) -> Result<(Raw, Vec<TlsConn>)> {
     let n = conns.len();
     let start = Instant::now();
     let from = start + warmup;
@@ -521,23 +521,50 @@ async fn drive(
         });
     }
     let (u0, u1, window) = sample_window(server.pid, from, until).await?;
-    let mut total = Tally::default();
+    let mut raw = Raw {
+        window,
+        cpu: u1.cpu.saturating_sub(u0.cpu),
+        ..Raw::default()
+    };
     let mut kept = Vec::with_capacity(n);
     while let Some(r) = tasks.join_next().await {
         let (t, conn) = r?;
-        total.merge(t);
+        raw.tally.merge(t);
         kept.extend(conn);
     }
-    let phase = Phase::new(
-        total.ok,
-        total.failed,
-        window,
-        total.latencies,
-        u1.cpu.saturating_sub(u0.cpu),
-        total.first_error,
-    );
-    Ok((phase, kept))
+    Ok((raw, kept))
 }
+
+/// What measured windows added up to, before it becomes a [`Phase`].
+#[derive(Default)]
+struct Raw {
+    tally: Tally,
+    cpu: Duration,
+    window: Duration,
+}
+
+impl Raw {
+    fn merge(&mut self, o: Self) {
+        self.tally.merge(o.tally);
+        self.cpu += o.cpu;
+        self.window += o.window;
+    }
+
+    fn phase(self) -> Phase {
+        Phase::new(
+            self.tally.ok,
+            self.tally.failed,
+            self.window,
+            self.tally.latencies,
+            self.cpu,
+            self.tally.first_error,
+        )
+    }
+}
+
+/// Slices the maximum-rate measurement is cut into, alternating between the baseline and the
+/// fleet server, so that a machine whose speed drifts (a shared VM) slows both alike.
+const ROUNDS: u32 = 5;
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
@@ -555,15 +582,74 @@ pub fn failures(report: &Report) -> u64 {
     report.get("failed").and_then(Value::as_u64).unwrap_or(0)
 }
 
-async fn baseline_phase(opts: &Options, dir: &Path, agents: &[Agent]) -> Result<(Phase, u64)> {
-    let server = Server::start(opts, Kind::Baseline, dir, 0, false).await?;
-    let conns = connect_all(server.ready.agent_addr, agents).await?;
-    let reqs = agents.iter().map(|a| Arc::clone(&a.heartbeat)).collect();
-    let (phase, conns) = drive(&server, conns, reqs, None, opts.warmup, opts.duration).await?;
-    let peak = server.usage()?.peak_rss;
-    drop(conns);
-    server.stop().await?;
-    Ok((phase, peak))
+/// Maximum rate of the baseline (and of the fleet server, when given), in [`ROUNDS`]
+/// alternating slices; then each paced at 70 % of its own maximum (or `rate`). Returns
+/// (baseline max, baseline paced, fleet max and paced).
+async fn compare(
+    opts: &Options,
+    dir: &Path,
+    agents: &[Agent],
+    fleet: Option<&Server>,
+) -> Result<(Phase, Phase, Option<(Phase, Phase)>)> {
+    let baseline = Server::start(opts, Kind::Baseline, dir, 0, false).await?;
+    let reqs: Vec<Arc<[u8]>> = agents.iter().map(|a| Arc::clone(&a.heartbeat)).collect();
+    let mut base_conns = connect_all(baseline.ready.agent_addr, agents).await?;
+    let mut fleet_conns = match fleet {
+        Some(f) => connect_all(f.ready.agent_addr, agents).await?,
+        None => Vec::new(),
+    };
+    let rounds = if opts.quick { 1 } else { ROUNDS };
+    let slice = opts.duration.div_f64(f64::from(rounds));
+    let (mut base_raw, mut fleet_raw) = (Raw::default(), Raw::default());
+    for round in 0..rounds {
+        // A full warm-up first; the connections stay warm between slices.
+        let warmup = if round == 0 {
+            opts.warmup
+        } else {
+            opts.warmup.min(Duration::from_millis(200))
+        };
+        let (raw, conns) = drive(&baseline, base_conns, reqs.clone(), None, warmup, slice).await?;
+        base_raw.merge(raw);
+        base_conns = conns;
+        if let Some(f) = fleet {
+            let (raw, conns) = drive(f, fleet_conns, reqs.clone(), None, warmup, slice).await?;
+            fleet_raw.merge(raw);
+            fleet_conns = conns;
+        }
+    }
+    let base_max = base_raw.phase();
+    let target = (base_max.rate * 0.7).max(1.0);
+    // Connections that failed are gone; pace the rest.
+    let n = base_conns.len();
+    let (raw, base_conns) = drive(
+        &baseline,
+        base_conns,
+        reqs.iter().take(n).cloned().collect(),
+        Some(target),
+        opts.warmup,
+        opts.duration,
+    )
+    .await?;
+    let base_paced = raw.phase();
+    drop(base_conns);
+    baseline.stop().await?;
+    let Some(f) = fleet else {
+        return Ok((base_max, base_paced, None));
+    };
+    let fleet_max = fleet_raw.phase();
+    let target = opts.rate.unwrap_or(fleet_max.rate * 0.7).max(1.0);
+    let n = fleet_conns.len();
+    let (raw, fleet_conns) = drive(
+        f,
+        fleet_conns,
+        reqs.iter().take(n).cloned().collect(),
+        Some(target),
+        opts.warmup,
+        opts.duration,
+    )
+    .await?;
+    drop(fleet_conns);
+    Ok((base_max, base_paced, Some((fleet_max, raw.phase()))))
 }
 
 /// `baseline`: the bare hyper + rustls server alone.
@@ -572,60 +658,39 @@ pub async fn baseline(opts: &Options) -> Result<Report> {
     let n = opts.agents.unwrap_or(if opts.quick { 8 } else { 64 });
     let fleet = Server::start(opts, Kind::Fleet, &dir.path, 0, false).await?;
     let agents = enroll_agents(&fleet, n).await?;
-    let (phase, peak) = baseline_phase(opts, &dir.path, &agents).await?;
+    let (max, paced, _) = compare(opts, &dir.path, &agents, None).await?;
     fleet.stop().await?;
+    let failed = max.failed + paced.failed;
     Ok(json!({
         "scenario": "baseline",
         "connections": n,
         "duration_s": opts.duration.as_secs_f64(),
-        "max": phase,
-        "server_peak_rss_mib": mib(peak),
-        "failed": phase.failed,
+        "max": max,
+        "paced": { "target_rate": (max.rate * 0.7).max(1.0), "phase": paced },
+        "failed": failed,
     }))
 }
 
-/// `heartbeat`: the baseline, then the fleet server at its maximum rate and paced at 70 %.
+/// `heartbeat`: the baseline and the fleet server at their maximum rates (alternating slices),
+/// then each paced at 70 % of its maximum.
 pub async fn heartbeat(opts: &Options) -> Result<Report> {
     let dir = WorkDir::new(opts, Scenario::Heartbeat)?;
     let n = opts.agents.unwrap_or(if opts.quick { 8 } else { 64 });
     let server = Server::start(opts, Kind::Fleet, &dir.path, 0, opts.write_through).await?;
     let agents = enroll_agents(&server, n).await?;
-    let (base, _) = baseline_phase(opts, &dir.path, &agents).await?;
-
     let idle = server.usage()?;
-    let conns = connect_all(server.ready.agent_addr, &agents).await?;
-    let reqs: Vec<Arc<[u8]>> = agents.iter().map(|a| Arc::clone(&a.heartbeat)).collect();
-    let (max, conns) = drive(
-        &server,
-        conns,
-        reqs.clone(),
-        None,
-        opts.warmup,
-        opts.duration,
-    )
-    .await?;
-    let target = opts.rate.unwrap_or(max.rate * 0.7).max(1.0);
-    // Connections that failed are gone; pace the rest.
-    let reqs = reqs.into_iter().take(conns.len()).collect();
-    let (paced, conns) = drive(
-        &server,
-        conns,
-        reqs,
-        Some(target),
-        opts.warmup,
-        opts.duration,
-    )
-    .await?;
+    let (base, base_paced, fleet) = compare(opts, &dir.path, &agents, Some(&server)).await?;
+    let (max, paced) = fleet.context("the fleet server's phases")?;
     let busy = server.usage()?;
-    drop(conns);
     server.stop().await?;
+    let target = opts.rate.unwrap_or(max.rate * 0.7).max(1.0);
 
     let ratio = if base.rate > 0.0 {
         max.rate / base.rate
     } else {
         0.0
     };
-    let failed = base.failed + max.failed + paced.failed;
+    let failed = base.failed + base_paced.failed + max.failed + paced.failed;
     let write_through = opts.write_through;
     let mut goals = vec![
         goal("heartbeat ÷ baseline", "≥ 0.8", ratio, ratio >= 0.8),
@@ -655,6 +720,7 @@ pub async fn heartbeat(opts: &Options) -> Result<Report> {
         "request_bytes": agents.first().map_or(0, |a| a.heartbeat.len()),
         "duration_s": opts.duration.as_secs_f64(),
         "baseline": base,
+        "baseline_paced": { "target_rate": (base.rate * 0.7).max(1.0), "phase": base_paced },
         "max": max,
         "paced": { "target_rate": target, "phase": paced },
         "ratio_to_baseline": ratio,

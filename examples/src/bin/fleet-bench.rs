@@ -260,9 +260,22 @@ fn print_human(r: &Report) {
         },
     );
     match name {
-        "baseline" => phase_line("baseline", &r["max"]),
+        "baseline" => {
+            phase_line("baseline, max", &r["max"]);
+            phase_line(
+                &format!("baseline, paced {:.0}/s", f(r, &["paced", "target_rate"])),
+                &r["paced"]["phase"],
+            );
+        }
         "heartbeat" => {
-            phase_line("baseline", &r["baseline"]);
+            phase_line("baseline, max", &r["baseline"]);
+            phase_line(
+                &format!(
+                    "baseline, paced {:.0}/s",
+                    f(r, &["baseline_paced", "target_rate"])
+                ),
+                &r["baseline_paced"]["phase"],
+            );
             phase_line("fleet, max", &r["max"]);
             phase_line(
                 &format!("fleet, paced {:.0}/s", f(r, &["paced", "target_rate"])),
