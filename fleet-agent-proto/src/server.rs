@@ -22,7 +22,7 @@ use fleet_core::store::FleetStore;
 use fleet_core::{EnrollError, Fleet, Heartbeat, InstanceIdentity, Timestamp};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -48,8 +48,8 @@ pub struct ServerConfig {
     /// kept-alive connection waits for its next request, so the server uses the larger of this
     /// and `idle_timeout`: an agent heartbeating every 15 s keeps its connection.
     pub header_read_timeout: Duration,
-    /// A connection with no traffic for this long is closed (keep it above two heartbeat
-    /// intervals so agents keep their connections).
+    /// A connection with no traffic for this long is closed, at the latest a quarter of it later
+    /// (keep it above two heartbeat intervals so agents keep their connections).
     pub idle_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
@@ -167,6 +167,44 @@ fn error(code: ErrorCode, message: impl Into<String>) -> Response<Body> {
     resp
 }
 
+enum BodyError {
+    TooLarge,
+    Unreadable,
+}
+
+/// Reads a whole body of at most `limit` bytes. A body that arrives as one frame (a heartbeat
+/// does) is handed on without a copy.
+async fn read_body(mut body: Incoming, limit: usize) -> Result<Bytes, BodyError> {
+    // The first frame as it came; once a second one arrives, everything so far in `joined`.
+    let mut first: Option<Bytes> = None;
+    let mut joined: Option<Vec<u8>> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(|_| BodyError::Unreadable)?.into_data() else {
+            continue; // trailers
+        };
+        let so_far = joined
+            .as_ref()
+            .map_or_else(|| first.as_ref().map_or(0, Bytes::len), Vec::len);
+        if so_far + data.len() > limit {
+            return Err(BodyError::TooLarge);
+        }
+        match (&mut joined, first.take()) {
+            (Some(j), _) => j.extend_from_slice(&data),
+            (None, None) => first = Some(data),
+            (None, Some(f)) => {
+                let mut j = Vec::with_capacity(f.len() + data.len());
+                j.extend_from_slice(&f);
+                j.extend_from_slice(&data);
+                joined = Some(j);
+            }
+        }
+    }
+    Ok(match joined {
+        Some(j) => Bytes::from(j),
+        None => first.unwrap_or_default(),
+    })
+}
+
 async fn read_json<T: DeserializeOwned>(
     req: Request<Incoming>,
     limit: usize,
@@ -197,18 +235,15 @@ async fn read_json<T: DeserializeOwned>(
             format!("the body limit of this route is {limit} bytes"),
         ));
     }
-    let bytes = match Limited::new(req.into_body(), limit).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
+    let bytes = match read_body(req.into_body(), limit).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             return Err(error(
                 ErrorCode::BodyTooLarge,
                 format!("the body limit of this route is {limit} bytes"),
             ));
         }
-        Err(_) => {
+        Err(BodyError::Unreadable) => {
             return Err(error(
                 ErrorCode::MalformedRequest,
                 "the request body could not be read",
@@ -268,18 +303,24 @@ impl<S: FleetStore> AgentServer<S> {
 
     /// Handles one request from `peer` (exposed so that embedders can route to it themselves).
     pub async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        let path = req.uri().path().to_owned();
-        let known = [ENROLL_PATH, HEARTBEAT_PATH, RENEW_PATH].contains(&path.as_str());
-        if !known {
-            return error(ErrorCode::NotFound, format!("no route {path}"));
+        enum Route {
+            Enroll,
+            Heartbeat,
+            Renew,
         }
+        let route = match req.uri().path() {
+            ENROLL_PATH => Route::Enroll,
+            HEARTBEAT_PATH => Route::Heartbeat,
+            RENEW_PATH => Route::Renew,
+            other => return error(ErrorCode::NotFound, format!("no route {other}")),
+        };
         if req.method() != Method::POST {
             return error(ErrorCode::MethodNotAllowed, "use POST");
         }
-        match path.as_str() {
-            ENROLL_PATH => self.enroll(req, peer).await,
-            HEARTBEAT_PATH => self.heartbeat(req, peer).await,
-            _ => self.renew(req, peer).await,
+        match route {
+            Route::Enroll => self.enroll(req, peer).await,
+            Route::Heartbeat => self.heartbeat(req, peer).await,
+            Route::Renew => self.renew(req, peer).await,
         }
     }
 
@@ -327,7 +368,10 @@ impl<S: FleetStore> AgentServer<S> {
         }
     }
 
-    async fn authenticated(&self, peer: &Peer) -> Result<InstanceIdentity, Response<Body>> {
+    async fn authenticated<'p>(
+        &self,
+        peer: &'p Peer,
+    ) -> Result<&'p InstanceIdentity, Response<Body>> {
         let Some(identity) = &peer.identity else {
             return Err(error(
                 ErrorCode::Unauthenticated,
@@ -335,7 +379,7 @@ impl<S: FleetStore> AgentServer<S> {
             ));
         };
         match self.fleet.authenticate(identity).await {
-            Ok(()) => Ok(identity.clone()),
+            Ok(()) => Ok(identity),
             Err(e) => Err(error(ErrorCode::from(&e), e.to_string())),
         }
     }
@@ -386,7 +430,7 @@ impl<S: FleetStore> AgentServer<S> {
             Ok(b) => b,
             Err(resp) => return resp,
         };
-        match self.fleet.renew(&identity, &body.csr_pem).await {
+        match self.fleet.renew(identity, &body.csr_pem).await {
             Ok(cert) => json_response(
                 StatusCode::OK,
                 &RenewResponse {
@@ -467,7 +511,7 @@ impl<S: FleetStore> AgentServer<S> {
                     .header_read_timeout(header_timeout);
                 builder.http2().timer(TokioTimer::new());
                 let activity = Activity::new(tls);
-                let last = activity.clock();
+                let moved = activity.counter();
                 let conn = builder
                     .serve_connection(TokioIo::new(activity), service)
                     .into_owned();
@@ -475,7 +519,7 @@ impl<S: FleetStore> AgentServer<S> {
                 // is left alone, and a shutdown lets its current request finish.
                 tokio::select! {
                     _ = watcher.watch(conn) => {}
-                    () = idle(last, idle_timeout) => {}
+                    () = idle(moved, idle_timeout) => {}
                 }
             });
         }
@@ -484,29 +528,28 @@ impl<S: FleetStore> AgentServer<S> {
     }
 }
 
-/// Wraps a connection's I/O and records when it last moved bytes.
+/// Wraps a connection's I/O and counts the reads and writes that moved bytes (a counter, not a
+/// clock: a request costs two relaxed increments instead of clock reads).
 struct Activity<IO> {
     inner: IO,
-    started: std::time::Instant,
-    last: Arc<std::sync::atomic::AtomicU64>,
+    moved: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl<IO> Activity<IO> {
     fn new(inner: IO) -> Self {
         Self {
             inner,
-            started: std::time::Instant::now(),
-            last: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            moved: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
-    fn clock(&self) -> (std::time::Instant, Arc<std::sync::atomic::AtomicU64>) {
-        (self.started, Arc::clone(&self.last))
+    fn counter(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        Arc::clone(&self.moved)
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+        self.moved
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -553,17 +596,26 @@ impl<IO: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Activity<IO> {
     }
 }
 
-/// Completes once the connection has moved no bytes for `timeout`.
-async fn idle(
-    (started, last): (std::time::Instant, Arc<std::sync::atomic::AtomicU64>),
-    timeout: Duration,
-) {
+/// Checks of the activity counter per idle timeout.
+const IDLE_CHECKS: u32 = 4;
+
+/// Completes once the connection has moved no bytes for `timeout` (detected within a quarter
+/// of it: the counter is looked at every `timeout / 4`, and four quiet looks in a row end it).
+async fn idle(moved: Arc<std::sync::atomic::AtomicU64>, timeout: Duration) {
+    let step = timeout / IDLE_CHECKS;
+    let mut seen = moved.load(std::sync::atomic::Ordering::Relaxed);
+    let mut quiet = 0;
     loop {
-        let quiet_since = Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
-        let quiet_for = started.elapsed().saturating_sub(quiet_since);
-        if quiet_for >= timeout {
-            return;
+        tokio::time::sleep(step).await;
+        let now = moved.load(std::sync::atomic::Ordering::Relaxed);
+        if now == seen {
+            quiet += 1;
+            if quiet >= IDLE_CHECKS {
+                return;
+            }
+        } else {
+            seen = now;
+            quiet = 0;
         }
-        tokio::time::sleep(timeout - quiet_for).await;
     }
 }

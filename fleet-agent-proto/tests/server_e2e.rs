@@ -670,6 +670,70 @@ fn heartbeat_request() -> hyper::Request<Full<Bytes>> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_sent_in_pieces_are_joined_and_limited() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (id, enrolled) = enroll(&h, &token.presented.to_string(), "chunky").await;
+    let tls = connect(&h, Some(&id), &[b"http/1.1"]).await;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    // Chunked transfer, no content-length: the server sees three frames.
+    let send = |path: &'static str, pieces: Vec<Vec<u8>>| {
+        let (mut tx, body) = http_body_util::channel::Channel::<Bytes>::new(4);
+        tokio::spawn(async move {
+            for p in pieces {
+                if tx.send_data(Bytes::from(p)).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        hyper::Request::post(format!("https://localhost{path}"))
+            .header("content-type", "application/json")
+            .body(body)
+            .unwrap()
+    };
+    let pieces = [
+        &b"{\"seq"[..],
+        b"uence\":5,\"metrics\":{\"cpu_percent\":",
+        b"42.5}}",
+    ];
+    let resp = sender
+        .send_request(send(
+            "/v1/heartbeat",
+            pieces.iter().map(|p| p.to_vec()).collect(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let view = h
+        .fleet
+        .get(&TenantScope::All, enrolled.instance_id)
+        .unwrap();
+    assert_eq!(view.metrics.and_then(|m| m.cpu_percent), Some(42.5));
+
+    // 3 × 6 KiB against the 16 KiB enrollment limit: refused, nothing enrolled.
+    let before = h.fleet.view().len();
+    let resp = sender
+        .send_request(send("/v1/enroll", vec![vec![b' '; 6 * 1024]; 3]))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 413);
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let err: ErrorBody = serde_json::from_slice(&body).unwrap();
+    assert_eq!(err.error.code, ErrorCode::BodyTooLarge);
+    assert_eq!(h.fleet.view().len(), before);
+    drop(sender);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_over_http2() {
     let h = Harness::start(ServerConfig::default()).await;
     let token = h
