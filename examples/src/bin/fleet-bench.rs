@@ -299,10 +299,12 @@ fn print_human(r: &Report) {
         "reconnect" => {
             phase_line("reconnect + heartbeat", &r["reconnect"]);
             println!(
-                "  {} agents; server restart {:.2} s; {:.1} KiB RSS per idle connection",
+                "  {} agents; server restart {:.2} s; RSS per idle connection {:.1} KiB after the storm, {:.1} KiB opened one at a time ({})",
                 r["agents"],
                 f(r, &["restart_s"]),
                 f(r, &["rss_per_idle_connection_kib"]),
+                f(r, &["rss_per_idle_connection_steady_kib"]),
+                r["steady_connections"],
             );
         }
         "query" => {
