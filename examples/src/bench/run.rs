@@ -990,8 +990,8 @@ pub async fn query(opts: &Options) -> Result<Report> {
         (
             "summary_filtered",
             "/api/v1/summary?filter=role%3Ddb",
-            1.0,
-            "≤ 1",
+            5.0,
+            "≤ 5",
         ),
         (
             "page_filtered",
