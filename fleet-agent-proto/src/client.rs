@@ -163,30 +163,46 @@ pub struct Endpoint {
     pub address: String,
 }
 
-async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
+type Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+fn transport(e: &dyn std::fmt::Display) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+/// Opens a connection: TCP, then TLS with `tls`, then HTTP/1.1.
+async fn connect(
     endpoint: &Endpoint,
     tls: Arc<rustls::ClientConfig>,
-    path: &str,
-    body: &Req,
-) -> Result<Resp, ClientError> {
-    let transport = |e: &dyn std::fmt::Display| ClientError::Transport(e.to_string());
+) -> Result<Sender, ClientError> {
     let tcp = TcpStream::connect(&endpoint.address)
         .await
         .map_err(|e| transport(&e))?;
+    let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from(endpoint.server_name.clone()).map_err(|e| transport(&e))?;
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await
         .map_err(|e| transport(&e))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| transport(&e))?;
     tokio::spawn(conn);
-    let json = serde_json::to_vec(body).map_err(|e| transport(&e))?;
+    Ok(sender)
+}
+
+/// Sends one request on `sender`. The outer error is the transport's (the request may not have
+/// reached the server); the inner one the server's answer.
+async fn send<Resp: DeserializeOwned>(
+    sender: &mut Sender,
+    endpoint: &Endpoint,
+    path: &str,
+    json: Bytes,
+) -> Result<Result<Resp, ClientError>, ClientError> {
+    sender.ready().await.map_err(|e| transport(&e))?;
     let req = http::Request::post(path)
         .header(http::header::HOST, endpoint.server_name.as_str())
         .header(http::header::CONTENT_TYPE, crate::CONTENT_TYPE)
-        .body(Full::new(Bytes::from(json)))
+        .body(Full::new(json))
         .map_err(|e| transport(&e))?;
     let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
     let ok = resp.status().is_success();
@@ -196,7 +212,7 @@ async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
         .await
         .map_err(|e| transport(&e))?
         .to_bytes();
-    if ok {
+    Ok(if ok {
         serde_json::from_slice(&bytes).map_err(|e| transport(&e))
     } else {
         Err(serde_json::from_slice::<ErrorBody>(&bytes)
@@ -207,7 +223,19 @@ async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
                     String::from_utf8_lossy(&bytes)
                 ))
             }))
-    }
+    })
+}
+
+/// One request on a connection of its own.
+async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
+    endpoint: &Endpoint,
+    tls: Arc<rustls::ClientConfig>,
+    path: &str,
+    body: &Req,
+) -> Result<Resp, ClientError> {
+    let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
+    let mut sender = connect(endpoint, tls).await?;
+    send(&mut sender, endpoint, path, json).await?
 }
 
 /// Enrolls: makes a P-256 key and CSR, pins the CA from the join string, and returns the identity
@@ -258,12 +286,25 @@ pub async fn enroll(
     })
 }
 
-/// An enrolled agent's connection settings.
-#[derive(Debug, Clone)]
+/// An enrolled agent's client. It keeps its connection to the server open between requests
+/// (the server keeps a quiet connection for its idle timeout, 90 s by default, longer than two
+/// heartbeat intervals), so a heartbeat costs the server no TLS handshake; a connection the
+/// server has closed is replaced, and the request sent again, once. Clones share the connection.
+#[derive(Clone)]
 pub struct AgentClient {
     endpoint: Endpoint,
     identity: AgentIdentity,
     tls: Arc<rustls::ClientConfig>,
+    conn: Arc<tokio::sync::Mutex<Option<Sender>>>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("endpoint", &self.endpoint)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AgentClient {
@@ -274,7 +315,30 @@ impl AgentClient {
             endpoint,
             identity,
             tls,
+            conn: Arc::new(tokio::sync::Mutex::new(None)),
         })
+    }
+
+    /// Sends a request on the kept-alive connection, opening one when there is none or the
+    /// server closed it (then the request is sent again on the new connection).
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &Req,
+    ) -> Result<Resp, ClientError> {
+        let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
+        let mut slot = self.conn.lock().await;
+        if let Some(sender) = slot.as_mut() {
+            match send(sender, &self.endpoint, path, json.clone()).await {
+                Ok(answer) => return answer,
+                // Closed by the server (idle timeout, restart): open a new one below.
+                Err(_) => *slot = None,
+            }
+        }
+        let mut sender = connect(&self.endpoint, Arc::clone(&self.tls)).await?;
+        let answer = send(&mut sender, &self.endpoint, path, json).await?;
+        *slot = Some(sender);
+        answer
     }
 
     fn tls(identity: &AgentIdentity) -> Result<Arc<rustls::ClientConfig>, ClientError> {
@@ -312,7 +376,7 @@ impl AgentClient {
         &self,
         req: &HeartbeatRequest,
     ) -> Result<HeartbeatResponse, ClientError> {
-        exchange(&self.endpoint, Arc::clone(&self.tls), HEARTBEAT_PATH, req).await
+        self.call(HEARTBEAT_PATH, req).await
     }
 
     /// Renews: a new key and CSR; on success the client switches to the new identity.
@@ -337,6 +401,9 @@ impl AgentClient {
         };
         self.tls = Self::tls(&identity)?;
         self.identity = identity;
+        // The kept connection authenticated with the old certificate: the next request opens
+        // one with the new certificate, which makes the server promote it.
+        self.conn = Arc::new(tokio::sync::Mutex::new(None));
         Ok(())
     }
 }

@@ -132,6 +132,7 @@ pub struct AgentServer<S> {
     tls: Arc<rustls::ServerConfig>,
     config: ServerConfig,
     limiter: Mutex<Limiter>,
+    handshakes: std::sync::atomic::AtomicU64,
 }
 
 /// Who is calling: the transport's view of a connection.
@@ -266,7 +267,14 @@ impl<S: FleetStore> AgentServer<S> {
             tls,
             config,
             limiter: Mutex::new(Limiter::default()),
+            handshakes: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// TLS handshakes completed since the server started: one per connection, so with agents
+    /// that keep their connections this grows with agents, not with heartbeats.
+    pub fn handshakes(&self) -> u64 {
+        self.handshakes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn limited(&self, ip: IpAddr) -> bool {
@@ -491,6 +499,9 @@ impl<S: FleetStore> AgentServer<S> {
                 else {
                     return;
                 };
+                server
+                    .handshakes
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let identity = tls
                     .get_ref()
                     .1

@@ -29,6 +29,7 @@ struct Harness {
     ca_der: Vec<u8>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
+    server: Arc<AgentServer<Arc<MemoryStore>>>,
 }
 
 impl Harness {
@@ -54,8 +55,9 @@ impl Harness {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = Arc::clone(&server);
         let task = tokio::spawn(async move {
-            server
+            served
                 .serve(listener, async {
                     let _ = rx.await;
                 })
@@ -70,6 +72,7 @@ impl Harness {
             addr,
             stop: Some(tx),
             task,
+            server,
         }
     }
 
@@ -645,6 +648,49 @@ async fn the_agent_client_pins_the_ca_enrolls_heartbeats_and_renews() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Some(ErrorCode::CertificateRevoked), "{err}");
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_client_keeps_its_connection_and_replaces_a_closed_one() {
+    let config = ServerConfig {
+        idle_timeout: Duration::from_millis(400),
+        ..ServerConfig::default()
+    };
+    let h = Harness::start(config).await;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let identity = fleet_agent_proto::client::enroll(
+        &h.endpoint(),
+        &token.join,
+        fleet_core::SystemInfo {
+            hostname: "kept".into(),
+            ..fleet_core::SystemInfo::default()
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    let after_enroll = h.server.handshakes();
+    let agent = fleet_agent_proto::client::AgentClient::new(h.endpoint(), identity).unwrap();
+    let hb = fleet_agent_proto::HeartbeatRequest::default();
+    for _ in 0..5 {
+        agent.heartbeat(&hb).await.unwrap();
+    }
+    assert_eq!(
+        h.server.handshakes(),
+        after_enroll + 1,
+        "five heartbeats, one connection"
+    );
+    // The server closes the quiet connection (transport timing: a real-clock wait); the next
+    // heartbeat opens a new one and succeeds.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    agent.heartbeat(&hb).await.unwrap();
+    agent.heartbeat(&hb).await.unwrap();
+    assert_eq!(h.server.handshakes(), after_enroll + 2);
     h.stop().await;
 }
 
