@@ -471,7 +471,15 @@ impl<S: FleetStore> Fleet<S> {
         };
         match self.inner.store.enroll(&commit).await? {
             EnrollResult::Enrolled { seq } => {
-                self.apply_stored(instance, seq).await?;
+                match &commit.target {
+                    // The store holds exactly the record it was given: show it without reading
+                    // it back (one store round trip less per enrollment).
+                    EnrollTarget::New(new) => {
+                        let now = self.now();
+                        self.view_mut().upsert(new, seq, now);
+                    }
+                    EnrollTarget::Existing { .. } => self.apply_stored(instance, seq).await?,
+                }
                 Ok(Enrollment {
                     instance,
                     tenant,
