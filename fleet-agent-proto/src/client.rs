@@ -190,27 +190,53 @@ async fn connect(
     Ok(sender)
 }
 
-/// Sends one request on `sender`. The outer error is the transport's (the request may not have
-/// reached the server); the inner one the server's answer.
+/// Why a request on a connection got no answer.
+enum Unanswered {
+    /// The request never left: the connection was closed or not ready (safe to send again).
+    NotSent(ClientError),
+    /// It may have reached the server (the reply was lost, or the time ran out).
+    Lost(ClientError),
+}
+
+impl Unanswered {
+    fn into_error(self) -> ClientError {
+        match self {
+            Self::NotSent(e) | Self::Lost(e) => e,
+        }
+    }
+}
+
+/// Longest a request may take on a connection (connect, send, reply), so an agent whose server
+/// vanished without closing the connection gives up and reconnects instead of waiting for TCP.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sends one request on `sender`; the inner error is the server's answer.
 async fn send<Resp: DeserializeOwned>(
     sender: &mut Sender,
     endpoint: &Endpoint,
     path: &str,
     json: Bytes,
-) -> Result<Result<Resp, ClientError>, ClientError> {
-    sender.ready().await.map_err(|e| transport(&e))?;
+) -> Result<Result<Resp, ClientError>, Unanswered> {
+    let not_sent = |e: &dyn std::fmt::Display| Unanswered::NotSent(transport(e));
+    let lost = |e: &dyn std::fmt::Display| Unanswered::Lost(transport(e));
+    sender.ready().await.map_err(|e| not_sent(&e))?;
     let req = http::Request::post(path)
         .header(http::header::HOST, endpoint.server_name.as_str())
         .header(http::header::CONTENT_TYPE, crate::CONTENT_TYPE)
         .body(Full::new(json))
-        .map_err(|e| transport(&e))?;
-    let resp = sender.send_request(req).await.map_err(|e| transport(&e))?;
+        .map_err(|e| not_sent(&e))?;
+    let resp = match sender.try_send_request(req).await {
+        Ok(resp) => resp,
+        // hyper hands the request back when it never reached the connection.
+        Err(e) if e.message().is_some() => return Err(not_sent(e.error())),
+        Err(e) => return Err(lost(e.error())),
+    };
     let ok = resp.status().is_success();
     let bytes = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| transport(&e))?
+        .map_err(|e| lost(&e))?
         .to_bytes();
     Ok(if ok {
         serde_json::from_slice(&bytes).map_err(|e| transport(&e))
@@ -226,6 +252,23 @@ async fn send<Resp: DeserializeOwned>(
     })
 }
 
+/// [`send`] within [`REQUEST_TIMEOUT`].
+async fn send_within<Resp: DeserializeOwned>(
+    sender: &mut Sender,
+    endpoint: &Endpoint,
+    path: &str,
+    json: Bytes,
+) -> Result<Result<Resp, ClientError>, Unanswered> {
+    tokio::time::timeout(REQUEST_TIMEOUT, send(sender, endpoint, path, json))
+        .await
+        .unwrap_or_else(|_| {
+            Err(Unanswered::Lost(ClientError::Transport(format!(
+                "no reply within {} s",
+                REQUEST_TIMEOUT.as_secs()
+            ))))
+        })
+}
+
 /// One request on a connection of its own.
 async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
     endpoint: &Endpoint,
@@ -234,8 +277,12 @@ async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
     body: &Req,
 ) -> Result<Resp, ClientError> {
     let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
-    let mut sender = connect(endpoint, tls).await?;
-    send(&mut sender, endpoint, path, json).await?
+    let mut sender = tokio::time::timeout(REQUEST_TIMEOUT, connect(endpoint, tls))
+        .await
+        .map_err(|_| transport(&"connecting timed out"))??;
+    send_within(&mut sender, endpoint, path, json)
+        .await
+        .map_err(Unanswered::into_error)?
 }
 
 /// Enrolls: makes a P-256 key and CSR, pins the CA from the join string, and returns the identity
@@ -288,8 +335,10 @@ pub async fn enroll(
 
 /// An enrolled agent's client. It keeps its connection to the server open between requests
 /// (the server keeps a quiet connection for its idle timeout, 90 s by default, longer than two
-/// heartbeat intervals), so a heartbeat costs the server no TLS handshake; a connection the
-/// server has closed is replaced, and the request sent again, once. Clones share the connection.
+/// heartbeat intervals), so a heartbeat costs the server no TLS handshake. A connection found
+/// closed before a request left is replaced and the request sent on the new one; a request that
+/// may have reached the server is never sent twice. Every request is bounded by
+/// [`REQUEST_TIMEOUT`]. Clones share the connection.
 #[derive(Clone)]
 pub struct AgentClient {
     endpoint: Endpoint,
@@ -319,8 +368,10 @@ impl AgentClient {
         })
     }
 
-    /// Sends a request on the kept-alive connection, opening one when there is none or the
-    /// server closed it (then the request is sent again on the new connection).
+    /// Sends a request on the kept-alive connection, opening one when there is none. If the kept
+    /// connection turns out closed before the request left (the server's idle timeout, a
+    /// restart), the request goes out on a new connection; if it may have reached the server
+    /// (a lost reply, [`REQUEST_TIMEOUT`]), the error is returned and the connection dropped.
     async fn call<Req: Serialize, Resp: DeserializeOwned>(
         &self,
         path: &str,
@@ -329,14 +380,24 @@ impl AgentClient {
         let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
         let mut slot = self.conn.lock().await;
         if let Some(sender) = slot.as_mut() {
-            match send(sender, &self.endpoint, path, json.clone()).await {
+            match send_within(sender, &self.endpoint, path, json.clone()).await {
                 Ok(answer) => return answer,
-                // Closed by the server (idle timeout, restart): open a new one below.
-                Err(_) => *slot = None,
+                Err(Unanswered::NotSent(_)) => *slot = None,
+                Err(Unanswered::Lost(e)) => {
+                    *slot = None;
+                    return Err(e);
+                }
             }
         }
-        let mut sender = connect(&self.endpoint, Arc::clone(&self.tls)).await?;
-        let answer = send(&mut sender, &self.endpoint, path, json).await?;
+        let mut sender = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            connect(&self.endpoint, Arc::clone(&self.tls)),
+        )
+        .await
+        .map_err(|_| transport(&"connecting timed out"))??;
+        let answer = send_within(&mut sender, &self.endpoint, path, json)
+            .await
+            .map_err(Unanswered::into_error)?;
         *slot = Some(sender);
         answer
     }

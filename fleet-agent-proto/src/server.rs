@@ -45,8 +45,10 @@ pub struct ServerConfig {
     /// Time a client has to complete the TLS handshake.
     pub tls_handshake_timeout: Duration,
     /// Time a client has to send a request's headers. hyper also runs this timer while a
-    /// kept-alive connection waits for its next request, so the server uses the larger of this
-    /// and `idle_timeout`: an agent heartbeating every 15 s keeps its connection.
+    /// kept-alive connection waits for its next request, so on connections with a verified
+    /// client certificate (agents) the server uses the larger of this and `idle_timeout`: an
+    /// agent heartbeating every 15 s keeps its connection. Connections without one (enrollment)
+    /// keep this timeout.
     pub header_read_timeout: Duration,
     /// A connection with no traffic for this long is closed, at the latest a quarter of it later
     /// (keep it above two heartbeat intervals so agents keep their connections).
@@ -483,12 +485,7 @@ impl<S: FleetStore> AgentServer<S> {
             let acceptor = acceptor.clone();
             let watcher = graceful.watcher();
             let handshake_timeout = self.config.tls_handshake_timeout;
-            // hyper (≥ 1.6) times the wait for the next request on a kept-alive connection
-            // with the header-read timer: never shorter than the idle timeout.
-            let header_timeout = self
-                .config
-                .header_read_timeout
-                .max(self.config.idle_timeout);
+            let header_timeout = self.config.header_read_timeout;
             let idle_timeout = self.config.idle_timeout;
             tokio::spawn(async move {
                 let _permit = permit;
@@ -508,6 +505,7 @@ impl<S: FleetStore> AgentServer<S> {
                     .peer_certificates()
                     .and_then(|chain| chain.first())
                     .and_then(|leaf| InstanceIdentity::from_certificate_der(leaf).ok());
+                let identity_known = identity.is_some();
                 let peer = Arc::new(Peer { addr, identity });
                 let service = hyper::service::service_fn(move |req| {
                     let server = Arc::clone(&server);
@@ -519,7 +517,15 @@ impl<S: FleetStore> AgentServer<S> {
                 builder
                     .http1()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout);
+                    .header_read_timeout(if identity_known {
+                        // hyper times the wait for the next request on a kept-alive
+                        // connection with the header-read timer: an agent's connection
+                        // gets the idle timeout.
+                        header_timeout.max(idle_timeout)
+                    } else {
+                        // Enrollment (no client certificate): the short timeout stands.
+                        header_timeout
+                    });
                 builder.http2().timer(TokioTimer::new());
                 let activity = Activity::new(tls);
                 let moved = activity.counter();

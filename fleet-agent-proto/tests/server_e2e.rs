@@ -852,6 +852,25 @@ async fn a_kept_alive_connection_outlives_the_header_read_timeout_between_reques
         200
     );
     drop(sender);
+
+    // A connection without a client certificate (enrollment) keeps the short timeout.
+    let tls = connect(&h, None, &[b"http/1.1"]).await;
+    let (mut anon, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(
+        anon.send_request(heartbeat_request())
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    tokio::time::timeout(Duration::from_secs(5), conn)
+        .await
+        .expect("the server closes the quiet anonymous connection")
+        .unwrap()
+        .ok();
     h.stop().await;
 }
 
