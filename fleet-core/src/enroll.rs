@@ -473,10 +473,15 @@ impl<S: FleetStore> Fleet<S> {
             EnrollResult::Enrolled { seq } => {
                 match &commit.target {
                     // The store holds exactly the record it was given: show it without reading
-                    // it back (one store round trip less per enrollment).
+                    // it back (one store round trip less per enrollment) — unless the change
+                    // feed already went past it (a replica may have changed or removed it
+                    // since), under the feed's lock so a sync cannot slip in between.
                     EnrollTarget::New(new) => {
-                        let now = self.now();
-                        self.view_mut().upsert(new, seq, now);
+                        let cursor = self.feed_cursor().await;
+                        if *cursor < seq {
+                            let now = self.now();
+                            self.view_mut().upsert(new, seq, now);
+                        }
                     }
                     EnrollTarget::Existing { .. } => self.apply_stored(instance, seq).await?,
                 }

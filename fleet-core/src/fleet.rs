@@ -134,8 +134,10 @@ impl<S: FleetStore> FleetBuilder<S> {
     /// batching them into the next [`Fleet::flush_heartbeats`]. Default: off. Batching is what
     /// lets one core take tens of thousands of heartbeats a second (`fleet-bench heartbeat
     /// --write-through` shows the difference on your store); turn this on only when losing the
-    /// last second of liveness data in a crash is not acceptable. A failed write answers the
-    /// heartbeat with the store's error and keeps the record for the next flush.
+    /// last second of liveness data in a crash is not acceptable — as durable as the store's
+    /// `write_heartbeats` is (the sled store fsyncs its journal, PostgreSQL commits; the memory
+    /// store keeps nothing). Write-through heartbeats and flushes take turns. A failed write
+    /// answers the heartbeat with the store's error and keeps the record for the next flush.
     pub fn write_through(mut self, on: bool) -> Self {
         self.write_through = on;
         self
@@ -360,8 +362,6 @@ impl<S> Clone for Fleet<S> {
     }
 }
 
-/// Merges a newer heartbeat record into an older one: the newer time wins, fields the newer one
-/// lacks are kept from the older.
 /// [`merge`] in place (one hash lookup on the heartbeat path instead of a remove and an insert).
 fn merge_into(older: &mut HeartbeatRecord, newer: HeartbeatRecord) {
     older.last_seen = newer.last_seen;
@@ -373,6 +373,8 @@ fn merge_into(older: &mut HeartbeatRecord, newer: HeartbeatRecord) {
     }
 }
 
+/// Merges a newer heartbeat record into an older one: the newer time wins, fields the newer one
+/// lacks are kept from the older.
 fn merge(older: HeartbeatRecord, newer: HeartbeatRecord) -> HeartbeatRecord {
     HeartbeatRecord {
         id: newer.id,
@@ -558,6 +560,10 @@ impl<S: FleetStore> Fleet<S> {
     /// Writes instance `id`'s waiting heartbeat record now, alone (write-through mode). On a
     /// store error the record goes back to the batch for the next flush.
     pub(crate) async fn persist_heartbeat(&self, id: InstanceId) -> Result<(), FleetError> {
+        // Serialized with flushes: a flush that took this record has finished (written, or put
+        // it back) before we look, and writes of one instance's records never overtake each
+        // other, so the store never goes back to an older one.
+        let _serial = self.inner.flush.lock().await;
         let Some(record) = self.pending().remove(&id) else {
             return Ok(());
         };
@@ -627,6 +633,11 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     /// Re-reads an instance from the store and applies it to the live view as of `seq`.
+    /// The change-feed cursor, locked (as `sync` holds it while applying changes).
+    pub(crate) async fn feed_cursor(&self) -> tokio::sync::MutexGuard<'_, Seq> {
+        self.inner.feed.lock().await
+    }
+
     pub(crate) async fn apply_stored(&self, id: InstanceId, seq: Seq) -> Result<(), StoreError> {
         let current = self.inner.store.get_instance(id).await?;
         let now = self.now();

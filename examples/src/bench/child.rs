@@ -8,7 +8,8 @@
 //!
 //! The child prints one [`Ready`] line of JSON on stdout once it is serving, and shuts down
 //! gracefully (flushing heartbeats, closing the store) when its stdin closes — which also happens
-//! if the parent dies, so a child never outlives a run.
+//! if the parent dies, so a child never outlives a run; a stdin closed before the ready line
+//! (while synthetic instances are still being added) ends the process at once.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -105,16 +106,41 @@ fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
+/// Set once the ready line is out; before that a closed stdin ends the process at once.
+static SERVING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Completes when the parent asks for a graceful stop (after the ready line).
+type Stop = tokio::sync::watch::Receiver<bool>;
+
+async fn stopped(mut stop: Stop) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Runs the child until its stdin closes.
 pub async fn run(args: ChildArgs) -> Result<()> {
     let started = Instant::now();
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        stdin_closed().await;
+        if !SERVING.load(std::sync::atomic::Ordering::SeqCst) {
+            // Still adding synthetic instances or opening: nothing to hand back, and the
+            // stores are crash-safe — leave now rather than outlive the run.
+            eprintln!("fleet-bench server: stopped before serving");
+            std::process::exit(1);
+        }
+        let _ = stop_tx.send(true);
+    });
     match args.kind {
-        Kind::Baseline => baseline(&args.dir).await,
+        Kind::Baseline => baseline(&args.dir, stop).await,
         Kind::Fleet => match args.store {
             StoreKind::Memory => {
                 let store = Arc::new(MemoryStore::new());
                 populate_each(&store, args.instances).await?;
-                fleet(&args, store, started.elapsed()).await
+                fleet(&args, store, started.elapsed(), stop).await
             }
             StoreKind::Sled => {
                 let store = SledStore::open(args.dir.join("db"))
@@ -129,7 +155,7 @@ pub async fn run(args: ChildArgs) -> Result<()> {
                     }
                 })
                 .await?;
-                fleet(&args, store.clone(), started.elapsed()).await?;
+                fleet(&args, store.clone(), started.elapsed(), stop).await?;
                 store.close().await.context("closing the sled store")
             }
             StoreKind::Postgres => {
@@ -142,7 +168,7 @@ pub async fn run(args: ChildArgs) -> Result<()> {
                     .context("connecting to PostgreSQL")?;
                 store.migrate().await.context("migrating")?;
                 populate_each(&store, args.instances).await?;
-                fleet(&args, store.clone(), started.elapsed()).await?;
+                fleet(&args, store.clone(), started.elapsed(), stop).await?;
                 store.pool().close().await;
                 Ok(())
             }
@@ -153,6 +179,7 @@ pub async fn run(args: ChildArgs) -> Result<()> {
 fn announce(ready: &Ready) -> Result<()> {
     use std::io::Write;
     let line = serde_json::to_string(ready)?;
+    SERVING.store(true, std::sync::atomic::Ordering::SeqCst);
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}")?;
     out.flush()?;
@@ -285,6 +312,7 @@ async fn fleet<S: FleetStore + Clone>(
     args: &ChildArgs,
     store: S,
     populate: Duration,
+    stop: Stop,
 ) -> Result<()> {
     let populate_secs = populate.as_secs_f64();
 
@@ -356,7 +384,7 @@ async fn fleet<S: FleetStore + Clone>(
     });
     announce(&ready)?;
 
-    stdin_closed().await;
+    stopped(stop).await;
     let _ = stop_tx.send(true);
     let _ = agent_task.await;
     let _ = api_task.await;
@@ -368,7 +396,7 @@ async fn fleet<S: FleetStore + Clone>(
 /// The reply the fleet server gives a heartbeat with nothing queued, byte for byte.
 const FIXED_REPLY: &[u8] = br#"{"commands":[],"next_heartbeat_secs":15}"#;
 
-async fn baseline(dir: &Path) -> Result<()> {
+async fn baseline(dir: &Path, stop: Stop) -> Result<()> {
     let Some(ca) = load_ca(dir)? else {
         bail!(
             "the baseline needs the CA files a fleet child writes to {}",
@@ -388,7 +416,7 @@ async fn baseline(dir: &Path) -> Result<()> {
         view_bytes: None,
     })?;
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let stop = stdin_closed();
+    let stop = stopped(stop);
     let mut stop = std::pin::pin!(stop);
     loop {
         let (tcp, _) = tokio::select! {

@@ -466,7 +466,8 @@ async fn drive(
             let mut free_at = start;
             loop {
                 if let Some(iv) = interval {
-                    if next >= until {
+                    // Behind schedule at the end of the window: the rest is not sent.
+                    if next >= until || Instant::now() >= until {
                         break;
                     }
                     tokio::time::sleep_until(next.into()).await;
@@ -583,7 +584,8 @@ pub fn failures(report: &Report) -> u64 {
 }
 
 /// Maximum rate of the baseline (and of the fleet server, when given), in [`ROUNDS`]
-/// alternating slices; then each paced at 70 % of its own maximum (or `rate`). Returns
+/// alternating slices; then each paced at 70 % of its own maximum (the fleet server at `--rate`
+/// when given). Returns
 /// (baseline max, baseline paced, fleet max and paced).
 async fn compare(
     opts: &Options,
@@ -619,12 +621,14 @@ async fn compare(
     }
     let base_max = base_raw.phase();
     let target = (base_max.rate * 0.7).max(1.0);
-    // Connections that failed are gone; pace the rest.
-    let n = base_conns.len();
+    // Each paced phase on fresh connections: the others' may have sat idle past the server's
+    // timeouts meanwhile (long --duration).
+    drop(base_conns);
+    let base_conns = connect_all(baseline.ready.agent_addr, agents).await?;
     let (raw, base_conns) = drive(
         &baseline,
         base_conns,
-        reqs.iter().take(n).cloned().collect(),
+        reqs.clone(),
         Some(target),
         opts.warmup,
         opts.duration,
@@ -638,11 +642,12 @@ async fn compare(
     };
     let fleet_max = fleet_raw.phase();
     let target = opts.rate.unwrap_or(fleet_max.rate * 0.7).max(1.0);
-    let n = fleet_conns.len();
+    drop(fleet_conns);
+    let fleet_conns = connect_all(f.ready.agent_addr, agents).await?;
     let (raw, fleet_conns) = drive(
         f,
         fleet_conns,
-        reqs.iter().take(n).cloned().collect(),
+        reqs,
         Some(target),
         opts.warmup,
         opts.duration,
@@ -1026,8 +1031,11 @@ pub async fn query(opts: &Options) -> Result<Report> {
             }
             if rounds >= 2 {
                 client.record(took);
-                if let Some(ms) = reply.server_ms {
-                    server_ms.record(Duration::from_secs_f64(ms / 1000.0));
+                if let Some(d) = reply
+                    .server_ms
+                    .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
+                {
+                    server_ms.record(d);
                 }
             }
             if rounds == 0 {

@@ -88,13 +88,20 @@ struct Serve {
     offline_after: u64,
 }
 
-/// The first address `addr` (`host:port`) resolves to.
-async fn resolve(addr: &str) -> Result<std::net::SocketAddr> {
-    tokio::net::lookup_host(addr)
+/// Listens on the first address `addr` (`host:port`) resolves to that can be bound, as
+/// `TcpListener::bind` does, with the larger backlog of [`listen`].
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for a in tokio::net::lookup_host(addr)
         .await
         .with_context(|| format!("resolving {addr}"))?
-        .next()
-        .with_context(|| format!("{addr} resolves to no address"))
+    {
+        match listen(a) {
+            Ok(l) => return Ok(l),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("{addr} resolves to no address")))
 }
 
 async fn shutdown_signal() {
@@ -199,9 +206,9 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
             .ca()
             .issue_server(&names, fleet.now(), Duration::from_secs(365 * 86_400))?;
     let tls = tls_config(fleet.ca().cert_der(), &server_cert)?;
-    let agent_listener = listen(resolve(&args.agent_listen).await?)?;
+    let agent_listener = bind(&args.agent_listen).await?;
     let agent_addr = agent_listener.local_addr()?;
-    let operator_listener = listen(resolve(&args.operator_listen).await?)?;
+    let operator_listener = bind(&args.operator_listen).await?;
     let operator_addr = operator_listener.local_addr()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -172,7 +172,12 @@ async fn bench(scenario: Scenario, args: Args) -> Result<()> {
         duration: if quick {
             Duration::from_secs(1)
         } else {
-            Duration::from_secs_f64(args.duration.max(0.1))
+            Duration::try_from_secs_f64(args.duration)
+                .ok()
+                .filter(|d| *d >= Duration::from_millis(100) && *d <= Duration::from_secs(3600))
+                .with_context(|| {
+                    format!("--duration {}: give 0.1 to 3600 seconds", args.duration)
+                })?
         },
         warmup: if quick {
             Duration::from_millis(300)
@@ -181,7 +186,10 @@ async fn bench(scenario: Scenario, args: Args) -> Result<()> {
         },
         instances: args.instances,
         write_through: args.write_through,
-        rate: args.rate,
+        rate: match args.rate {
+            Some(r) if !(r.is_finite() && r > 0.0) => bail!("--rate {r}: give a positive rate"),
+            r => r,
+        },
         quick,
         server_cpu: server_cpu.clone(),
         dir: args.dir.clone(),
