@@ -328,9 +328,11 @@ impl<S: FleetStore> AgentServer<S> {
             return error(ErrorCode::MethodNotAllowed, "use POST");
         }
         match route {
-            Route::Enroll => self.enroll(req, peer).await,
+            // The rare routes are boxed so that their large futures do not set the size of
+            // every request's future (moved into place per request on the heartbeat path).
+            Route::Enroll => Box::pin(self.enroll(req, peer)).await,
             Route::Heartbeat => self.heartbeat(req, peer).await,
-            Route::Renew => self.renew(req, peer).await,
+            Route::Renew => Box::pin(self.renew(req, peer)).await,
         }
     }
 
