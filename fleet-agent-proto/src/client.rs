@@ -169,11 +169,17 @@ fn transport(e: &dyn std::fmt::Display) -> ClientError {
     ClientError::Transport(e.to_string())
 }
 
-/// Opens a connection: TCP, then TLS with `tls`, then HTTP/1.1.
+/// Opens a connection within [`REQUEST_TIMEOUT`]: TCP, then TLS with `tls`, then HTTP/1.1.
 async fn connect(
     endpoint: &Endpoint,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Sender, ClientError> {
+    tokio::time::timeout(REQUEST_TIMEOUT, open(endpoint, tls))
+        .await
+        .map_err(|_| transport(&"connecting timed out"))?
+}
+
+async fn open(endpoint: &Endpoint, tls: Arc<rustls::ClientConfig>) -> Result<Sender, ClientError> {
     let tcp = TcpStream::connect(&endpoint.address)
         .await
         .map_err(|e| transport(&e))?;
@@ -277,9 +283,7 @@ async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
     body: &Req,
 ) -> Result<Resp, ClientError> {
     let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
-    let mut sender = tokio::time::timeout(REQUEST_TIMEOUT, connect(endpoint, tls))
-        .await
-        .map_err(|_| transport(&"connecting timed out"))??;
+    let mut sender = connect(endpoint, tls).await?;
     send_within(&mut sender, endpoint, path, json)
         .await
         .map_err(Unanswered::into_error)?
@@ -389,12 +393,7 @@ impl AgentClient {
                 }
             }
         }
-        let mut sender = tokio::time::timeout(
-            REQUEST_TIMEOUT,
-            connect(&self.endpoint, Arc::clone(&self.tls)),
-        )
-        .await
-        .map_err(|_| transport(&"connecting timed out"))??;
+        let mut sender = connect(&self.endpoint, Arc::clone(&self.tls)).await?;
         let answer = send_within(&mut sender, &self.endpoint, path, json)
             .await
             .map_err(Unanswered::into_error)?;

@@ -375,13 +375,9 @@ fn merge_into(older: &mut HeartbeatRecord, newer: HeartbeatRecord) {
 
 /// Merges a newer heartbeat record into an older one: the newer time wins, fields the newer one
 /// lacks are kept from the older.
-fn merge(older: HeartbeatRecord, newer: HeartbeatRecord) -> HeartbeatRecord {
-    HeartbeatRecord {
-        id: newer.id,
-        last_seen: newer.last_seen,
-        metrics: newer.metrics.or(older.metrics),
-        apps: newer.apps.or(older.apps),
-    }
+fn merge(mut older: HeartbeatRecord, newer: HeartbeatRecord) -> HeartbeatRecord {
+    merge_into(&mut older, newer);
+    older
 }
 
 impl<S: FleetStore> Fleet<S> {
@@ -542,14 +538,7 @@ impl<S: FleetStore> Fleet<S> {
         if !batch.is_empty()
             && let Err(e) = self.inner.store.write_heartbeats(&batch).await
         {
-            let mut pending = self.pending();
-            for older in batch {
-                let merged = match pending.remove(&older.id) {
-                    Some(newer) => merge(older, newer),
-                    None => older,
-                };
-                pending.insert(merged.id, merged);
-            }
+            self.put_back(batch);
             return Err(e.into());
         }
         // Fleet alerts and trend buckets last: a failure there never holds heartbeats back.
@@ -569,16 +558,23 @@ impl<S: FleetStore> Fleet<S> {
         };
         let batch = [record];
         if let Err(e) = self.inner.store.write_heartbeats(&batch).await {
-            let [older] = batch;
-            let mut pending = self.pending();
-            let merged = match pending.remove(&id) {
-                Some(newer) => merge(older, newer),
-                None => older,
-            };
-            pending.insert(id, merged);
+            self.put_back(batch);
             return Err(e.into());
         }
         Ok(())
+    }
+
+    /// Returns records whose write failed to the write-behind map, each merged under anything
+    /// newer that arrived meanwhile.
+    fn put_back(&self, records: impl IntoIterator<Item = HeartbeatRecord>) {
+        let mut pending = self.pending();
+        for older in records {
+            let merged = match pending.remove(&older.id) {
+                Some(newer) => merge(older, newer),
+                None => older,
+            };
+            pending.insert(merged.id, merged);
+        }
     }
 
     /// Number of heartbeat records waiting for the next flush.

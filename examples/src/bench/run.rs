@@ -375,28 +375,31 @@ pub struct Phase {
 }
 
 impl Phase {
-    fn new(
-        ok: u64,
-        failed: u64,
-        window: Duration,
-        latencies: Latencies,
-        cpu: Duration,
-        first_error: Option<String>,
-    ) -> Self {
+    /// The figures of what `t` counted over `window`, in which the server used `cpu`.
+    fn measured(t: Tally, window: Duration, cpu: Duration) -> Self {
         let secs = window.as_secs_f64().max(1e-9);
         let cpu_us = cpu.as_secs_f64() * 1e6;
-        let per_op = if ok == 0 { 0.0 } else { cpu_us / ok as f64 };
+        let per_op = if t.ok == 0 { 0.0 } else { cpu_us / t.ok as f64 };
         Self {
-            ok,
-            failed,
-            rate: ok as f64 / secs,
-            latency: latencies.summary(),
+            ok: t.ok,
+            failed: t.failed,
+            rate: t.ok as f64 / secs,
+            latency: t.latencies.summary(),
             cpu_us_per_op: per_op,
             server_core_utilisation: cpu.as_secs_f64() / secs,
             capacity_per_core: if per_op > 0.0 { 1e6 / per_op } else { 0.0 },
-            first_error,
+            first_error: t.first_error,
         }
     }
+}
+
+/// A non-2xx reply, for an error message.
+fn describe(reply: &wire::Reply) -> String {
+    format!(
+        "HTTP {}: {}",
+        reply.status,
+        String::from_utf8_lossy(&reply.body)
+    )
 }
 
 /// What one connection did in a phase.
@@ -483,11 +486,7 @@ async fn drive(
                                 t.latencies.record(done - origin);
                             }
                         }
-                        Ok(reply) => t.fail(format!(
-                            "HTTP {}: {}",
-                            reply.status,
-                            String::from_utf8_lossy(&reply.body)
-                        )),
+                        Ok(reply) => t.fail(describe(&reply)),
                         Err(e) => {
                             t.fail(format!("{e:#}"));
                             return (t, None);
@@ -506,11 +505,7 @@ async fn drive(
                                 t.latencies.record(sent.elapsed());
                             }
                         }
-                        Ok(reply) => t.fail(format!(
-                            "HTTP {}: {}",
-                            reply.status,
-                            String::from_utf8_lossy(&reply.body)
-                        )),
+                        Ok(reply) => t.fail(describe(&reply)),
                         Err(e) => {
                             t.fail(format!("{e:#}"));
                             return (t, None);
@@ -552,14 +547,7 @@ impl Raw {
     }
 
     fn phase(self) -> Phase {
-        Phase::new(
-            self.tally.ok,
-            self.tally.failed,
-            self.window,
-            self.tally.latencies,
-            self.cpu,
-            self.tally.first_error,
-        )
+        Phase::measured(self.tally, self.window, self.cpu)
     }
 }
 
@@ -807,11 +795,7 @@ pub async fn enroll(opts: &Options) -> Result<Report> {
                             t.latencies.record(sent.elapsed());
                         }
                     }
-                    Ok(reply) => t.fail(format!(
-                        "HTTP {}: {}",
-                        reply.status,
-                        String::from_utf8_lossy(&reply.body)
-                    )),
+                    Ok(reply) => t.fail(describe(&reply)),
                     Err(e) => t.fail(format!("{e:#}")),
                 }
             }
@@ -828,14 +812,7 @@ pub async fn enroll(opts: &Options) -> Result<Report> {
     }
     let instances = server.ready.instances;
     server.stop().await?;
-    let phase = Phase::new(
-        total.ok,
-        total.failed,
-        window,
-        total.latencies,
-        u1.cpu.saturating_sub(u0.cpu),
-        total.first_error,
-    );
+    let phase = Phase::measured(total, window, u1.cpu.saturating_sub(u0.cpu));
     let failed = phase.failed;
     Ok(json!({
         "scenario": "enroll",
@@ -906,11 +883,7 @@ pub async fn reconnect(opts: &Options) -> Result<Report> {
                 t.latencies.record(latency);
                 open.push(conn);
             }
-            Ok((_, reply)) => t.fail(format!(
-                "HTTP {}: {}",
-                reply.status,
-                String::from_utf8_lossy(&reply.body)
-            )),
+            Ok((_, reply)) => t.fail(describe(&reply)),
             Err(e) => t.fail(format!("{e:#}")),
         }
     }
@@ -942,14 +915,7 @@ pub async fn reconnect(opts: &Options) -> Result<Report> {
     let held = open.len();
     drop(open);
     server.stop().await?;
-    let phase = Phase::new(
-        t.ok,
-        t.failed,
-        window,
-        t.latencies,
-        after.cpu.saturating_sub(before.cpu),
-        t.first_error,
-    );
+    let phase = Phase::measured(t, window, after.cpu.saturating_sub(before.cpu));
     let failed = phase.failed;
     Ok(json!({
         "scenario": "reconnect",
@@ -1023,11 +989,7 @@ pub async fn query(opts: &Options) -> Result<Report> {
             let reply = conn.send(&req).await?;
             let took = sent.elapsed();
             if reply.status != 200 {
-                bail!(
-                    "{name}: HTTP {}: {}",
-                    reply.status,
-                    String::from_utf8_lossy(&reply.body)
-                );
+                bail!("{name}: {}", describe(&reply));
             }
             if rounds >= 2 {
                 client.record(took);
