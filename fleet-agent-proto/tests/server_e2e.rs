@@ -694,6 +694,34 @@ async fn the_agent_client_keeps_its_connection_and_replaces_a_closed_one() {
     h.stop().await;
 }
 
+/// Enrolls an agent called `host` and opens a kept-alive HTTP/1.1 connection with its
+/// certificate; the connection runs in the returned task.
+async fn agent_connection<B>(
+    h: &Harness,
+    host: &str,
+) -> (
+    EnrollResponse,
+    hyper::client::conn::http1::SendRequest<B>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+)
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (id, enrolled) = enroll(h, &token.presented.to_string(), host).await;
+    let tls = connect(h, Some(&id), &[b"http/1.1"]).await;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    (enrolled, sender, tokio::spawn(conn))
+}
+
 async fn connect(
     h: &Harness,
     id: Option<&ClientId>,
@@ -718,17 +746,7 @@ fn heartbeat_request() -> hyper::Request<Full<Bytes>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bodies_sent_in_pieces_are_joined_and_limited() {
     let h = Harness::start(ServerConfig::default()).await;
-    let token = h
-        .fleet
-        .create_token(&TenantScope::All, NewToken::default())
-        .await
-        .unwrap();
-    let (id, enrolled) = enroll(&h, &token.presented.to_string(), "chunky").await;
-    let tls = connect(&h, Some(&id), &[b"http/1.1"]).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let (enrolled, mut sender, _conn) = agent_connection(&h, "chunky").await;
     // Chunked transfer, no content-length: the server sees three frames.
     let send = |path: &'static str, pieces: Vec<Vec<u8>>| {
         let (mut tx, body) = http_body_util::channel::Channel::<Bytes>::new(4);
@@ -819,17 +837,7 @@ async fn a_kept_alive_connection_outlives_the_header_read_timeout_between_reques
         ..ServerConfig::default()
     };
     let h = Harness::start(config).await;
-    let token = h
-        .fleet
-        .create_token(&TenantScope::All, NewToken::default())
-        .await
-        .unwrap();
-    let (id, _) = enroll(&h, &token.presented.to_string(), "kept-alive").await;
-    let tls = connect(&h, Some(&id), &[b"http/1.1"]).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (_, mut sender, conn) = agent_connection(&h, "kept-alive").await;
     for _ in 0..2 {
         assert_eq!(
             sender
@@ -881,17 +889,7 @@ async fn quiet_connections_are_closed_after_the_idle_timeout() {
         ..ServerConfig::default()
     };
     let h = Harness::start(config).await;
-    let token = h
-        .fleet
-        .create_token(&TenantScope::All, NewToken::default())
-        .await
-        .unwrap();
-    let (id, _) = enroll(&h, &token.presented.to_string(), "idle-agent").await;
-    let tls = connect(&h, Some(&id), &[b"http/1.1"]).await;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    let conn = tokio::spawn(conn);
+    let (_, mut sender, conn) = agent_connection(&h, "idle-agent").await;
     assert_eq!(
         sender
             .send_request(heartbeat_request())
