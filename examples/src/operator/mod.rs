@@ -55,6 +55,38 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 
+/// Every route of the operator API as `(method, path template)`, the list the OpenAPI document
+/// (`GET /api/v1/openapi.json`) is checked against. `{id}` / `{name}` are path parameters.
+pub const API_ROUTES: &[(&str, &str)] = &[
+    ("GET", "/api/v1/openapi.json"),
+    ("GET", "/api/v1/session"),
+    ("POST", "/api/v1/tokens"),
+    ("GET", "/api/v1/tokens"),
+    ("GET", "/api/v1/tokens/{id}"),
+    ("POST", "/api/v1/tokens/{id}/revoke"),
+    ("GET", "/api/v1/summary"),
+    ("GET", "/api/v1/instances"),
+    ("GET", "/api/v1/instances/{id}"),
+    ("DELETE", "/api/v1/instances/{id}"),
+    ("PUT", "/api/v1/instances/{id}/tags"),
+    ("PUT", "/api/v1/instances/{id}/groups"),
+    ("GET", "/api/v1/instances/{id}/uptime"),
+    ("GET", "/api/v1/instances/{id}/metrics"),
+    ("GET", "/api/v1/instances/{id}/commands"),
+    ("GET", "/api/v1/instances/{id}/policies"),
+    ("GET", "/api/v1/alerts"),
+    ("GET", "/api/v1/trends"),
+    ("POST", "/api/v1/commands"),
+    ("GET", "/api/v1/commands"),
+    ("GET", "/api/v1/commands/{id}"),
+    ("POST", "/api/v1/commands/{id}/cancel"),
+    ("POST", "/api/v1/policies"),
+    ("GET", "/api/v1/policies"),
+    ("GET", "/api/v1/policies/results"),
+    ("DELETE", "/api/v1/policies/{name}"),
+    ("GET", "/metrics"),
+];
+
 /// Largest operator request body (room for a command payload of 64 KiB).
 const MAX_BODY: usize = 256 * 1024;
 
