@@ -38,6 +38,7 @@ use crate::error::{StoreError, ValidationError};
 use crate::fleet::HeartbeatAck;
 use crate::store::FleetStore;
 use crate::tag::string_newtype_impls;
+use crate::telemetry::StoreOp;
 use crate::{Fleet, FleetError, InstanceId, RandomError, TenantId, TenantScope, Timestamp};
 
 /// A command's time-to-live when the operator gives none (24 hours).
@@ -774,7 +775,17 @@ impl<S: FleetStore> Fleet<S> {
                     })
                 })
                 .collect::<Result<Vec<_>, RandomError>>()?;
-            let stored = self.inner.store.enqueue_commands(&commands).await?;
+            let stored = self
+                .timed(
+                    StoreOp::EnqueueCommands,
+                    self.inner.store.enqueue_commands(&commands),
+                )
+                .await?;
+            let created = stored
+                .iter()
+                .filter(|e| matches!(e, Enqueued::Created(_)))
+                .count();
+            self.inner.telemetry.commands(CommandState::Queued, created);
             let generation = self.next_hint_generation();
             let mut hint = self.command_hint();
             for e in stored {
@@ -817,12 +828,22 @@ impl<S: FleetStore> Fleet<S> {
                 ..result
             };
             match self
-                .inner
-                .store
-                .complete_command(id, r.id, r.outcome, &result, now)
+                .timed(
+                    StoreOp::CompleteCommand,
+                    self.inner
+                        .store
+                        .complete_command(id, r.id, r.outcome, &result, now),
+                )
                 .await
             {
-                Ok(_) => {}
+                Ok(c) => {
+                    // Finished by this result: a repeated one leaves the first one's time.
+                    let finished =
+                        matches!(c.state, CommandState::Succeeded | CommandState::Failed);
+                    if finished && c.finished_at == Some(now) {
+                        self.inner.telemetry.commands(c.state, 1);
+                    }
+                }
                 Err(StoreError::NotFound { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -834,10 +855,19 @@ impl<S: FleetStore> Fleet<S> {
             });
         };
         let delivery = self
-            .inner
-            .store
-            .deliver_commands(id, now, self.inner.command_lease, MAX_COMMANDS_PER_DELIVERY)
+            .timed(
+                StoreOp::DeliverCommands,
+                self.inner.store.deliver_commands(
+                    id,
+                    now,
+                    self.inner.command_lease,
+                    MAX_COMMANDS_PER_DELIVERY,
+                ),
+            )
             .await?;
+        self.inner
+            .telemetry
+            .commands(CommandState::Delivered, delivery.commands.len());
         if delivery.open == 0 {
             let mut hint = self.command_hint();
             if hint.get(&id) == Some(&generation) {
@@ -891,8 +921,17 @@ impl<S: FleetStore> Fleet<S> {
         id: CommandId,
     ) -> Result<Command, FleetError> {
         let current = self.command(scope, id).await?;
-        match self.inner.store.cancel_command(id, self.now()).await {
-            Ok(c) => Ok(c),
+        match self
+            .timed(
+                StoreOp::CancelCommand,
+                self.inner.store.cancel_command(id, self.now()),
+            )
+            .await
+        {
+            Ok(c) => {
+                self.inner.telemetry.commands(CommandState::Cancelled, 1);
+                Ok(c)
+            }
             Err(StoreError::Conflict(_)) => {
                 let state = self
                     .inner
@@ -911,7 +950,15 @@ impl<S: FleetStore> Fleet<S> {
     /// than `retention`. Returns (expired, pruned).
     pub async fn command_upkeep(&self, retention: Duration) -> Result<(usize, usize), FleetError> {
         let now = self.now();
-        let expired = self.inner.store.expire_commands(now).await?;
+        let expired = self
+            .timed(
+                StoreOp::ExpireCommands,
+                self.inner.store.expire_commands(now),
+            )
+            .await?;
+        self.inner
+            .telemetry
+            .commands(CommandState::Expired, expired);
         let pruned = self
             .inner
             .store

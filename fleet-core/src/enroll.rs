@@ -58,6 +58,7 @@ use crate::fleet::{Fleet, Heartbeat, HeartbeatAck};
 use crate::identity::{Fingerprint, InstanceIdentity};
 use crate::live::CertificateCheck;
 use crate::store::{CertificateChange, EnrollCommit, EnrollResult, EnrollTarget, FleetStore};
+use crate::telemetry::{EnrollmentOutcome, StoreOp};
 use crate::token::{
     CreatedToken, JoinString, LedgerEntry, LedgerOutcome, NewToken, PresentedToken,
     RegistrationToken, SecretHash, TokenId, TokenSecret, TokenState,
@@ -251,7 +252,10 @@ impl<S: FleetStore> Fleet<S> {
                 description: new.description.clone(),
                 allow_reenroll: new.allow_reenroll,
             };
-            match self.inner.store.insert_token(&token).await {
+            match self
+                .timed(StoreOp::InsertToken, self.inner.store.insert_token(&token))
+                .await
+            {
                 Ok(()) => {
                     let presented = PresentedToken {
                         id: token.id.clone(),
@@ -292,7 +296,10 @@ impl<S: FleetStore> Fleet<S> {
         scope: &TenantScope,
         id: &TokenId,
     ) -> Result<RegistrationToken, FleetError> {
-        match self.inner.store.get_token(id).await? {
+        match self
+            .timed(StoreOp::GetToken, self.inner.store.get_token(id))
+            .await?
+        {
             Some(t) if scope_allows_token(scope, &t) => Ok(t),
             _ => Err(FleetError::TokenNotFound(id.clone())),
         }
@@ -305,7 +312,12 @@ impl<S: FleetStore> Fleet<S> {
         id: &TokenId,
     ) -> Result<RegistrationToken, FleetError> {
         self.get_token(scope, id).await?;
-        Ok(self.inner.store.revoke_token(id, self.now()).await?)
+        Ok(self
+            .timed(
+                StoreOp::RevokeToken,
+                self.inner.store.revoke_token(id, self.now()),
+            )
+            .await?)
     }
 
     /// A token's ledger, newest first, if the token is visible in `scope`.
@@ -335,14 +347,30 @@ impl<S: FleetStore> Fleet<S> {
             peer: req.peer,
             key_fingerprint: key,
         };
-        self.inner.store.append_ledger(&entry).await
+        self.timed(
+            StoreOp::AppendLedger,
+            self.inner.store.append_ledger(&entry),
+        )
+        .await
     }
 
     /// Enrolls an instance; see the module docs for the order of checks and the guarantees.
     pub async fn enroll(&self, req: EnrollRequest) -> Result<Enrollment, EnrollError> {
+        let result = self.enroll_attempt(req).await;
+        self.inner
+            .telemetry
+            .enrollment(EnrollmentOutcome::of(&result));
+        result
+    }
+
+    /// [`enroll`](Self::enroll) without counting the outcome.
+    async fn enroll_attempt(&self, req: EnrollRequest) -> Result<Enrollment, EnrollError> {
         let presented: PresentedToken = req.token.parse().map_err(|_| EnrollError::InvalidToken)?;
         let supplied = presented.secret.hash();
-        let Some(token) = self.inner.store.get_token(&presented.id).await? else {
+        let Some(token) = self
+            .timed(StoreOp::GetToken, self.inner.store.get_token(&presented.id))
+            .await?
+        else {
             let _ = DUMMY_HASH.matches(&supplied);
             return Err(EnrollError::InvalidToken);
         };
@@ -374,9 +402,12 @@ impl<S: FleetStore> Fleet<S> {
         let retry_since = now.saturating_sub(self.inner.enrollment.retry_window);
 
         if let Some(existing) = self
-            .inner
-            .store
-            .find_enrollment(&token.id, &key, retry_since)
+            .timed(
+                StoreOp::FindEnrollment,
+                self.inner
+                    .store
+                    .find_enrollment(&token.id, &key, retry_since),
+            )
             .await?
         {
             self.record(
@@ -469,7 +500,10 @@ impl<S: FleetStore> Fleet<S> {
             peer: req.peer,
             target,
         };
-        match self.inner.store.enroll(&commit).await? {
+        match self
+            .timed(StoreOp::Enroll, self.inner.store.enroll(&commit))
+            .await?
+        {
             EnrollResult::Enrolled { seq } => {
                 match &commit.target {
                     // The store holds exactly the record it was given: show it without reading
@@ -545,9 +579,10 @@ impl<S: FleetStore> Fleet<S> {
         csr: &crate::csr::ValidatedCsr,
     ) -> Result<Enrollment, EnrollError> {
         let stored = self
-            .inner
-            .store
-            .get_instance(instance)
+            .timed(
+                StoreOp::GetInstance,
+                self.inner.store.get_instance(instance),
+            )
             .await?
             .ok_or(EnrollError::InvalidToken)?;
         let cert = self
@@ -585,12 +620,13 @@ impl<S: FleetStore> Fleet<S> {
             CertificateCheck::Staged => {
                 let now = self.now();
                 match self
-                    .inner
-                    .store
-                    .set_certificate(
-                        identity.instance,
-                        CertificateChange::Promote(identity.serial),
-                        now,
+                    .timed(
+                        StoreOp::SetCertificate,
+                        self.inner.store.set_certificate(
+                            identity.instance,
+                            CertificateChange::Promote(identity.serial),
+                            now,
+                        ),
                     )
                     .await
                 {
@@ -677,9 +713,12 @@ impl<S: FleetStore> Fleet<S> {
             &self.inner.enrollment.issuance,
         )?;
         let seq = self
-            .inner
-            .store
-            .set_certificate(instance, change(cert.record), now)
+            .timed(
+                StoreOp::SetCertificate,
+                self.inner
+                    .store
+                    .set_certificate(instance, change(cert.record), now),
+            )
             .await?;
         self.apply_stored(instance, seq).await?;
         Ok(cert)

@@ -37,7 +37,7 @@
 use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,7 @@ use crate::staleness::{StalenessPolicy, Status, Transitions};
 use crate::store::{ChangeKind, FleetStore, HeartbeatRecord, Seq, StatusChangeQuery};
 use crate::summary::FleetSummary;
 use crate::tag::TagAuthority;
+use crate::telemetry::{StoreOp, Telemetry, TelemetrySnapshot};
 use crate::trend::TrendBucket;
 use crate::{
     App, Clock, Filter, Groups, Instance, InstanceId, MetricsSample, NewInstance, SystemClock,
@@ -240,6 +241,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 write_through: self.write_through,
                 command_hint: Mutex::new(FxHashMap::default()),
                 hint_generation: std::sync::atomic::AtomicU64::new(0),
+                telemetry: Telemetry::default(),
             }),
         };
         {
@@ -308,6 +310,8 @@ pub(crate) struct Inner<S> {
     sweep_lag: Duration,
     /// Persist each exchanged heartbeat before answering (see `FleetBuilder::write_through`).
     pub(crate) write_through: bool,
+    /// Counters and latencies (see [`crate::telemetry`]).
+    pub(crate) telemetry: Telemetry,
 }
 
 /// A replica's sweeper role: until when its lease holds, and what it found while it did not
@@ -413,6 +417,22 @@ impl<S: FleetStore> Fleet<S> {
         self.inner.clock.now()
     }
 
+    /// What this fleet has counted since it was opened: heartbeats, enrollments by outcome,
+    /// command state transitions, sweep durations and store latencies (see
+    /// [`crate::telemetry`]). Cheap: a few hundred relaxed atomic loads.
+    pub fn telemetry(&self) -> TelemetrySnapshot {
+        self.inner.telemetry.snapshot()
+    }
+
+    /// Awaits the store call `fut` and records how long it took (real time, [`Instant`], not the
+    /// fleet's clock) under `op`, whatever its result.
+    pub(crate) async fn timed<T>(&self, op: StoreOp, fut: impl Future<Output = T>) -> T {
+        let started = Instant::now();
+        let out = fut.await;
+        self.inner.telemetry.store(op, started.elapsed());
+        out
+    }
+
     /// Read access to the live view (hold it briefly: heartbeats wait for it).
     pub fn view(&self) -> RwLockReadGuard<'_, LiveView> {
         // The view is only mutated by methods that cannot panic midway through an update of its
@@ -462,7 +482,12 @@ impl<S: FleetStore> Fleet<S> {
             certificate: None,
             next_certificate: None,
         };
-        let seq = self.inner.store.insert_instance(&instance).await?;
+        let seq = self
+            .timed(
+                StoreOp::InsertInstance,
+                self.inner.store.insert_instance(&instance),
+            )
+            .await?;
         self.view_mut().upsert(&instance, seq, now);
         Ok(instance)
     }
@@ -511,6 +536,8 @@ impl<S: FleetStore> Fleet<S> {
                 pending.insert(id, record);
             }
         }
+        drop(pending);
+        self.inner.telemetry.heartbeat();
         Ok(HeartbeatAck {
             status,
             transitions,
@@ -525,7 +552,12 @@ impl<S: FleetStore> Fleet<S> {
         let _serial = self.inner.flush.lock().await;
         let changes = std::mem::take(&mut *self.changes());
         if !changes.is_empty()
-            && let Err(e) = self.inner.store.record_status_changes(&changes).await
+            && let Err(e) = self
+                .timed(
+                    StoreOp::RecordStatusChanges,
+                    self.inner.store.record_status_changes(&changes),
+                )
+                .await
         {
             let mut pending = self.changes();
             let newer = std::mem::replace(&mut *pending, changes);
@@ -536,7 +568,12 @@ impl<S: FleetStore> Fleet<S> {
             std::mem::take(&mut *self.pending()).into_values().collect();
         let written = batch.len();
         if !batch.is_empty()
-            && let Err(e) = self.inner.store.write_heartbeats(&batch).await
+            && let Err(e) = self
+                .timed(
+                    StoreOp::WriteHeartbeats,
+                    self.inner.store.write_heartbeats(&batch),
+                )
+                .await
         {
             self.put_back(batch);
             return Err(e.into());
@@ -557,7 +594,13 @@ impl<S: FleetStore> Fleet<S> {
             return Ok(());
         };
         let batch = [record];
-        if let Err(e) = self.inner.store.write_heartbeats(&batch).await {
+        if let Err(e) = self
+            .timed(
+                StoreOp::WriteHeartbeats,
+                self.inner.store.write_heartbeats(&batch),
+            )
+            .await
+        {
             self.put_back(batch);
             return Err(e.into());
         }
@@ -600,7 +643,9 @@ impl<S: FleetStore> Fleet<S> {
     ) -> Result<(), FleetError> {
         self.visible(id, scope)?;
         tags.check_authority(TagAuthority::Operator)?;
-        let seq = self.inner.store.set_tags(id, &tags).await?;
+        let seq = self
+            .timed(StoreOp::SetTags, self.inner.store.set_tags(id, &tags))
+            .await?;
         self.view_mut().set_labels(id, Some(&tags), None, seq);
         Ok(())
     }
@@ -613,7 +658,9 @@ impl<S: FleetStore> Fleet<S> {
         groups: Groups,
     ) -> Result<(), FleetError> {
         self.visible(id, scope)?;
-        let seq = self.inner.store.set_groups(id, &groups).await?;
+        let seq = self
+            .timed(StoreOp::SetGroups, self.inner.store.set_groups(id, &groups))
+            .await?;
         self.view_mut().set_labels(id, None, Some(&groups), seq);
         Ok(())
     }
@@ -621,7 +668,12 @@ impl<S: FleetStore> Fleet<S> {
     /// Removes an instance from the fleet. Durable before returning.
     pub async fn deregister(&self, scope: &TenantScope, id: InstanceId) -> Result<(), FleetError> {
         self.visible(id, scope)?;
-        let seq = self.inner.store.delete_instance(id, self.now()).await?;
+        let seq = self
+            .timed(
+                StoreOp::DeleteInstance,
+                self.inner.store.delete_instance(id, self.now()),
+            )
+            .await?;
         self.view_mut().remove(id, seq);
         self.pending().remove(&id);
         self.recent().remove(id);
@@ -635,7 +687,9 @@ impl<S: FleetStore> Fleet<S> {
     }
 
     pub(crate) async fn apply_stored(&self, id: InstanceId, seq: Seq) -> Result<(), StoreError> {
-        let current = self.inner.store.get_instance(id).await?;
+        let current = self
+            .timed(StoreOp::GetInstance, self.inner.store.get_instance(id))
+            .await?;
         let now = self.now();
         let mut view = self.view_mut();
         match current {
@@ -695,6 +749,14 @@ impl<S: FleetStore> Fleet<S> {
     /// per-instance alerts whose hold is over; `fleet_alert` is set when a storm began (it is
     /// queued for recording too). Also adds a sample to the current trend bucket.
     pub fn sweep_report(&self) -> SweepReport {
+        let started = Instant::now();
+        let report = self.sweep_once();
+        self.inner.telemetry.sweep(started.elapsed());
+        report
+    }
+
+    /// [`sweep_report`](Self::sweep_report) without the timing.
+    fn sweep_once(&self) -> SweepReport {
         let sweeper = self.is_sweeper();
         // Replicas sweep a little behind the clock, so heartbeats other replicas received have
         // reached the view before anyone is judged silent.
@@ -1112,9 +1174,7 @@ impl<S: FleetStore> Fleet<S> {
             .get(scope, id)
             .ok_or(FleetError::InstanceNotFound(id))?;
         let stored = self
-            .inner
-            .store
-            .get_instance(id)
+            .timed(StoreOp::GetInstance, self.inner.store.get_instance(id))
             .await?
             .ok_or(FleetError::InstanceNotFound(id))?;
         Ok((live, self.with_live_state(stored)))
@@ -1142,7 +1202,13 @@ impl<S: FleetStore> Fleet<S> {
         let mut cursor = self.inner.feed.lock().await;
         let mut applied = 0;
         loop {
-            let changes = match self.inner.store.changes_since(*cursor, REBUILD_PAGE).await {
+            let changes = match self
+                .timed(
+                    StoreOp::ChangesSince,
+                    self.inner.store.changes_since(*cursor, REBUILD_PAGE),
+                )
+                .await
+            {
                 Ok(c) => c,
                 Err(StoreError::FeedTruncated { .. }) => {
                     applied += self.reconcile(&mut cursor).await?;
@@ -1161,7 +1227,13 @@ impl<S: FleetStore> Fleet<S> {
                         self.command_hint().insert(change.instance, generation);
                         continue;
                     }
-                    _ => self.inner.store.get_instance(change.instance).await?,
+                    _ => {
+                        self.timed(
+                            StoreOp::GetInstance,
+                            self.inner.store.get_instance(change.instance),
+                        )
+                        .await?
+                    }
                 };
                 let now = self.now();
                 let gone = current.is_none();
@@ -1189,7 +1261,13 @@ impl<S: FleetStore> Fleet<S> {
         const BATCHES: usize = 64;
         loop {
             let after = self.inner.hb_position.load(Ordering::Acquire);
-            let log = match self.inner.store.heartbeats_since(after, BATCHES).await {
+            let log = match self
+                .timed(
+                    StoreOp::HeartbeatsSince,
+                    self.inner.store.heartbeats_since(after, BATCHES),
+                )
+                .await
+            {
                 Ok(log) => log,
                 Err(StoreError::FeedTruncated { .. }) => {
                     let head = self.inner.store.heartbeat_log_head().await?;

@@ -18,9 +18,11 @@
 //! - what makes a fleet manageable over time: the [`command`] queue (delivered in heartbeat
 //!   replies, surviving offline instances), [`alert`]s with the start-up grace and the
 //!   mass-staleness guard, exact uptime [`history`], fleet [`trend`]s, [`recent`] metrics for
-//!   graphs, and [`policy`] compliance.
+//!   graphs, and [`policy`] compliance;
+//! - [`telemetry`]: counters and latency histograms of the fleet's own work, for `/metrics`.
 //!
-//! Time comes only from a [`Clock`]; tests use [`ManualClock`].
+//! Time comes only from a [`Clock`]; tests use [`ManualClock`]. (The [`telemetry`] latencies
+//! are real elapsed time, measured with `std::time::Instant`.)
 //!
 //! ## From token to heartbeat
 //!
@@ -91,6 +93,7 @@ pub mod staleness;
 pub mod store;
 pub mod summary;
 pub mod tag;
+pub mod telemetry;
 pub mod tenant;
 #[cfg(any(test, feature = "testing"))]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
@@ -126,6 +129,7 @@ pub use staleness::{StalenessPolicy, StalenessState, Status, Transition};
 pub use store::FleetStore;
 pub use summary::FleetSummary;
 pub use tag::{TagAuthority, TagKey, TagValue, Tags};
+pub use telemetry::{EnrollmentOutcome, Histogram, HistogramSnapshot, StoreOp, TelemetrySnapshot};
 pub use tenant::{TenantId, TenantScope};
 pub use timestamp::Timestamp;
 pub use token::{JoinString, MaxUses, NewToken, RegistrationToken, TokenId};

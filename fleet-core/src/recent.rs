@@ -181,7 +181,15 @@ impl RecentMetrics {
         let half = u32::try_from(self.config.resolution.as_secs() / 2).unwrap_or(u32::MAX);
         if let Some(ring) = self.rings.get_mut(&id) {
             match ring.newest() {
-                Some(last) if p.secs < last.secs.saturating_add(half.max(1)) => *last = p,
+                // A sample close to the newest point updates its figures but keeps its time:
+                // were the time to move too, samples arriving faster than every half resolution
+                // would keep replacing one point and the ring would never grow.
+                Some(last) if p.secs < last.secs.saturating_add(half.max(1)) => {
+                    *last = Packed {
+                        secs: last.secs,
+                        ..p
+                    };
+                }
                 _ => ring.push(p),
             }
             return;
@@ -267,6 +275,28 @@ mod tests {
             2
         );
         assert_eq!(size_of::<Packed>(), 20);
+    }
+
+    #[test]
+    fn samples_faster_than_the_resolution_still_make_a_graph() {
+        let mut r = RecentMetrics::new(RecentMetricsConfig {
+            window: Duration::from_secs(3600),
+            resolution: Duration::from_secs(15),
+            max_bytes: 1 << 20,
+        });
+        let id = InstanceId::from_u128(1);
+        // A sample every 5 s for a minute.
+        for k in 0..12 {
+            r.record(id, &point(1000 + k * 5, k as f64));
+        }
+        let got = r.points(id, Timestamp::UNIX_EPOCH);
+        let at: Vec<i64> = got.iter().map(|p| p.at.as_unix_secs()).collect();
+        assert_eq!(
+            at,
+            [1000, 1010, 1020, 1030, 1040, 1050],
+            "a point per 7.5 s slot"
+        );
+        assert_eq!(got[5].cpu_percent, Some(11.0), "with the newest figures");
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! `ca.pem` / `ca-key.pem` (0600) and an operator token in `operator-token` (0600)), or with
 //! `--store postgres --database-url URL` in PostgreSQL (migrations run on start; the CA lives in
 //! the database, so every replica on it shares one), serves agents over mutual TLS on
-//! `--agent-listen` and the operator API on `--operator-listen` (loopback by default).
+//! `--agent-listen`, and the web dashboard, the operator API and `/metrics` on
+//! `--operator-listen` (loopback by default; open `http://127.0.0.1:8080/` and log in with the
+//! operator token). `--tenant-token acme` adds an operator token limited to tenant `acme`.
 //! SIGINT/SIGTERM flush batched heartbeats and close the store before exiting.
 
 use std::path::PathBuf;
@@ -23,7 +25,7 @@ use fleet_core::FleetStore;
 use fleet_core::token::TokenSecret;
 use fleet_core::{
     CertificateAuthority, Fleet, MaintenanceConfig, MaintenanceEvent, MaxUses, NewToken,
-    StalenessPolicy, TenantScope,
+    StalenessPolicy, TenantId, TenantScope,
 };
 use fleet_examples::operator::OperatorApi;
 use fleet_examples::{listen, write_private};
@@ -78,6 +80,10 @@ struct Serve {
     #[arg(long = "server-name")]
     server_names: Vec<String>,
     /// Simulated agents to run in-process over real TLS.
+    /// An operator token limited to this tenant, kept in `operator-token.<tenant>` (created on
+    /// first start, 0600); repeat for several tenants.
+    #[arg(long = "tenant-token", value_name = "TENANT")]
+    tenant_tokens: Vec<String>,
     #[arg(long, default_value_t = 0)]
     demo_agents: usize,
     /// Seconds of silence after which an instance is `warning`.
@@ -197,6 +203,18 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         tracing::info!(path = %token_path.display(), "created the operator token (0600)");
     }
     let operator_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
+    let mut tenant_tokens = Vec::new();
+    for tenant in &args.tenant_tokens {
+        let id = TenantId::new(tenant).with_context(|| format!("--tenant-token {tenant}"))?;
+        let path = args
+            .data_dir
+            .join(format!("operator-token.{}", id.as_str()));
+        if !path.exists() {
+            write_private(&path, TokenSecret::random()?.expose())?;
+            tracing::info!(path = %path.display(), tenant = %id, "created a tenant operator token (0600)");
+        }
+        tenant_tokens.push((id, std::fs::read_to_string(&path)?.trim().to_owned()));
+    }
 
     // The agent listener's certificate, signed by the fleet CA.
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
@@ -221,7 +239,11 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         ServerConfig::default(),
     ));
     let agent_task = tokio::spawn(agent_server.serve(agent_listener, stopped(stop_rx.clone())));
-    let api = Arc::new(OperatorApi::new(fleet.clone(), &operator_token));
+    let api = tenant_tokens.iter().fold(
+        OperatorApi::new(fleet.clone(), &operator_token),
+        |api, (t, token)| api.tenant_token(t.clone(), token),
+    );
+    let api = Arc::new(api);
     let api_task = tokio::spawn(api.serve(operator_listener, stopped(stop_rx.clone())));
     let upkeep = fleet.spawn_maintenance(MaintenanceConfig::default(), |event| match event {
         MaintenanceEvent::StatusChanges(changes) => {
@@ -240,7 +262,7 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         MaintenanceEvent::SyncFailed(e) => tracing::warn!(error = %e, "change-feed sync failed; will retry"),
         other => tracing::debug!(?other, "maintenance"),
     });
-    tracing::info!(%agent_addr, operator_api = %format!("http://{operator_addr}"), token_file = %token_path.display(), "control panel running");
+    tracing::info!(%agent_addr, dashboard = %format!("http://{operator_addr}/"), token_file = %token_path.display(), "control panel running");
 
     let demo = if args.demo_agents > 0 {
         let token = fleet

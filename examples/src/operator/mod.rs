@@ -34,6 +34,10 @@
 //! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
 //! position of the mistake.
 
+pub mod auth;
+pub mod dashboard;
+pub mod metrics;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -52,8 +56,9 @@ use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
-use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
+
+use auth::{Auth, Via, check_csrf};
 
 /// Every route of the operator API as `(method, path template)`, the list the OpenAPI document
 /// (`GET /api/v1/openapi.json`) is checked against. `{id}` / `{name}` are path parameters.
@@ -189,15 +194,11 @@ struct CreateToken {
     allow_reenroll: bool,
 }
 
-/// The operator API over a fleet.
+/// The operator API and the web dashboard over a fleet.
 #[derive(Debug)]
 pub struct OperatorApi<S> {
     fleet: Fleet<S>,
-    token_hash: [u8; 32],
-}
-
-fn sha256(s: &str) -> [u8; 32] {
-    *fleet_core::Fingerprint::of(s.as_bytes()).as_bytes()
+    auth: Auth,
 }
 
 fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
@@ -207,19 +208,21 @@ fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+async fn body_bytes(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(_) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            "the body limit is 256 KiB",
+        )),
+    }
+}
+
 async fn body_json<T: serde::de::DeserializeOwned>(
     req: Request<Incoming>,
 ) -> Result<T, Response<Body>> {
-    let bytes = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => {
-            return Err(error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "body_too_large",
-                "the body limit is 256 KiB",
-            ));
-        }
-    };
+    let bytes = body_bytes(req).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
         error(
             StatusCode::BAD_REQUEST,
@@ -229,46 +232,105 @@ async fn body_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+fn forbidden(what: &str) -> Response<Body> {
+    error(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        format!("{what} concerns the whole fleet: it needs an operator token without a tenant"),
+    )
+}
+
+/// The OpenAPI 3 document of this API, served at `GET /api/v1/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 impl<S: FleetStore> OperatorApi<S> {
     /// An API answering to the bearer `operator_token`, with global (all-tenant) scope.
     pub fn new(fleet: Fleet<S>, operator_token: &str) -> Self {
         Self {
             fleet,
-            token_hash: sha256(operator_token),
+            auth: Auth::new(operator_token),
         }
     }
 
-    fn authorized(&self, req: &Request<Incoming>) -> bool {
-        let presented = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        bool::from(sha256(presented).ct_eq(&self.token_hash))
+    /// Also accepts `token`, limited to `tenant`: everything it lists, reads and changes — API
+    /// and dashboard — is that tenant's, and fleet-wide routes (policies, trends, `/metrics`)
+    /// answer 403.
+    #[must_use]
+    pub fn tenant_token(mut self, tenant: TenantId, token: &str) -> Self {
+        self.auth.add_tenant_token(tenant, token);
+        self
     }
 
-    /// Handles one request.
+    /// The operator tokens and browser sessions.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// Handles one request: the dashboard's pages and assets, login and logout, `/metrics` and
+    /// the JSON API.
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
-        if !self.authorized(&req) {
+        let now = self.fleet.now();
+        let path = req.uri().path().to_owned();
+        match (req.method().clone(), path.as_str()) {
+            (Method::GET, "/login") => {
+                return dashboard::login_page(StatusCode::OK, None, &query(&req));
+            }
+            (Method::POST, "/login") => return self.login(req, now).await,
+            (Method::POST, "/logout") => return self.logout(&req, now),
+            (Method::GET, p) if p.starts_with("/assets/") => return dashboard::asset(p),
+            (Method::GET, p) if dashboard::is_page(p) => {
+                return match self.auth.session(req.headers(), now) {
+                    Some(caller) => dashboard::shell(&caller),
+                    None => dashboard::to_login(req.uri()),
+                };
+            }
+            _ => {}
+        }
+        let Some(caller) = self.auth.caller(req.headers(), now) else {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                "send Authorization: Bearer <operator token>",
+                "send Authorization: Bearer <operator token>, or log in at /login",
             );
+        };
+        if let Err(e) = check_csrf(&caller, req.method(), req.headers()) {
+            return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
         }
-        let scope = TenantScope::All;
-        let path: Vec<String> = req
-            .uri()
-            .path()
-            .trim_matches('/')
-            .split('/')
-            .map(str::to_owned)
-            .collect();
-        let parts: Vec<&str> = path.iter().map(String::as_str).collect();
+        let global = caller.scope == TenantScope::All;
+        let scope = caller.scope.clone();
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
         let method = req.method().clone();
         match (method, parts.as_slice()) {
-            (Method::POST, ["api", "v1", "tokens"]) => self.create_token(req).await,
+            (Method::GET, ["metrics"]) => {
+                if !global {
+                    return forbidden("/metrics");
+                }
+                let mut r = Response::new(Full::new(Bytes::from(metrics::render(&self.fleet))));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                );
+                r
+            }
+            (Method::GET, ["api", "v1", "openapi.json"]) => {
+                let mut r = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+                r.headers_mut().insert(
+                    hyper::header::CONTENT_TYPE,
+                    hyper::header::HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            (Method::GET, ["api", "v1", "session"]) => {
+                let (csrf, expires_at) = match &caller.via {
+                    Via::Bearer => (None, None),
+                    Via::Session { csrf, expires_at } => (Some(csrf.as_str()), Some(*expires_at)),
+                };
+                json(
+                    StatusCode::OK,
+                    &serde_json::json!({"tenant": caller.tenant(), "csrf": csrf, "expires_at": expires_at}),
+                )
+            }
+            (Method::POST, ["api", "v1", "tokens"]) => self.create_token(req, &scope).await,
             (Method::GET, ["api", "v1", "tokens"]) => match self.fleet.list_tokens(&scope).await {
                 Ok(tokens) => json(StatusCode::OK, &serde_json::json!({"items": tokens})),
                 Err(e) => fleet_error(&e),
@@ -378,7 +440,12 @@ impl<S: FleetStore> OperatorApi<S> {
                     Err(e) => fleet_error(&e),
                 }
             }
-            (Method::GET, ["api", "v1", "trends"]) => self.trends(&req).await,
+            (Method::GET, ["api", "v1", "trends"]) => {
+                if !global {
+                    return forbidden("the fleet trend");
+                }
+                self.trends(&req).await
+            }
             (Method::GET, ["api", "v1", "instances", id, "metrics"]) => {
                 let Ok(id) = id.parse::<InstanceId>() else {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
@@ -433,6 +500,9 @@ impl<S: FleetStore> OperatorApi<S> {
                 }
             }
             (Method::POST, ["api", "v1", "policies"]) => {
+                if !global {
+                    return forbidden("a policy");
+                }
                 let new: NewPolicy = match body_json(req).await {
                     Ok(n) => n,
                     Err(r) => return r,
@@ -453,6 +523,9 @@ impl<S: FleetStore> OperatorApi<S> {
                 }
             }
             (Method::DELETE, ["api", "v1", "policies", name]) => {
+                if !global {
+                    return forbidden("a policy");
+                }
                 let Ok(name) = PolicyName::new(*name) else {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such policy");
                 };
@@ -485,6 +558,57 @@ impl<S: FleetStore> OperatorApi<S> {
                 format!("no route {} {}", req.method(), req.uri().path()),
             ),
         }
+    }
+
+    async fn login(&self, req: Request<Incoming>, now: Timestamp) -> Response<Body> {
+        if let Err(e) = auth::same_origin(req.headers()) {
+            return dashboard::login_page(
+                StatusCode::FORBIDDEN,
+                Some(&e.to_string()),
+                &query(&req),
+            );
+        }
+        let bytes = match body_bytes(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let form: BTreeMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
+        let token = form.get("token").map_or("", |t| t.trim());
+        match self.auth.login(token, now) {
+            Some((id, _)) => {
+                let next = dashboard::safe_next(form.get("next").map(String::as_str));
+                let mut r = Response::new(Full::new(Bytes::new()));
+                *r.status_mut() = StatusCode::SEE_OTHER;
+                if let (Ok(loc), Ok(cookie)) = (
+                    hyper::header::HeaderValue::from_str(next),
+                    hyper::header::HeaderValue::from_str(&auth::session_cookie(&id)),
+                ) {
+                    r.headers_mut().insert(hyper::header::LOCATION, loc);
+                    r.headers_mut().insert(hyper::header::SET_COOKIE, cookie);
+                }
+                r
+            }
+            None => dashboard::login_page(
+                StatusCode::UNAUTHORIZED,
+                Some("That is not an operator token."),
+                &form,
+            ),
+        }
+    }
+
+    fn logout(&self, req: &Request<Incoming>, now: Timestamp) -> Response<Body> {
+        if let Some(caller) = self.auth.session(req.headers(), now) {
+            if let Err(e) = check_csrf(&caller, req.method(), req.headers()) {
+                return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
+            }
+            self.auth.logout(req.headers());
+        }
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        if let Ok(v) = hyper::header::HeaderValue::from_str(&auth::clear_cookie()) {
+            r.headers_mut().insert(hyper::header::SET_COOKIE, v);
+        }
+        r
     }
 
     async fn alerts(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
@@ -651,7 +775,7 @@ impl<S: FleetStore> OperatorApi<S> {
         )
     }
 
-    async fn create_token(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn create_token(&self, req: Request<Incoming>, scope: &TenantScope) -> Response<Body> {
         let input: CreateToken = match body_json(req).await {
             Ok(i) => i,
             Err(r) => return r,
@@ -677,7 +801,7 @@ impl<S: FleetStore> OperatorApi<S> {
             description: input.description,
             allow_reenroll: input.allow_reenroll,
         };
-        match self.fleet.create_token(&TenantScope::All, new).await {
+        match self.fleet.create_token(scope, new).await {
             Ok(created) => json(
                 StatusCode::CREATED,
                 &serde_json::json!({

@@ -1,0 +1,390 @@
+//! Who is calling: operator tokens (each global or scoped to one tenant) and browser sessions.
+//!
+//! A script presents `Authorization: Bearer <operator token>`. A browser logs in once with the
+//! token (`POST /login`) and then carries the session cookie [`SESSION_COOKIE`]: `HttpOnly` (no
+//! script can read it), `SameSite=Strict` (no other site's page can make the browser send it) and
+//! `Path=/`. Writes made with the cookie must also carry the session's CSRF token in
+//! [`CSRF_HEADER`], which only a page served to that session knows, and a cross-origin `Origin`
+//! is refused: two independent defences against cross-site requests.
+//!
+//! Only hashes are kept: the SHA-256 of each operator token and of each session id. Sessions live
+//! in memory (a restart logs every browser out) and expire [`SESSION_TTL`] after login, by the
+//! fleet's clock.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fleet_core::token::TokenSecret;
+use fleet_core::{Fingerprint, TenantId, TenantScope, Timestamp};
+use hyper::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
+use hyper::{HeaderMap, Method};
+use subtle::ConstantTimeEq;
+
+/// The session cookie's name.
+pub const SESSION_COOKIE: &str = "fleet_session";
+/// The header carrying the CSRF token on cookie-authenticated writes.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+/// How long a browser session lasts after login.
+pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Most sessions kept at once; logging in beyond this ends the oldest session.
+pub const MAX_SESSIONS: usize = 10_000;
+
+fn sha256(s: &str) -> [u8; 32] {
+    *Fingerprint::of(s.as_bytes()).as_bytes()
+}
+
+/// One operator token: the hash of its secret and what it may see.
+#[derive(Debug, Clone)]
+struct OperatorToken {
+    hash: [u8; 32],
+    scope: TenantScope,
+}
+
+/// A live browser session.
+#[derive(Debug, Clone)]
+struct Session {
+    scope: TenantScope,
+    csrf: String,
+    expires_at: Timestamp,
+}
+
+/// How a caller proved who it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Via {
+    /// `Authorization: Bearer`.
+    Bearer,
+    /// The session cookie; writes must carry `csrf`.
+    Session {
+        /// The session's CSRF token.
+        csrf: String,
+        /// When the session ends.
+        expires_at: Timestamp,
+    },
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// What the caller may see and change.
+    pub scope: TenantScope,
+    /// How it authenticated.
+    pub via: Via,
+}
+
+impl Caller {
+    /// The tenant the caller is limited to, if any.
+    pub fn tenant(&self) -> Option<&TenantId> {
+        match &self.scope {
+            TenantScope::All => None,
+            TenantScope::Tenant(t) => Some(t),
+        }
+    }
+}
+
+/// Why a write made with the session cookie was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CsrfError {
+    /// The `X-CSRF-Token` header is missing or does not match the session.
+    #[error("a write with the session cookie needs the session's X-CSRF-Token header")]
+    Token,
+    /// The request came from a page of another origin.
+    #[error("cross-origin request refused")]
+    Origin,
+}
+
+/// Operator tokens and browser sessions.
+#[derive(Debug)]
+pub struct Auth {
+    tokens: Vec<OperatorToken>,
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+}
+
+impl Auth {
+    /// Accepts `token` with global (all-tenant) scope.
+    pub fn new(token: &str) -> Self {
+        Self {
+            tokens: vec![OperatorToken {
+                hash: sha256(token),
+                scope: TenantScope::All,
+            }],
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Also accepts `token`, limited to `tenant`.
+    pub fn add_tenant_token(&mut self, tenant: TenantId, token: &str) {
+        self.tokens.push(OperatorToken {
+            hash: sha256(token),
+            scope: TenantScope::Tenant(tenant),
+        });
+    }
+
+    /// The scope of an operator token, compared in constant time against every known token.
+    pub fn token_scope(&self, presented: &str) -> Option<TenantScope> {
+        let hash = sha256(presented);
+        let mut found = None;
+        for t in &self.tokens {
+            if bool::from(t.hash.ct_eq(&hash)) {
+                found = Some(t.scope.clone());
+            }
+        }
+        found
+    }
+
+    /// Starts a session for an operator token; returns the cookie value, or `None` when the
+    /// token is not an operator token.
+    pub fn login(&self, presented: &str, now: Timestamp) -> Option<(String, Caller)> {
+        let scope = self.token_scope(presented)?;
+        let id = TokenSecret::random().ok()?.expose().to_owned();
+        let csrf = TokenSecret::random().ok()?.expose().to_owned();
+        let session = Session {
+            scope: scope.clone(),
+            csrf: csrf.clone(),
+            expires_at: now.saturating_add(SESSION_TTL),
+        };
+        let caller = Caller {
+            scope,
+            via: Via::Session {
+                csrf,
+                expires_at: session.expires_at,
+            },
+        };
+        let mut sessions = self.lock();
+        if sessions.len() >= MAX_SESSIONS {
+            sessions.retain(|_, s| s.expires_at > now);
+        }
+        if sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = sessions
+                .iter()
+                .min_by_key(|(_, s)| s.expires_at)
+                .map(|(k, _)| *k)
+        {
+            sessions.remove(&oldest);
+        }
+        sessions.insert(sha256(&id), session);
+        Some((id, caller))
+    }
+
+    /// Ends the session named by the request's cookie, if any.
+    pub fn logout(&self, headers: &HeaderMap) {
+        if let Some(id) = cookie(headers, SESSION_COOKIE) {
+            self.lock().remove(&sha256(id));
+        }
+    }
+
+    /// How many sessions are live (expired ones are dropped lazily).
+    pub fn session_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], Session>> {
+        // A panic while holding this lock cannot leave the map inconsistent (every change is
+        // one insert or remove), so a poisoned lock is still usable.
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The session named by the request's cookie, if live at `now`.
+    pub fn session(&self, headers: &HeaderMap, now: Timestamp) -> Option<Caller> {
+        let id = cookie(headers, SESSION_COOKIE)?;
+        let key = sha256(id);
+        let mut sessions = self.lock();
+        let s = sessions.get(&key)?;
+        if s.expires_at <= now {
+            sessions.remove(&key);
+            return None;
+        }
+        Some(Caller {
+            scope: s.scope.clone(),
+            via: Via::Session {
+                csrf: s.csrf.clone(),
+                expires_at: s.expires_at,
+            },
+        })
+    }
+
+    /// The caller of an API request: a bearer token if one is presented (a wrong one is not
+    /// rescued by a cookie), else the session cookie.
+    pub fn caller(&self, headers: &HeaderMap, now: Timestamp) -> Option<Caller> {
+        if let Some(v) = headers.get(AUTHORIZATION) {
+            let presented = v.to_str().ok()?.strip_prefix("Bearer ")?;
+            return self.token_scope(presented).map(|scope| Caller {
+                scope,
+                via: Via::Bearer,
+            });
+        }
+        self.session(headers, now)
+    }
+}
+
+/// Checks a write made with the session cookie: the CSRF header must match and an `Origin`, when
+/// the browser sends one, must be this server's. Reads and bearer callers pass.
+pub fn check_csrf(caller: &Caller, method: &Method, headers: &HeaderMap) -> Result<(), CsrfError> {
+    let Via::Session { csrf, .. } = &caller.via else {
+        return Ok(());
+    };
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return Ok(());
+    }
+    same_origin(headers)?;
+    let presented = headers
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if bool::from(presented.as_bytes().ct_eq(csrf.as_bytes())) && !csrf.is_empty() {
+        Ok(())
+    } else {
+        Err(CsrfError::Token)
+    }
+}
+
+/// An `Origin` header, when present, must name the host the request was sent to.
+pub fn same_origin(headers: &HeaderMap) -> Result<(), CsrfError> {
+    let Some(origin) = headers.get(ORIGIN) else {
+        return Ok(());
+    };
+    let host = headers.get(HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.to_str().ok().and_then(|o| {
+        o.strip_prefix("http://")
+            .or_else(|| o.strip_prefix("https://"))
+    });
+    match (origin_host, host) {
+        (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
+        _ => Err(CsrfError::Origin),
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// The `Set-Cookie` value that stores session `id` in the browser.
+pub fn session_cookie(id: &str) -> String {
+    format!(
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+        SESSION_TTL.as_secs()
+    )
+}
+
+/// The `Set-Cookie` value that removes the session cookie.
+pub fn clear_cookie() -> String {
+    format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::header::HeaderValue;
+
+    fn t0() -> Timestamp {
+        Timestamp::from_unix_secs(1_790_000_000)
+    }
+
+    fn with_cookie(id: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(
+            COOKIE,
+            HeaderValue::from_str(&format!("other=1; {SESSION_COOKIE}={id}")).unwrap(),
+        );
+        h
+    }
+
+    #[test]
+    fn tokens_map_to_their_scope() {
+        let mut auth = Auth::new("global");
+        auth.add_tenant_token(TenantId::new("acme").unwrap(), "acme-token");
+        assert_eq!(auth.token_scope("global"), Some(TenantScope::All));
+        assert_eq!(
+            auth.token_scope("acme-token"),
+            Some(TenantScope::Tenant(TenantId::new("acme").unwrap()))
+        );
+        assert_eq!(auth.token_scope("nope"), None);
+        assert_eq!(auth.token_scope(""), None);
+    }
+
+    #[test]
+    fn sessions_expire_and_log_out() {
+        let auth = Auth::new("global");
+        assert!(auth.login("wrong", t0()).is_none());
+        assert_eq!(auth.session_count(), 0, "a failed login stores nothing");
+        let (id, caller) = auth.login("global", t0()).unwrap();
+        let h = with_cookie(&id);
+        assert_eq!(auth.session(&h, t0()), Some(caller));
+        assert!(auth.session(&with_cookie("forged"), t0()).is_none());
+        let late = t0().saturating_add(SESSION_TTL);
+        assert!(auth.session(&h, late).is_none(), "expired at the TTL");
+        assert_eq!(auth.session_count(), 0, "an expired session is dropped");
+        let (id, _) = auth.login("global", t0()).unwrap();
+        auth.logout(&with_cookie(&id));
+        assert!(auth.session(&with_cookie(&id), t0()).is_none());
+    }
+
+    #[test]
+    fn a_wrong_bearer_is_not_rescued_by_the_cookie() {
+        let auth = Auth::new("global");
+        let (id, _) = auth.login("global", t0()).unwrap();
+        let mut h = with_cookie(&id);
+        h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer wrong"));
+        assert!(auth.caller(&h, t0()).is_none());
+    }
+
+    #[test]
+    fn csrf_is_required_for_cookie_writes_only() {
+        let auth = Auth::new("global");
+        let (id, caller) = auth.login("global", t0()).unwrap();
+        let Via::Session { csrf, .. } = &caller.via else {
+            panic!("a login makes a session");
+        };
+        let mut h = with_cookie(&id);
+        assert_eq!(check_csrf(&caller, &Method::GET, &h), Ok(()));
+        assert_eq!(
+            check_csrf(&caller, &Method::POST, &h),
+            Err(CsrfError::Token)
+        );
+        h.insert(CSRF_HEADER, HeaderValue::from_str(csrf).unwrap());
+        h.insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
+        assert_eq!(check_csrf(&caller, &Method::POST, &h), Ok(()));
+        h.insert(ORIGIN, HeaderValue::from_static("http://evil.example"));
+        assert_eq!(
+            check_csrf(&caller, &Method::DELETE, &h),
+            Err(CsrfError::Origin)
+        );
+        h.insert(ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
+        assert_eq!(check_csrf(&caller, &Method::PUT, &h), Ok(()));
+        let bearer = Caller {
+            scope: TenantScope::All,
+            via: Via::Bearer,
+        };
+        assert_eq!(
+            check_csrf(&bearer, &Method::POST, &HeaderMap::new()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_oldest_session_goes_when_full() {
+        let auth = Auth::new("global");
+        let (first, _) = auth.login("global", t0()).unwrap();
+        let n = MAX_SESSIONS as u64;
+        for i in 1..n {
+            auth.login("global", t0().saturating_add(Duration::from_secs(i)))
+                .unwrap();
+        }
+        assert!(auth.session(&with_cookie(&first), t0()).is_some());
+        // Still within every session's lifetime, so only the oldest can make room.
+        auth.login("global", t0().saturating_add(Duration::from_secs(n)))
+            .unwrap();
+        assert_eq!(auth.session_count(), MAX_SESSIONS);
+        assert!(auth.session(&with_cookie(&first), t0()).is_none());
+    }
+}
