@@ -434,6 +434,11 @@ async fn dashboard_in_a_real_browser() {
     .await
     .unwrap();
     assert_eq!(b.text("#health-percent").await.unwrap(), "66.7 %");
+    let alert = b
+        .text(&format!("#alerts tr[data-instance='{db1}']"))
+        .await
+        .unwrap();
+    assert!(alert.contains("db-01 went online → warning"), "{alert}");
     b.screenshot(screenshot_path("health.png")).await.unwrap();
 
     // Deregistering from the detail page asks once more, then the instance is gone.
@@ -451,6 +456,12 @@ async fn dashboard_in_a_real_browser() {
         .await
         .unwrap();
     wait_rows(&b, &["web-01", "web-02"]).await;
+    assert!(
+        b.text("#deregistered")
+            .await
+            .unwrap()
+            .contains(&db1.to_string())
+    );
     assert!(server.fleet.get(&TenantScope::All, db1).is_none());
 
     // Logging out ends the session: the pages ask for a login again.

@@ -665,6 +665,19 @@ impl<S: FleetStore> OperatorApi<S> {
         } else {
             Vec::new()
         };
+        // Each change with the instance's hostname (null once it was deregistered), so a list
+        // of alerts reads without one lookup per line.
+        let items: Vec<serde_json::Value> = items
+            .iter()
+            .map(|c| {
+                let mut v = serde_json::to_value(c).unwrap_or_default();
+                v["hostname"] = self
+                    .fleet
+                    .get(scope, c.instance)
+                    .map_or(serde_json::Value::Null, |i| i.hostname.into());
+                v
+            })
+            .collect();
         json(
             StatusCode::OK,
             &serde_json::json!({"items": items, "fleet": fleet}),

@@ -317,6 +317,27 @@ impl LiveView {
         self.index.len()
     }
 
+    /// Instance counts per tenant, each `[online, warning, offline]` (the order of
+    /// [`Status::ALL`]); the first entry is `None`, the instances without a tenant. Tenants with
+    /// no instance left are skipped. Computed from the status and tenant bitmaps without
+    /// visiting any instance (what `/metrics` reports).
+    pub fn status_counts_by_tenant(&self) -> Vec<(Option<TenantId>, [u64; 3])> {
+        let mut out = vec![(None, std::array::from_fn(|i| self.by_status[i].len()))];
+        for (t, bits) in self.tenants.iter().enumerate() {
+            if bits.is_empty() {
+                continue;
+            }
+            let counts: [u64; 3] =
+                std::array::from_fn(|i| self.by_status[i].intersection_len(bits));
+            for (none, n) in out[0].1.iter_mut().zip(counts) {
+                *none -= n;
+            }
+            let name = self.tenant_names.name(u32::try_from(t).unwrap_or(NO_ID));
+            out.push((Some(TenantId(name.into())), counts));
+        }
+        out
+    }
+
     /// Whether the view holds no instance.
     pub fn is_empty(&self) -> bool {
         self.index.is_empty()

@@ -244,6 +244,7 @@ async function fleetPage(root) {
       if (v === null || v === "") p.delete(k); else p.set(k, v);
     }
     if (!("cursor" in changes)) p.delete("cursor");
+    p.delete("deregistered");
     const qs = p.toString();
     location.assign("/" + (qs ? "?" + qs : ""));
   };
@@ -275,6 +276,9 @@ async function fleetPage(root) {
     tbody));
   const pager = el("div", { class: "pager", id: "pager" });
   const message = el("div");
+  if (params.get("deregistered")) {
+    replace(message, el("p", { class: "notice", id: "deregistered" }, "Instance " + params.get("deregistered") + " was deregistered and its certificate revoked."));
+  }
   replace(root, el("h1", {}, TENANT ? "Fleet · " + TENANT : "Fleet"), form, message, cards, table, pager);
 
   const qs = (extra) => {
@@ -317,6 +321,7 @@ function chart(points, series, opts = {}) {
   const s = svg("svg", { class: "chart", viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img" });
   for (const y of [0.25, 0.5, 0.75]) s.append(svg("line", { class: "grid", x1: 0, x2: W, y1: H * y, y2: H * y }));
   const vals = points.flatMap((p) => series.map((k) => p[k.key])).filter((v) => v !== null && v !== undefined);
+  if (points.length === 1) points = [points[0], { ...points[0], at: new Date(Date.parse(points[0].at) + 1000).toISOString() }];
   if (points.length < 2 || vals.length === 0) {
     const t = svg("text", { x: 8, y: H / 2 });
     t.textContent = "no samples yet";
@@ -510,7 +515,10 @@ async function healthPage(root) {
     const rows = [
       ...(a.fleet || []).map((f) => ({ at: f.at, node: el("tr", { class: "fleet-alert" }, el("td", {}, when(f.at)), el("td", {}, statusBadge(f.status)), el("td", {}, f.message)) })),
       ...a.items.map((c) => ({ at: c.at, node: el("tr", { dataset: { instance: c.instance } }, el("td", {}, when(c.at)), el("td", {}, statusBadge(c.to)),
-        el("td", {}, el("a", { href: "/instances/" + encodeURIComponent(c.instance) }, c.instance), " went " + c.from + " → " + c.to)) })),
+        el("td", {}, c.hostname
+          ? el("a", { href: "/instances/" + encodeURIComponent(c.instance) }, c.hostname)
+          : el("span", { class: "muted", title: c.instance }, "deregistered instance"),
+        " went " + c.from + " → " + c.to)) })),
     ].sort((x, y) => Date.parse(y.at) - Date.parse(x.at));
     replace(alerts, el("h2", {}, "Alerts"), rows.length
       ? el("table", {}, el("thead", {}, el("tr", {}, ["When", "Now", "What"].map((h) => el("th", {}, h)))), el("tbody", {}, rows.map((r) => r.node)))
