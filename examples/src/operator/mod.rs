@@ -1,8 +1,23 @@
-//! The operator API of the control panel: JSON over HTTP on a loopback listener, every route
-//! behind `Authorization: Bearer <operator token>`.
+//! The operator listener of the control panel (plain HTTP; bind it to loopback or put it behind
+//! a TLS proxy): the web dashboard ([`dashboard`]), the JSON operator API, and `/metrics`
+//! ([`metrics`]).
+//!
+//! Every API route needs `Authorization: Bearer <operator token>` or the session cookie of a
+//! browser that logged in at `/login` (see [`auth`]); a cookie-authenticated write also needs the
+//! session's `X-CSRF-Token`. Without either: 401 `unauthorized`. An operator token may be limited
+//! to one tenant ([`OperatorApi::tenant_token`]): then every list, summary, detail and change is
+//! that tenant's (other instances answer 404), and the fleet-wide routes — creating or deleting
+//! policies, `/api/v1/trends`, `/metrics` — answer 403 `forbidden`.
 //!
 //! | route | what |
 //! |---|---|
+//! | `GET /login`, `POST /login` (form `token`, `next`) | the login page; a good token sets the session cookie and redirects to `next` |
+//! | `POST /logout` | ends the session (needs `X-CSRF-Token`) |
+//! | `GET /`, `/instances/{id}`, `/health`, `/tokens` | dashboard pages (a session, else a redirect to `/login`) |
+//! | `GET /assets/…` | the dashboard's script, stylesheet and icon (public, compiled in) |
+//! | `GET /metrics` | Prometheus text format (global operators) |
+//! | `GET /api/v1/openapi.json` | the OpenAPI 3.1 document of these routes |
+//! | `GET /api/v1/session` | the caller's tenant, and for a browser session its CSRF token and expiry |
 //! | `POST /api/v1/tokens` | create a registration token; the secret and join string are in this reply only |
 //! | `GET /api/v1/tokens` | list tokens |
 //! | `GET /api/v1/tokens/{id}` | one token with its ledger |
@@ -232,6 +247,16 @@ async fn body_json<T: serde::de::DeserializeOwned>(
     })
 }
 
+/// A token as operators see it: everything but the hash of its secret, which only the store
+/// needs (and which would let anyone who reads it test guesses offline).
+fn token_view(t: &fleet_core::RegistrationToken) -> serde_json::Value {
+    let mut v = serde_json::to_value(t).unwrap_or_default();
+    if let Some(o) = v.as_object_mut() {
+        o.remove("secret_hash");
+    }
+    v
+}
+
 fn forbidden(what: &str) -> Response<Body> {
     error(
         StatusCode::FORBIDDEN,
@@ -332,7 +357,10 @@ impl<S: FleetStore> OperatorApi<S> {
             }
             (Method::POST, ["api", "v1", "tokens"]) => self.create_token(req, &scope).await,
             (Method::GET, ["api", "v1", "tokens"]) => match self.fleet.list_tokens(&scope).await {
-                Ok(tokens) => json(StatusCode::OK, &serde_json::json!({"items": tokens})),
+                Ok(tokens) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({"items": tokens.iter().map(token_view).collect::<Vec<_>>()}),
+                ),
                 Err(e) => fleet_error(&e),
             },
             (Method::GET, ["api", "v1", "tokens", id]) => {
@@ -346,7 +374,7 @@ impl<S: FleetStore> OperatorApi<S> {
                 match self.fleet.token_ledger(&scope, &id, 1000).await {
                     Ok(ledger) => json(
                         StatusCode::OK,
-                        &serde_json::json!({"token": token, "ledger": ledger}),
+                        &serde_json::json!({"token": token_view(&token), "ledger": ledger}),
                     ),
                     Err(e) => fleet_error(&e),
                 }
@@ -356,7 +384,7 @@ impl<S: FleetStore> OperatorApi<S> {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such token");
                 };
                 match self.fleet.revoke_token(&scope, &id).await {
-                    Ok(t) => json(StatusCode::OK, &t),
+                    Ok(t) => json(StatusCode::OK, &token_view(&t)),
                     Err(e) => fleet_error(&e),
                 }
             }
