@@ -23,6 +23,19 @@ const OPERATOR: &str = "operator-token-for-the-scale-test";
 const FIRST_PAINT_BOUND_MS: f64 = 1000.0;
 const RUNS: usize = 5;
 
+/// `n` as the dashboard prints it: `100,000`.
+fn thousands(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_paint_at_100k_instances() {
     let n: usize = std::env::var("FLEET_DASHBOARD_INSTANCES")
@@ -63,14 +76,24 @@ async fn first_paint_at_100k_instances() {
     .unwrap();
     assert_eq!(
         b.text("#card-total .value").await.unwrap(),
-        n.to_string(),
+        thousands(n),
         "the summary counts the whole fleet"
     );
 
-    // A fresh navigation each run; the first (cold) one is kept apart.
+    // A fresh navigation each run, in a new tab; assets are never cached (`no-cache` without
+    // validators), so every run fetches the page, script, stylesheet and both API replies.
     let mut data_ms = Vec::new();
     let mut fcp_ms = Vec::new();
-    for run in 0..=RUNS {
+    let mut cold = 0.0;
+    b.execute("window.open('about:blank', '_blank')", vec![])
+        .await
+        .unwrap();
+    let tabs = b.client().windows().await.unwrap();
+    b.client()
+        .switch_to_window(tabs[tabs.len() - 1].clone())
+        .await
+        .unwrap();
+    for run in 0..RUNS {
         b.goto(&format!("{base}/?run={run}")).await.unwrap();
         b.wait_until(
             "document.documentElement.dataset.page === 'fleet'",
@@ -93,9 +116,10 @@ async fn first_paint_at_100k_instances() {
             .expect("the page marks when its data is painted");
         let fcp = v[1].as_f64().unwrap_or(data);
         assert_eq!(v[2].as_u64(), Some(50), "a full first page of rows");
-        if run > 0 {
-            data_ms.push(data);
-            fcp_ms.push(fcp);
+        data_ms.push(data);
+        fcp_ms.push(fcp);
+        if run == 0 {
+            cold = data;
         }
     }
     b.screenshot(screenshot_path("dashboard-100k.png"))
@@ -111,6 +135,7 @@ async fn first_paint_at_100k_instances() {
     let report = serde_json::json!({
         "instances": n,
         "runs": RUNS,
+        "cold_data_painted_ms": cold,
         "data_painted_ms": {"median": median(&data_ms), "max": data_ms[data_ms.len() - 1]},
         "first_contentful_paint_ms": {"median": median(&fcp_ms), "max": fcp_ms[fcp_ms.len() - 1]},
         "cores": std::thread::available_parallelism().map_or(0, |c| c.get()),
@@ -118,9 +143,10 @@ async fn first_paint_at_100k_instances() {
     println!("first paint: {report}");
     let path = screenshot_path("first-paint.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
+    let worst = data_ms[data_ms.len() - 1];
     assert!(
-        median(&data_ms) <= FIRST_PAINT_BOUND_MS,
-        "dashboard data painted after {} ms (median of {RUNS}) at {n} instances",
-        median(&data_ms)
+        worst <= FIRST_PAINT_BOUND_MS,
+        "dashboard data painted after {worst} ms (the slowest of {RUNS}, the first in a new tab included) \
+         at {n} instances"
     );
 }

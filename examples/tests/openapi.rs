@@ -32,7 +32,8 @@ const OPERATOR: &str = "openapi-operator-token";
 /// An operator token limited to tenant `acme`.
 const TENANT_OPERATOR: &str = "openapi-acme-operator-token";
 /// The routes a tenant-scoped operator may not use.
-const FLEET_WIDE: [(&str, &str); 4] = [
+const FLEET_WIDE: [(&str, &str); 5] = [
+    ("GET", "/api/v1/policies"),
     ("POST", "/api/v1/policies"),
     ("DELETE", "/api/v1/policies/{name}"),
     ("GET", "/api/v1/trends"),
@@ -540,7 +541,11 @@ async fn start() -> (
     fleet.create_policy(policy).await.unwrap();
     let api = OperatorApi::new(fleet.clone(), OPERATOR)
         .tenant_token(TenantId::new("acme").unwrap(), TENANT_OPERATOR);
-    let (session, _) = api.auth().login(OPERATOR, fleet.now()).unwrap();
+    let (session, _) = api
+        .auth()
+        .login(OPERATOR, &hyper::HeaderMap::new(), fleet.now())
+        .unwrap()
+        .unwrap();
     let ids = Ids {
         session,
         token: created.token.id.to_string(),

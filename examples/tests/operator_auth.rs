@@ -320,6 +320,20 @@ async fn pages_need_a_session_and_logins_make_one() {
     .await;
     assert_eq!(r.status, 401);
 
+    // Another site cannot log the operator out: no cookie is cleared, the session lives.
+    let r = send(&api, "POST", "/logout", &[("origin", origin)], "").await;
+    assert_eq!(r.status, 403);
+    assert!(r.headers.get("set-cookie").is_none());
+    let r = send(&api, "POST", "/logout", &[], "").await;
+    assert!(
+        r.headers.get("set-cookie").is_none(),
+        "no session, nothing to clear"
+    );
+    assert_eq!(
+        send(&api, "GET", "/api/v1/summary", &c, "").await.status,
+        200
+    );
+
     // Logout needs the CSRF header too, then the cookie is dead.
     assert_eq!(send(&api, "POST", "/logout", &c, "").await.status, 403);
     let r = send(
@@ -469,8 +483,125 @@ async fn a_tenant_token_sees_and_changes_only_its_tenant() {
     )
     .await;
     assert_eq!(r.status, 404);
-    // The global operator still sees everyone.
+    // Everything else another tenant owns answers 404 (or, for lists, leaves it out).
     let g = format!("Bearer {OPERATOR}");
+    let global = [("authorization", g.as_str())];
+    let globex_token = api
+        .fleet
+        .create_token(
+            &TenantScope::All,
+            NewToken {
+                tenant: Some(TenantId::new("globex").unwrap()),
+                ..NewToken::default()
+            },
+        )
+        .await
+        .unwrap()
+        .token
+        .id;
+    let queued = send(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        &global,
+        &json!({"target": {"instance": theirs}, "kind": "ping"}).to_string(),
+    )
+    .await
+    .json();
+    let command = queued["commands"][0]["id"].as_str().unwrap().to_owned();
+    let batch = queued["batch"].as_str().map(str::to_owned);
+    for (policy, filter) in [("everyone", ""), ("globex-only", "tenant:globex")] {
+        let r = send(
+            &api,
+            "POST",
+            "/api/v1/policies",
+            &global,
+            &json!({"name": policy, "filter": filter, "rule": {"tag_present": "env"}}).to_string(),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+    }
+    let tok = globex_token.as_str();
+    for (m, p) in [
+        ("GET", format!("/api/v1/tokens/{tok}")),
+        ("POST", format!("/api/v1/tokens/{tok}/revoke")),
+        ("GET", format!("/api/v1/commands/{command}")),
+        ("POST", format!("/api/v1/commands/{command}/cancel")),
+        ("GET", format!("/api/v1/instances/{theirs}/uptime")),
+        ("GET", format!("/api/v1/instances/{theirs}/policies")),
+    ] {
+        let r = send(&api, m, &p, &a, "").await;
+        assert_eq!(r.status, 404, "{m} {p}: {}", r.text());
+    }
+    let token = api
+        .fleet
+        .get_token(&TenantScope::All, &globex_token)
+        .await
+        .unwrap();
+    assert!(
+        token.revoked_at.is_none(),
+        "the refused revoke changed nothing"
+    );
+    let cmd = send(
+        &api,
+        "GET",
+        &format!("/api/v1/commands/{command}"),
+        &global,
+        "",
+    )
+    .await;
+    assert_eq!(
+        cmd.json()["state"],
+        "queued",
+        "the refused cancel changed nothing"
+    );
+    let lists = [
+        "/api/v1/tokens".to_owned(),
+        "/api/v1/commands".to_owned(),
+        format!("/api/v1/commands?instance={theirs}"),
+        format!("/api/v1/alerts?instance={theirs}"),
+        "/api/v1/alerts?filter=tenant%3Aglobex".to_owned(),
+    ]
+    .into_iter()
+    .chain(batch.map(|b| format!("/api/v1/commands?batch={b}")));
+    for p in lists {
+        let r = send(&api, "GET", &p, &a, "").await;
+        let body = r.text();
+        assert!(r.status == 200 || r.status == 404, "{p}: {}", r.status);
+        for secret in [theirs.to_string(), tok.to_owned(), command.clone()] {
+            assert!(
+                !body.contains(&secret),
+                "{p} shows another tenant's {secret}: {body}"
+            );
+        }
+    }
+    // Policy results: only the policies that apply to its own instances.
+    let results = send(&api, "GET", "/api/v1/policies/results", &a, "")
+        .await
+        .json();
+    let names: Vec<&str> = results["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["policy"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["everyone"]);
+    assert_eq!(results["items"][0]["applicable"], 1);
+    // A command for a filter reaches only its own instances.
+    let r = send(
+        &api,
+        "POST",
+        "/api/v1/commands",
+        &a,
+        &json!({"target": {"filter": ""}, "kind": "ping"}).to_string(),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let report = r.json();
+    assert_eq!(report["targeted"], 1);
+    assert_eq!(report["commands"][0]["instance"], mine.to_string());
+
+    // The global operator still sees everyone.
     let all = send(&api, "GET", "/api/v1/summary", &[("authorization", &g)], "").await;
     assert_eq!(all.json()["total"], 3);
     assert_eq!(

@@ -821,7 +821,12 @@ impl<S: FleetStore> Fleet<S> {
             self.persist_heartbeat(id).await?;
         }
         let now = self.now();
+        // A result listed twice in one heartbeat is the same result: the first one counts.
+        let mut reported = rustc_hash::FxHashSet::default();
         for r in results {
+            if !reported.insert(r.id) {
+                continue;
+            }
             let result = CommandResult::new(r.result.exit_code, r.result.output);
             let result = CommandResult {
                 truncated: result.truncated || r.result.truncated,
@@ -837,7 +842,9 @@ impl<S: FleetStore> Fleet<S> {
                 .await
             {
                 Ok(c) => {
-                    // Finished by this result: a repeated one leaves the first one's time.
+                    // Finished by this result: a repeated one leaves the first one's time (a
+                    // repeat within the same millisecond, from a retried request, would count
+                    // twice).
                     let finished =
                         matches!(c.state, CommandState::Succeeded | CommandState::Failed);
                     if finished && c.finished_at == Some(now) {

@@ -1066,30 +1066,66 @@ impl<S: FleetStore> Fleet<S> {
         query: &StatusChangeQuery,
         filter: &Filter,
     ) -> Result<Vec<StatusChange>, FleetError> {
-        // Unfiltered, the store's newest `limit` plus the unflushed ones hold the answer;
-        // filtered, the filter runs here, over every change in the window.
-        let mut wide = query.clone();
-        if !filter.is_all() || *scope != TenantScope::All {
-            wide.limit = usize::MAX;
+        if filter.is_all() && *scope == TenantScope::All {
+            // Unfiltered, the store's newest `limit` plus the unflushed ones hold the answer.
+            let mut all = self.inner.store.status_changes(query).await?;
+            let stored: HashSet<StatusChange> = all.iter().copied().collect();
+            all.extend(
+                self.changes()
+                    .iter()
+                    .filter(|c| query.matches(c) && !stored.contains(c))
+                    .copied(),
+            );
+            all.sort_by_key(|c| std::cmp::Reverse(c.transition.at));
+            all.truncate(query.limit);
+            return Ok(all);
         }
-        let mut all = self.inner.store.status_changes(&wide).await?;
-        let stored: HashSet<StatusChange> = all.iter().copied().collect();
-        all.extend(
-            self.changes()
-                .iter()
-                .filter(|c| query.matches(c) && !stored.contains(c))
-                .copied(),
-        );
-        if !filter.is_all() {
-            let selected: HashSet<InstanceId> =
-                self.view().matching(filter, scope).into_iter().collect();
-            all.retain(|c| selected.contains(&c.instance));
-        } else if let TenantScope::Tenant(_) = scope {
-            let view = self.view();
-            all.retain(|c| {
-                view.tenant(c.instance)
-                    .is_some_and(|t| scope.allows(t.as_ref()))
-            });
+        // Filtered or scoped: read the store newest first, a page at a time, until `limit`
+        // matching changes are found or the window is exhausted — never the whole history at
+        // once.
+        let selected: HashSet<InstanceId> =
+            self.view().matching(filter, scope).into_iter().collect();
+        let mut seen: HashSet<StatusChange> = HashSet::new();
+        let mut all: Vec<StatusChange> = self
+            .changes()
+            .iter()
+            .filter(|c| query.matches(c) && selected.contains(&c.instance))
+            .copied()
+            .collect();
+        seen.extend(all.iter().copied());
+        let page_size = query.limit.saturating_mul(4).clamp(1_000, 50_000);
+        let mut page_query = StatusChangeQuery {
+            limit: page_size,
+            ..query.clone()
+        };
+        loop {
+            let page = self.inner.store.status_changes(&page_query).await?;
+            let full = page.len() == page_size;
+            let oldest = page.last().map(|c| c.transition.at);
+            let mut take = |changes: Vec<StatusChange>, all: &mut Vec<StatusChange>| {
+                for c in changes {
+                    if selected.contains(&c.instance) && seen.insert(c) {
+                        all.push(c);
+                    }
+                }
+            };
+            take(page, &mut all);
+            let (true, Some(oldest)) = (full, oldest) else {
+                break;
+            };
+            // The page may have cut the oldest millisecond in two: read that one in full.
+            let edge = StatusChangeQuery {
+                since: Some(oldest),
+                until: Some(oldest.saturating_add(Duration::from_millis(1))),
+                limit: usize::MAX,
+                ..query.clone()
+            };
+            take(self.inner.store.status_changes(&edge).await?, &mut all);
+            // Everything not read yet is older than every change found so far.
+            if all.len() >= query.limit {
+                break;
+            }
+            page_query.until = Some(oldest);
         }
         all.sort_by_key(|c| std::cmp::Reverse(c.transition.at));
         all.truncate(query.limit);

@@ -368,3 +368,74 @@ async fn an_instance_offline_before_the_restart_recovers_visibly() {
         ]
     );
 }
+
+/// Alerts for a tenant (or a filter) are found by reading the store newest first a page at a
+/// time: the newest changes of the tenant come back even when thousands of other tenants'
+/// changes are newer, and even when a page boundary cuts a millisecond shared by many changes.
+#[tokio::test]
+async fn scoped_alerts_page_through_a_long_history() {
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(T0);
+    let fleet = open(&store, &clock, AlertPolicy::default()).await;
+    let acme = fleet_core::TenantId::new("acme").unwrap();
+    let mine = fleet
+        .register(NewInstance {
+            tenant: Some(acme.clone()),
+            system: SystemInfo::with_hostname("acme-01"),
+            ..NewInstance::default()
+        })
+        .await
+        .unwrap()
+        .id;
+    let change = |instance: InstanceId, at: Timestamp, n: usize| fleet_core::StatusChange {
+        instance,
+        transition: fleet_core::Transition {
+            from: Status::ALL[n % 3],
+            to: Status::ALL[(n + 1) % 3],
+            at,
+        },
+    };
+    let at = |secs: u64| T0.saturating_add(Duration::from_secs(secs));
+    // Three of acme's, oldest; one in the crowded millisecond below.
+    let mut changes: Vec<_> = (0..3).map(|n| change(mine, at(10 + n as u64), n)).collect();
+    changes.push(change(mine, at(500), 0));
+    // 2,500 others' changes in one millisecond (a page of 1,000 cuts it), and 3,000 newer ones.
+    changes
+        .extend((0..2_500).map(|n| change(InstanceId::from_u128(1_000 + n as u128), at(500), n)));
+    changes.extend((0..3_000).map(|n| {
+        change(
+            InstanceId::from_u128(10_000 + n as u128),
+            at(1_000 + n as u64),
+            n,
+        )
+    }));
+    store.record_status_changes(&changes).await.unwrap();
+
+    let scope = TenantScope::Tenant(acme);
+    let query = |limit| StatusChangeQuery {
+        limit,
+        ..StatusChangeQuery::default()
+    };
+    let got = fleet.status_changes(&scope, &query(2)).await.unwrap();
+    assert_eq!(
+        got.iter().map(|c| c.transition.at).collect::<Vec<_>>(),
+        [at(500), at(12)],
+        "the newest two of acme's, one from inside the cut millisecond"
+    );
+    let got = fleet.status_changes(&scope, &query(100)).await.unwrap();
+    assert_eq!(got.len(), 4, "all of acme's and nothing else");
+    assert!(got.iter().all(|c| c.instance == mine));
+    // The same through a filter as a global operator; and an empty answer for no match.
+    let filter = Filter::parse("text:acme").unwrap();
+    let got = fleet
+        .status_changes_matching(&TenantScope::All, &query(3), &filter)
+        .await
+        .unwrap();
+    assert_eq!(got.len(), 3);
+    let none = Filter::parse("text:nobody").unwrap();
+    let got = fleet
+        .status_changes_matching(&TenantScope::All, &query(3), &none)
+        .await
+        .unwrap();
+    assert!(got.is_empty());
+}

@@ -79,11 +79,11 @@ struct Serve {
     /// 127.0.0.1 always are).
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// Simulated agents to run in-process over real TLS.
     /// An operator token limited to this tenant, kept in `operator-token.<tenant>` (created on
     /// first start, 0600); repeat for several tenants.
     #[arg(long = "tenant-token", value_name = "TENANT")]
     tenant_tokens: Vec<String>,
+    /// Simulated agents to run in-process over real TLS.
     #[arg(long, default_value_t = 0)]
     demo_agents: usize,
     /// Seconds of silence after which an instance is `warning`.
@@ -202,7 +202,21 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         write_private(&token_path, TokenSecret::random()?.expose())?;
         tracing::info!(path = %token_path.display(), "created the operator token (0600)");
     }
-    let operator_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
+    let read_token = |path: &std::path::Path| -> Result<String> {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned();
+        anyhow::ensure!(
+            token.len() >= 16,
+            "{} holds {} characters: an operator token needs at least 16 (delete the file to \
+             have a new one generated)",
+            path.display(),
+            token.len()
+        );
+        Ok(token)
+    };
+    let operator_token = read_token(&token_path)?;
     let mut tenant_tokens = Vec::new();
     for tenant in &args.tenant_tokens {
         let id = TenantId::new(tenant).with_context(|| format!("--tenant-token {tenant}"))?;
@@ -213,7 +227,7 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
             write_private(&path, TokenSecret::random()?.expose())?;
             tracing::info!(path = %path.display(), tenant = %id, "created a tenant operator token (0600)");
         }
-        tenant_tokens.push((id, std::fs::read_to_string(&path)?.trim().to_owned()));
+        tenant_tokens.push((id, read_token(&path)?));
     }
 
     // The agent listener's certificate, signed by the fleet CA.

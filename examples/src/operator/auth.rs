@@ -9,12 +9,17 @@
 //!
 //! Only hashes are kept: the SHA-256 of each operator token and of each session id. Sessions live
 //! in memory (a restart logs every browser out) and expire [`SESSION_TTL`] after login, by the
-//! fleet's clock.
+//! fleet's clock; each token holds at most [`MAX_SESSIONS_PER_TOKEN`].
+//!
+//! Behind a TLS-terminating reverse proxy, pass the browser's `Host` through (nginx:
+//! `proxy_set_header Host $host;`) so that the `Origin` check compares like with like, and set
+//! `X-Forwarded-Proto: https` so that the session cookie is marked `Secure`.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
+use fleet_core::RandomError;
 use fleet_core::token::TokenSecret;
 use fleet_core::{Fingerprint, TenantId, TenantScope, Timestamp};
 use hyper::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
@@ -27,8 +32,9 @@ pub const SESSION_COOKIE: &str = "fleet_session";
 pub const CSRF_HEADER: &str = "x-csrf-token";
 /// How long a browser session lasts after login.
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Most sessions kept at once; logging in beyond this ends the oldest session.
-pub const MAX_SESSIONS: usize = 10_000;
+/// Most sessions one operator token may hold at once; logging in beyond this ends that token's
+/// oldest session (so no token holder can push other operators out).
+pub const MAX_SESSIONS_PER_TOKEN: usize = 1_000;
 
 fn sha256(s: &str) -> [u8; 32] {
     *Fingerprint::of(s.as_bytes()).as_bytes()
@@ -44,6 +50,8 @@ struct OperatorToken {
 /// A live browser session.
 #[derive(Debug, Clone)]
 struct Session {
+    /// The hash of the operator token that opened it.
+    token: [u8; 32],
     scope: TenantScope,
     csrf: String,
     expires_at: Timestamp,
@@ -121,7 +129,11 @@ impl Auth {
     }
 
     /// The scope of an operator token, compared in constant time against every known token.
+    /// An empty token is never one.
     pub fn token_scope(&self, presented: &str) -> Option<TenantScope> {
+        if presented.is_empty() {
+            return None;
+        }
         let hash = sha256(presented);
         let mut found = None;
         for t in &self.tokens {
@@ -132,13 +144,26 @@ impl Auth {
         found
     }
 
-    /// Starts a session for an operator token; returns the cookie value, or `None` when the
-    /// token is not an operator token.
-    pub fn login(&self, presented: &str, now: Timestamp) -> Option<(String, Caller)> {
-        let scope = self.token_scope(presented)?;
-        let id = TokenSecret::random().ok()?.expose().to_owned();
-        let csrf = TokenSecret::random().ok()?.expose().to_owned();
+    /// Starts a session for an operator token and ends the one the request's cookie named, if
+    /// any (a login never extends or reuses an earlier session). Returns the new cookie value,
+    /// or `None` when the token is not an operator token.
+    ///
+    /// # Errors
+    /// The system's random number generator failed.
+    pub fn login(
+        &self,
+        presented: &str,
+        headers: &HeaderMap,
+        now: Timestamp,
+    ) -> Result<Option<(String, Caller)>, RandomError> {
+        let Some(scope) = self.token_scope(presented) else {
+            return Ok(None);
+        };
+        let token = sha256(presented);
+        let id = TokenSecret::random()?.expose().to_owned();
+        let csrf = TokenSecret::random()?.expose().to_owned();
         let session = Session {
+            token,
             scope: scope.clone(),
             csrf: csrf.clone(),
             expires_at: now.saturating_add(SESSION_TTL),
@@ -151,19 +176,24 @@ impl Auth {
             },
         };
         let mut sessions = self.lock();
-        if sessions.len() >= MAX_SESSIONS {
-            sessions.retain(|_, s| s.expires_at > now);
+        if let Some(old) = cookie(headers, SESSION_COOKIE) {
+            sessions.remove(&sha256(old));
         }
-        if sessions.len() >= MAX_SESSIONS
-            && let Some(oldest) = sessions
-                .iter()
-                .min_by_key(|(_, s)| s.expires_at)
-                .map(|(k, _)| *k)
-        {
-            sessions.remove(&oldest);
+        let mine = |s: &Session| bool::from(s.token.ct_eq(&token));
+        if sessions.values().filter(|s| mine(s)).count() >= MAX_SESSIONS_PER_TOKEN {
+            sessions.retain(|_, s| s.expires_at > now);
+            if sessions.values().filter(|s| mine(s)).count() >= MAX_SESSIONS_PER_TOKEN
+                && let Some(oldest) = sessions
+                    .iter()
+                    .filter(|(_, s)| mine(s))
+                    .min_by_key(|(_, s)| s.expires_at)
+                    .map(|(k, _)| *k)
+            {
+                sessions.remove(&oldest);
+            }
         }
         sessions.insert(sha256(&id), session);
-        Some((id, caller))
+        Ok(Some((id, caller)))
     }
 
     /// Ends the session named by the request's cookie, if any.
@@ -268,11 +298,13 @@ pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// The `Set-Cookie` value that stores session `id` in the browser.
-pub fn session_cookie(id: &str) -> String {
+/// The `Set-Cookie` value that stores session `id` in the browser; `secure` adds `Secure` (the
+/// page was served over HTTPS, by a proxy in front of this listener).
+pub fn session_cookie(id: &str, secure: bool) -> String {
     format!(
-        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
-        SESSION_TTL.as_secs()
+        "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{}",
+        SESSION_TTL.as_secs(),
+        if secure { "; Secure" } else { "" }
     )
 }
 
@@ -309,22 +341,34 @@ mod tests {
             Some(TenantScope::Tenant(TenantId::new("acme").unwrap()))
         );
         assert_eq!(auth.token_scope("nope"), None);
+        let empty = Auth::new("");
+        assert_eq!(empty.token_scope(""), None, "an empty token never matches");
         assert_eq!(auth.token_scope(""), None);
     }
 
     #[test]
     fn sessions_expire_and_log_out() {
         let auth = Auth::new("global");
-        assert!(auth.login("wrong", t0()).is_none());
+        assert!(
+            auth.login("wrong", &HeaderMap::new(), t0())
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(auth.session_count(), 0, "a failed login stores nothing");
-        let (id, caller) = auth.login("global", t0()).unwrap();
+        let (id, caller) = auth
+            .login("global", &HeaderMap::new(), t0())
+            .unwrap()
+            .unwrap();
         let h = with_cookie(&id);
         assert_eq!(auth.session(&h, t0()), Some(caller));
         assert!(auth.session(&with_cookie("forged"), t0()).is_none());
         let late = t0().saturating_add(SESSION_TTL);
         assert!(auth.session(&h, late).is_none(), "expired at the TTL");
         assert_eq!(auth.session_count(), 0, "an expired session is dropped");
-        let (id, _) = auth.login("global", t0()).unwrap();
+        let (id, _) = auth
+            .login("global", &HeaderMap::new(), t0())
+            .unwrap()
+            .unwrap();
         auth.logout(&with_cookie(&id));
         assert!(auth.session(&with_cookie(&id), t0()).is_none());
     }
@@ -332,7 +376,10 @@ mod tests {
     #[test]
     fn a_wrong_bearer_is_not_rescued_by_the_cookie() {
         let auth = Auth::new("global");
-        let (id, _) = auth.login("global", t0()).unwrap();
+        let (id, _) = auth
+            .login("global", &HeaderMap::new(), t0())
+            .unwrap()
+            .unwrap();
         let mut h = with_cookie(&id);
         h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer wrong"));
         assert!(auth.caller(&h, t0()).is_none());
@@ -341,7 +388,10 @@ mod tests {
     #[test]
     fn csrf_is_required_for_cookie_writes_only() {
         let auth = Auth::new("global");
-        let (id, caller) = auth.login("global", t0()).unwrap();
+        let (id, caller) = auth
+            .login("global", &HeaderMap::new(), t0())
+            .unwrap()
+            .unwrap();
         let Via::Session { csrf, .. } = &caller.via else {
             panic!("a login makes a session");
         };
@@ -372,19 +422,42 @@ mod tests {
     }
 
     #[test]
-    fn the_oldest_session_goes_when_full() {
-        let auth = Auth::new("global");
-        let (first, _) = auth.login("global", t0()).unwrap();
-        let n = MAX_SESSIONS as u64;
+    fn a_token_at_its_session_limit_ends_its_own_oldest() {
+        let mut auth = Auth::new("global");
+        auth.add_tenant_token(TenantId::new("acme").unwrap(), "acme-token");
+        let none = HeaderMap::new();
+        let (global, _) = auth.login("global", &none, t0()).unwrap().unwrap();
+        let (first, _) = auth.login("acme-token", &none, t0()).unwrap().unwrap();
+        let n = MAX_SESSIONS_PER_TOKEN as u64;
         for i in 1..n {
-            auth.login("global", t0().saturating_add(Duration::from_secs(i)))
-                .unwrap();
+            let at = t0().saturating_add(Duration::from_secs(i));
+            auth.login("acme-token", &none, at).unwrap().unwrap();
         }
         assert!(auth.session(&with_cookie(&first), t0()).is_some());
-        // Still within every session's lifetime, so only the oldest can make room.
-        auth.login("global", t0().saturating_add(Duration::from_secs(n)))
-            .unwrap();
-        assert_eq!(auth.session_count(), MAX_SESSIONS);
+        // Still within every session's lifetime, so only acme's oldest can make room.
+        let at = t0().saturating_add(Duration::from_secs(n));
+        auth.login("acme-token", &none, at).unwrap().unwrap();
+        assert_eq!(auth.session_count(), MAX_SESSIONS_PER_TOKEN + 1);
         assert!(auth.session(&with_cookie(&first), t0()).is_none());
+        assert!(
+            auth.session(&with_cookie(&global), t0()).is_some(),
+            "another token's session is untouched"
+        );
+    }
+
+    #[test]
+    fn a_new_login_ends_the_session_it_replaces() {
+        let auth = Auth::new("global");
+        let (old, _) = auth
+            .login("global", &HeaderMap::new(), t0())
+            .unwrap()
+            .unwrap();
+        let (new, _) = auth
+            .login("global", &with_cookie(&old), t0())
+            .unwrap()
+            .unwrap();
+        assert!(auth.session(&with_cookie(&old), t0()).is_none());
+        assert!(auth.session(&with_cookie(&new), t0()).is_some());
+        assert_eq!(auth.session_count(), 1);
     }
 }

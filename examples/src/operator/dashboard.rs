@@ -90,7 +90,7 @@ pub fn safe_next(next: Option<&str>) -> &str {
         Some(n)
             if n.starts_with('/')
                 && !n.starts_with("//")
-                && !n.contains('\\')
+                && !n.contains(['\\', '{', '}'])
                 && n.bytes().all(|b| b.is_ascii_graphic()) =>
         {
             n
@@ -112,9 +112,10 @@ pub fn login_page(
             escape(e)
         )
     });
+    // `next` cannot hold braces (see `safe_next`), so it cannot name a placeholder.
     let html = LOGIN
-        .replace("{{next}}", &escape(next))
-        .replace("{{error}}", &error);
+        .replace("{{error}}", &error)
+        .replace("{{next}}", &escape(next));
     page(status, html)
 }
 
@@ -177,7 +178,14 @@ mod tests {
     #[test]
     fn next_stays_on_this_site() {
         assert_eq!(safe_next(Some("/instances/x?y=1")), "/instances/x?y=1");
-        for bad in ["//evil.example", "https://evil.example", "/\\evil", "", "x"] {
+        for bad in [
+            "//evil.example",
+            "https://evil.example",
+            "/\\evil",
+            "",
+            "x",
+            "/{{error}}",
+        ] {
             assert_eq!(safe_next(Some(bad)), "/", "{bad}");
         }
         assert_eq!(safe_next(None), "/");

@@ -4,7 +4,6 @@
 //! | family | type | labels |
 //! |---|---|---|
 //! | `fleet_instances` | gauge | `status` (online, warning, offline), `tenant` (`""` for none) |
-//! | `fleet_instances_total` | gauge | |
 //! | `fleet_heartbeats_total` | counter | |
 //! | `fleet_enrollments_total` | counter | `outcome` ([`EnrollmentOutcome`]) |
 //! | `fleet_commands_total` | counter | `state` (the state a command entered) |
@@ -118,14 +117,6 @@ fn write_metrics(
             )?;
         }
     }
-    let total: u64 = instances.iter().flat_map(|(_, c)| c).sum();
-    header(
-        out,
-        "fleet_instances_total",
-        "gauge",
-        "Instances in the fleet, of every status and tenant.",
-    )?;
-    writeln!(out, "fleet_instances_total {total}")?;
 
     header(
         out,
@@ -322,7 +313,15 @@ mod tests {
             ),
             Some(2.0)
         );
-        assert_eq!(value(&samples, "fleet_instances_total", &[]), Some(6.0));
+        let total: f64 = samples
+            .iter()
+            .filter(|(name, _, _)| name == "fleet_instances")
+            .map(|s| s.2)
+            .sum();
+        assert_eq!(
+            total, 6.0,
+            "the fleet size is the sum over tenants and statuses"
+        );
     }
 
     #[test]
@@ -404,7 +403,6 @@ mod tests {
         assert_eq!(inst("online", "acme"), Some(0.0));
         assert_eq!(inst("warning", ""), Some(1.0));
         assert_eq!(inst("online", ""), Some(1.0), "the enrolled one");
-        assert_eq!(v("fleet_instances_total", &[]), Some(4.0));
         assert_eq!(v("fleet_heartbeats_total", &[]), Some(1.0));
         assert_eq!(
             v("fleet_enrollments_total", &[("outcome", "enrolled")]),

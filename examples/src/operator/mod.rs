@@ -333,7 +333,7 @@ impl<S: FleetStore> OperatorApi<S> {
                 let mut r = Response::new(Full::new(Bytes::from(metrics::render(&self.fleet))));
                 r.headers_mut().insert(
                     hyper::header::CONTENT_TYPE,
-                    hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                    hyper::header::HeaderValue::from_static(metrics::CONTENT_TYPE),
                 );
                 r
             }
@@ -540,13 +540,20 @@ impl<S: FleetStore> OperatorApi<S> {
                     Err(e) => fleet_error(&e),
                 }
             }
+            (Method::GET, ["api", "v1", "policies"]) if !global => forbidden("the policy list"),
             (Method::GET, ["api", "v1", "policies"]) => match self.fleet.policies().await {
                 Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
                 Err(e) => fleet_error(&e),
             },
             (Method::GET, ["api", "v1", "policies", "results"]) => {
                 match self.fleet.compliance(&scope).await {
-                    Ok(items) => json(StatusCode::OK, &serde_json::json!({"items": items})),
+                    Ok(mut items) => {
+                        // A tenant operator hears only of policies that apply to its instances.
+                        if !global {
+                            items.retain(|c| c.applicable > 0);
+                        }
+                        json(StatusCode::OK, &serde_json::json!({"items": items}))
+                    }
                     Err(e) => fleet_error(&e),
                 }
             }
@@ -596,27 +603,37 @@ impl<S: FleetStore> OperatorApi<S> {
                 &query(&req),
             );
         }
+        let headers = req.headers().clone();
         let bytes = match body_bytes(req).await {
             Ok(b) => b,
             Err(r) => return r,
         };
         let form: BTreeMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
         let token = form.get("token").map_or("", |t| t.trim());
-        match self.auth.login(token, now) {
-            Some((id, _)) => {
+        match self.auth.login(token, &headers, now) {
+            Ok(Some((id, _))) => {
                 let next = dashboard::safe_next(form.get("next").map(String::as_str));
+                // Behind a TLS-terminating proxy that says so, the cookie is HTTPS-only.
+                let secure = headers
+                    .get("x-forwarded-proto")
+                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::SEE_OTHER;
                 if let (Ok(loc), Ok(cookie)) = (
                     hyper::header::HeaderValue::from_str(next),
-                    hyper::header::HeaderValue::from_str(&auth::session_cookie(&id)),
+                    hyper::header::HeaderValue::from_str(&auth::session_cookie(&id, secure)),
                 ) {
                     r.headers_mut().insert(hyper::header::LOCATION, loc);
                     r.headers_mut().insert(hyper::header::SET_COOKIE, cookie);
                 }
                 r
             }
-            None => dashboard::login_page(
+            Err(e) => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                format!("cannot start a session: {e}"),
+            ),
+            Ok(None) => dashboard::login_page(
                 StatusCode::UNAUTHORIZED,
                 Some("That is not an operator token."),
                 &form,
@@ -624,17 +641,23 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
+    /// Ends the caller's session. Only a live session with its CSRF token clears the cookie: a
+    /// cross-site form cannot log an operator out (the browser would accept the clearing
+    /// `Set-Cookie` of a top-level navigation even though it did not send the cookie).
     fn logout(&self, req: &Request<Incoming>, now: Timestamp) -> Response<Body> {
+        if let Err(e) = auth::same_origin(req.headers()) {
+            return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
+        }
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NO_CONTENT;
         if let Some(caller) = self.auth.session(req.headers(), now) {
             if let Err(e) = check_csrf(&caller, req.method(), req.headers()) {
                 return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
             }
             self.auth.logout(req.headers());
-        }
-        let mut r = Response::new(Full::new(Bytes::new()));
-        *r.status_mut() = StatusCode::NO_CONTENT;
-        if let Ok(v) = hyper::header::HeaderValue::from_str(&auth::clear_cookie()) {
-            r.headers_mut().insert(hyper::header::SET_COOKIE, v);
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&auth::clear_cookie()) {
+                r.headers_mut().insert(hyper::header::SET_COOKIE, v);
+            }
         }
         r
     }

@@ -66,7 +66,7 @@ use tokio::process::{Child, Command};
 pub(crate) use fantoccini::elements::Element;
 
 /// A sensible bound for [`Browser::wait_for`] / [`Browser::wait_until`] on a loopback server.
-pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often the waiting helpers poll.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How long chromedriver may take to answer `/status` with `ready: true`.

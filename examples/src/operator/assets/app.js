@@ -198,6 +198,10 @@ function filterFromUrl(params) {
   return terms.join(" ");
 }
 
+function count(n) {
+  return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US");
+}
+
 function card(id, cls, label, value, sub) {
   return el("div", { class: "card " + cls, id },
     el("div", { class: "label" }, label),
@@ -207,10 +211,10 @@ function card(id, cls, label, value, sub) {
 
 function summaryCards(s) {
   return [
-    card("card-total", "", "Instances", s.total, s.reporting + " reporting"),
-    card("card-online", "online", "Online", s.online),
-    card("card-warning", "warning", "Warning", s.warning),
-    card("card-offline", "offline", "Offline", s.offline),
+    card("card-total", "", "Instances", count(s.total), count(s.reporting) + " reporting"),
+    card("card-online", "online", "Online", count(s.online)),
+    card("card-warning", "warning", "Warning", count(s.warning)),
+    card("card-offline", "offline", "Offline", count(s.offline)),
     card("card-health", "health", "Health", pct(s.health_percent), "online ÷ total"),
     card("card-cpu", "", "CPU", pct(s.cpu_avg_percent), "peak " + pct(s.cpu_peak_percent)),
     card("card-memory", "", "Memory", bytes(s.memory_used_bytes), "of " + bytes(s.memory_total_bytes)),
@@ -231,13 +235,14 @@ function instanceRow(i) {
     el("td", {}, bar(fresh ? ratio(m.memory_used_bytes, m.memory_total_bytes) : null)),
     el("td", {}, bar(fresh ? ratio(m.disk_used_bytes, m.disk_total_bytes) : null)),
     el("td", {}, tagChips(i.tags, i.groups)),
-    el("td", { title: when(i.last_seen) }, ago(i.last_seen)));
+    el("td", { class: "nowrap", title: when(i.last_seen) }, ago(i.last_seen)));
 }
 
 async function fleetPage(root) {
   const params = new URLSearchParams(location.search);
   const filter = filterFromUrl(params);
   const cursor = params.get("cursor");
+  const perPage = /^\d+$/.test(params.get("per_page") || "") ? Math.min(1000, Math.max(1, Number(params.get("per_page")))) : PAGE_SIZE;
   const go = (changes) => {
     const p = new URLSearchParams(location.search);
     for (const [k, v] of Object.entries(changes)) {
@@ -290,14 +295,14 @@ async function fleetPage(root) {
   const load = async () => {
     const [summary, page] = await Promise.all([
       api("GET", "/api/v1/summary?" + qs({})),
-      api("GET", "/api/v1/instances?" + qs({ limit: PAGE_SIZE, cursor })),
+      api("GET", "/api/v1/instances?" + qs({ limit: perPage, cursor })),
     ]);
     replace(cards, summaryCards(summary));
     replace(tbody, page.items.length
       ? page.items.map(instanceRow)
       : el("tr", {}, el("td", { colspan: 9, class: "empty" }, filter ? "No instance matches this filter." : "No instance has joined yet.")));
     replace(pager,
-      el("span", { class: "muted", id: "page-count" }, page.items.length + " shown of " + summary.total),
+      el("span", { class: "muted", id: "page-count" }, page.items.length + " shown of " + count(summary.total)),
       cursor ? el("a", { href: "#", id: "page-first", onclick: (ev) => { ev.preventDefault(); go({ cursor: null }); } }, "First page") : null,
       page.next_cursor ? el("button", { type: "button", id: "page-next", onclick: () => go({ cursor: page.next_cursor }) }, "Next page") : null);
   };
@@ -480,7 +485,11 @@ async function detailPage(root, id) {
     api("GET", "/api/v1/instances/" + enc + "/commands?limit=20"),
     api("GET", "/api/v1/instances/" + enc + "/uptime").catch(() => null),
   ]);
+  // A reply older than the newest request is dropped: a slow periodic refresh must not draw
+  // over what a save has just shown.
+  let asked = 0;
   const refresh = async () => {
+    const mine = ++asked;
     let fresh;
     try {
       fresh = await api("GET", "/api/v1/instances/" + enc);
@@ -492,7 +501,7 @@ async function detailPage(root, id) {
       throw e;
     }
     const [points, cmds, uptime] = await fetchRest();
-    render(fresh, points.items, cmds, uptime);
+    if (mine === asked) render(fresh, points.items, cmds, uptime);
   };
   const [points, cmds, uptime] = await fetchRest();
   render(d, points.items, cmds, uptime);
@@ -508,7 +517,8 @@ async function healthPage(root) {
   const alerts = el("div", { class: "panel", id: "alerts" });
   replace(root, el("h1", {}, "Fleet health"), el("div", { class: "row" }, score, trend), alerts);
   const load = async () => {
-    const [s, a] = await Promise.all([api("GET", "/api/v1/summary"), api("GET", "/api/v1/alerts?limit=50")]);
+    const week = new Date(Date.now() - 7 * 86400 * 1000).toISOString();
+    const [s, a] = await Promise.all([api("GET", "/api/v1/summary"), api("GET", "/api/v1/alerts?limit=50&since=" + encodeURIComponent(week))]);
     replace(score, el("h2", {}, "Health score"), el("div", { class: "score", id: "health-percent" }, pct(s.health_percent)),
       el("p", {}, el("span", { class: "dot online" }), s.online + " online · ", el("span", { class: "dot warning" }), s.warning + " warning · ",
         el("span", { class: "dot offline" }), s.offline + " offline of " + s.total));
@@ -520,7 +530,7 @@ async function healthPage(root) {
           : el("span", { class: "muted", title: c.instance }, "deregistered instance"),
         " went " + c.from + " → " + c.to)) })),
     ].sort((x, y) => Date.parse(y.at) - Date.parse(x.at));
-    replace(alerts, el("h2", {}, "Alerts"), rows.length
+    replace(alerts, el("h2", {}, "Alerts (last 7 days)"), rows.length
       ? el("table", {}, el("thead", {}, el("tr", {}, ["When", "Now", "What"].map((h) => el("th", {}, h)))), el("tbody", {}, rows.map((r) => r.node)))
       : el("p", { class: "muted" }, "No instance has changed status."));
     try {
@@ -570,7 +580,8 @@ async function tokensPage(root) {
       const body = {
         description: f.description.value.trim(),
         expires_in_secs: Math.round(Number(f.expires.value) * 3600),
-        max_uses: uses === "unlimited" ? "unlimited" : Number(uses),
+        // A number or "unlimited"; anything else goes as typed, for the server to refuse.
+        max_uses: /^\d+$/.test(uses) ? Number(uses) : uses,
         tags: parseTags(f.tags.value),
         groups: f.groups.value.split(",").map((g) => g.trim()).filter(Boolean),
       };
@@ -641,9 +652,10 @@ async function boot() {
   const root = document.getElementById("app");
   document.getElementById("who").textContent = TENANT ? "tenant " + TENANT : "all tenants";
   document.getElementById("logout").addEventListener("click", async () => {
-    try { await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": CSRF }, credentials: "same-origin" }); } finally {
-      location.assign("/login");
-    }
+    let r = null;
+    try { r = await fetch("/logout", { method: "POST", headers: { "X-CSRF-Token": CSRF }, credentials: "same-origin" }); } catch (_) { r = null; }
+    if (r && (r.ok || r.status === 401)) location.assign("/login");
+    else showError(document.getElementById("app"), new Error("Logging out failed" + (r ? " (" + r.status + ")" : "") + "; the session is still open."));
   });
   const path = location.pathname;
   const nav = path.startsWith("/health") ? "health" : path.startsWith("/tokens") ? "tokens" : "fleet";
