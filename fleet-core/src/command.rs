@@ -900,7 +900,10 @@ impl<S: FleetStore> Fleet<S> {
 
     /// The command with this id, if it exists within `scope`.
     pub async fn command(&self, scope: &TenantScope, id: CommandId) -> Result<Command, FleetError> {
-        match self.inner.store.get_command(id).await? {
+        match self
+            .timed(StoreOp::GetCommand, self.inner.store.get_command(id))
+            .await?
+        {
             Some(c) if scope.allows(c.tenant.as_ref()) => Ok(c),
             _ => Err(FleetError::CommandNotFound(id)),
         }
@@ -917,7 +920,12 @@ impl<S: FleetStore> Fleet<S> {
         if let TenantScope::Tenant(t) = scope {
             query.tenant = Some(Some(t.clone()));
         }
-        Ok(self.inner.store.list_commands(&query).await?)
+        Ok(self
+            .timed(
+                StoreOp::ListCommands,
+                self.inner.store.list_commands(&query),
+            )
+            .await?)
     }
 
     /// Cancels a queued command within `scope`. [`FleetError::CommandNotCancellable`] (and no

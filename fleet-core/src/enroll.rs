@@ -283,7 +283,9 @@ impl<S: FleetStore> Fleet<S> {
         &self,
         scope: &TenantScope,
     ) -> Result<Vec<RegistrationToken>, FleetError> {
-        let all = self.inner.store.list_tokens().await?;
+        let all = self
+            .timed(StoreOp::ListTokens, self.inner.store.list_tokens())
+            .await?;
         Ok(all
             .into_iter()
             .filter(|t| scope_allows_token(scope, t))
@@ -328,7 +330,9 @@ impl<S: FleetStore> Fleet<S> {
         limit: usize,
     ) -> Result<Vec<LedgerEntry>, FleetError> {
         self.get_token(scope, id).await?;
-        Ok(self.inner.store.ledger(id, limit).await?)
+        Ok(self
+            .timed(StoreOp::Ledger, self.inner.store.ledger(id, limit))
+            .await?)
     }
 
     async fn record(

@@ -999,7 +999,9 @@ impl<S: FleetStore> Fleet<S> {
     ) -> Result<Vec<FleetAlert>, FleetError> {
         let mut wide = query.clone();
         wide.limit = usize::MAX;
-        let mut all = self.inner.store.fleet_alerts(&wide).await?;
+        let mut all = self
+            .timed(StoreOp::FleetAlerts, self.inner.store.fleet_alerts(&wide))
+            .await?;
         for a in self
             .pending_fleet_alerts()
             .iter()
@@ -1021,7 +1023,12 @@ impl<S: FleetStore> Fleet<S> {
         from: Timestamp,
         until: Timestamp,
     ) -> Result<Vec<TrendBucket>, FleetError> {
-        let mut stored = self.inner.store.trend_buckets(from, until).await?;
+        let mut stored = self
+            .timed(
+                StoreOp::TrendBuckets,
+                self.inner.store.trend_buckets(from, until),
+            )
+            .await?;
         let t = self.trend();
         for b in t.unwritten.iter().chain(t.current.iter()) {
             if b.start >= from && b.start < until && b.samples > 0 {
@@ -1068,7 +1075,12 @@ impl<S: FleetStore> Fleet<S> {
     ) -> Result<Vec<StatusChange>, FleetError> {
         if filter.is_all() && *scope == TenantScope::All {
             // Unfiltered, the store's newest `limit` plus the unflushed ones hold the answer.
-            let mut all = self.inner.store.status_changes(query).await?;
+            let mut all = self
+                .timed(
+                    StoreOp::StatusChanges,
+                    self.inner.store.status_changes(query),
+                )
+                .await?;
             let stored: HashSet<StatusChange> = all.iter().copied().collect();
             all.extend(
                 self.changes()
@@ -1099,7 +1111,12 @@ impl<S: FleetStore> Fleet<S> {
             ..query.clone()
         };
         loop {
-            let page = self.inner.store.status_changes(&page_query).await?;
+            let page = self
+                .timed(
+                    StoreOp::StatusChanges,
+                    self.inner.store.status_changes(&page_query),
+                )
+                .await?;
             let full = page.len() == page_size;
             let oldest = page.last().map(|c| c.transition.at);
             let mut take = |changes: Vec<StatusChange>, all: &mut Vec<StatusChange>| {
@@ -1120,7 +1137,14 @@ impl<S: FleetStore> Fleet<S> {
                 limit: usize::MAX,
                 ..query.clone()
             };
-            take(self.inner.store.status_changes(&edge).await?, &mut all);
+            take(
+                self.timed(
+                    StoreOp::StatusChanges,
+                    self.inner.store.status_changes(&edge),
+                )
+                .await?,
+                &mut all,
+            );
             // Everything not read yet is older than every change found so far.
             if all.len() >= query.limit {
                 break;

@@ -28,6 +28,7 @@ use crate::error::ValidationError;
 use crate::instance::{MAX_APP_NAME_LEN, MAX_FACT_LEN};
 use crate::store::FleetStore;
 use crate::tag::string_newtype_impls;
+use crate::telemetry::StoreOp;
 use crate::{
     Filter, Fleet, FleetError, Instance, InstanceId, Status, TagKey, TagValue, TenantScope,
     Timestamp,
@@ -741,18 +742,26 @@ impl<S: FleetStore> Fleet<S> {
     /// scope). Invalid input or a taken name changes nothing.
     pub async fn create_policy(&self, new: NewPolicy) -> Result<Policy, FleetError> {
         let policy = new.into_policy(self.now())?;
-        self.inner.store.insert_policy(&policy).await?;
+        self.timed(
+            StoreOp::InsertPolicy,
+            self.inner.store.insert_policy(&policy),
+        )
+        .await?;
         Ok(policy)
     }
 
     /// Every policy, by name.
     pub async fn policies(&self) -> Result<Vec<Policy>, FleetError> {
-        Ok(self.inner.store.list_policies().await?)
+        Ok(self
+            .timed(StoreOp::ListPolicies, self.inner.store.list_policies())
+            .await?)
     }
 
     /// Deletes a policy.
     pub async fn delete_policy(&self, name: &PolicyName) -> Result<(), FleetError> {
-        Ok(self.inner.store.delete_policy(name).await?)
+        Ok(self
+            .timed(StoreOp::DeletePolicy, self.inner.store.delete_policy(name))
+            .await?)
     }
 
     /// The instance's policies with pass/fail and the reason (policies whose filter does not
@@ -783,9 +792,10 @@ impl<S: FleetStore> Fleet<S> {
             let mut after = None;
             loop {
                 let page = self
-                    .inner
-                    .store
-                    .list_instances(after, COMPLIANCE_PAGE)
+                    .timed(
+                        StoreOp::ListInstances,
+                        self.inner.store.list_instances(after, COMPLIANCE_PAGE),
+                    )
                     .await?;
                 let Some(last) = page.last().map(|i| i.id) else {
                     break;

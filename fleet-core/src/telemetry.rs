@@ -247,11 +247,33 @@ pub enum StoreOp {
     CancelCommand,
     /// `expire_commands` (upkeep).
     ExpireCommands,
+    /// `get_command` (one command, for operators).
+    GetCommand,
+    /// `list_commands` (command lists and histories).
+    ListCommands,
+    /// `list_tokens`.
+    ListTokens,
+    /// `ledger` (a token's usage history).
+    Ledger,
+    /// `status_changes` (alerts, uptime).
+    StatusChanges,
+    /// `fleet_alerts`.
+    FleetAlerts,
+    /// `trend_buckets` (the fleet trend).
+    TrendBuckets,
+    /// `list_policies` (policy lists and compliance).
+    ListPolicies,
+    /// `insert_policy`.
+    InsertPolicy,
+    /// `delete_policy`.
+    DeletePolicy,
+    /// `list_instances` (a page of stored instances, for policy compliance).
+    ListInstances,
 }
 
 impl StoreOp {
     /// Every timed operation.
-    pub const ALL: [Self; 21] = [
+    pub const ALL: [Self; 32] = [
         Self::InsertInstance,
         Self::GetInstance,
         Self::SetTags,
@@ -273,6 +295,17 @@ impl StoreOp {
         Self::CompleteCommand,
         Self::CancelCommand,
         Self::ExpireCommands,
+        Self::GetCommand,
+        Self::ListCommands,
+        Self::ListTokens,
+        Self::Ledger,
+        Self::StatusChanges,
+        Self::FleetAlerts,
+        Self::TrendBuckets,
+        Self::ListPolicies,
+        Self::InsertPolicy,
+        Self::DeletePolicy,
+        Self::ListInstances,
     ];
 
     /// The store method's name (`"write_heartbeats"`, `"enroll"`, …).
@@ -299,6 +332,17 @@ impl StoreOp {
             Self::CompleteCommand => "complete_command",
             Self::CancelCommand => "cancel_command",
             Self::ExpireCommands => "expire_commands",
+            Self::GetCommand => "get_command",
+            Self::ListCommands => "list_commands",
+            Self::ListTokens => "list_tokens",
+            Self::Ledger => "ledger",
+            Self::StatusChanges => "status_changes",
+            Self::FleetAlerts => "fleet_alerts",
+            Self::TrendBuckets => "trend_buckets",
+            Self::ListPolicies => "list_policies",
+            Self::InsertPolicy => "insert_policy",
+            Self::DeletePolicy => "delete_policy",
+            Self::ListInstances => "list_instances",
         }
     }
 
