@@ -452,6 +452,7 @@ async fn dashboard_in_a_real_browser() {
     b.click("#token-create").await.unwrap();
     b.wait_for("#join-string", DEFAULT_TIMEOUT).await.unwrap();
     let join = b.text("#join-string").await.unwrap();
+    b.screenshot(screenshot_path("tokens.png")).await.unwrap();
     assert!(join.starts_with("fleet1."), "{join}");
     let made = server
         .fleet
@@ -476,6 +477,28 @@ async fn dashboard_in_a_real_browser() {
         .await
         .unwrap();
     assert!(revoked.revoked_at.is_some());
+
+    // A used token's history: the enrollment, with the instance it made.
+    let used = server
+        .fleet
+        .list_tokens(&TenantScope::All)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.uses == 1 && t.tags.get("role").map(|v| v.as_str()) == Some("db"))
+        .expect("db-01's token");
+    b.click(&format!(
+        "tr[data-token='{}'] button.history",
+        used.id.as_str()
+    ))
+    .await
+    .unwrap();
+    b.wait_for("#token-history table", DEFAULT_TIMEOUT)
+        .await
+        .unwrap();
+    let history = b.text("#token-history").await.unwrap();
+    assert!(history.contains("enrolled"), "{history}");
+    assert!(history.contains(&db1.to_string()), "{history}");
 
     // An instance goes warning while the dashboard is open: the others keep heartbeating.
     b.goto(&server.url("/")).await.unwrap();
