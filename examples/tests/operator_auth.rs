@@ -521,6 +521,28 @@ async fn a_tenant_token_sees_and_changes_only_its_tenant() {
         .await;
         assert_eq!(r.status, 201, "{}", r.text());
     }
+    // Every instance goes quiet long enough to be warning: each now has an alert.
+    api.clock.advance(Duration::from_secs(61));
+    assert_eq!(api.fleet.sweep().len(), 3);
+    for p in [
+        format!("/api/v1/alerts?instance={theirs}"),
+        "/api/v1/alerts?filter=tenant%3Aglobex".to_owned(),
+    ] {
+        let seen = send(&api, "GET", &p, &global, "").await.json();
+        assert_eq!(
+            seen["items"].as_array().map(Vec::len),
+            Some(1),
+            "{p}: {seen}"
+        );
+    }
+    let own = send(&api, "GET", "/api/v1/alerts", &a, "").await.json();
+    let own: Vec<&str> = own["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["instance"].as_str().unwrap())
+        .collect();
+    assert_eq!(own, [mine.to_string()], "only its own instance's alert");
     let tok = globex_token.as_str();
     for (m, p) in [
         ("GET", format!("/api/v1/tokens/{tok}")),

@@ -67,6 +67,10 @@ const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 const REBUILD_PAGE: usize = 4096;
 /// How far back `open` looks for the last trend sample (the previous control plane's last sweep).
 const HORIZON_LOOKBACK: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Up to this many selected instances, scoped or filtered alerts are read instance by instance
+/// (indexed); beyond, the store's history is paged newest first.
+const PER_INSTANCE_READS: usize = 64;
+
 /// Largest page a list call returns.
 pub const MAX_PAGE_SIZE: usize = 1000;
 
@@ -1092,11 +1096,14 @@ impl<S: FleetStore> Fleet<S> {
             all.truncate(query.limit);
             return Ok(all);
         }
-        // Filtered or scoped: read the store newest first, a page at a time, until `limit`
-        // matching changes are found or the window is exhausted — never the whole history at
-        // once.
-        let selected: HashSet<InstanceId> =
+        let mut selected: HashSet<InstanceId> =
             self.view().matching(filter, scope).into_iter().collect();
+        if let Some(i) = query.instance {
+            selected.retain(|s| *s == i);
+        }
+        if selected.is_empty() || query.limit == 0 {
+            return Ok(Vec::new());
+        }
         let mut seen: HashSet<StatusChange> = HashSet::new();
         let mut all: Vec<StatusChange> = self
             .changes()
@@ -1105,6 +1112,27 @@ impl<S: FleetStore> Fleet<S> {
             .copied()
             .collect();
         seen.extend(all.iter().copied());
+        // A few instances: ask for each one's newest (an indexed read in the stores).
+        if selected.len() <= PER_INSTANCE_READS {
+            for id in &selected {
+                let one = StatusChangeQuery {
+                    instance: Some(*id),
+                    ..query.clone()
+                };
+                let page = self
+                    .timed(
+                        StoreOp::StatusChanges,
+                        self.inner.store.status_changes(&one),
+                    )
+                    .await?;
+                all.extend(page.into_iter().filter(|c| seen.insert(*c)));
+            }
+            all.sort_by_key(|c| std::cmp::Reverse(c.transition.at));
+            all.truncate(query.limit);
+            return Ok(all);
+        }
+        // Many: read the store newest first, a page at a time, until `limit` matching changes
+        // are found or the window is exhausted — never the whole history at once.
         let page_size = query.limit.saturating_mul(4).clamp(1_000, 50_000);
         let mut page_query = StatusChangeQuery {
             limit: page_size,
@@ -1145,8 +1173,9 @@ impl<S: FleetStore> Fleet<S> {
                 .await?,
                 &mut all,
             );
-            // Everything not read yet is older than every change found so far.
-            if all.len() >= query.limit {
+            // Everything not read yet is older than `oldest`: once `limit` changes at or after
+            // it are found (unflushed ones may be older), the answer is complete.
+            if all.iter().filter(|c| c.transition.at >= oldest).count() >= query.limit {
                 break;
             }
             page_query.until = Some(oldest);

@@ -178,16 +178,13 @@ impl RecentMetrics {
 
     pub(crate) fn record(&mut self, id: InstanceId, point: &MetricsPoint) {
         let p = Packed::from_point(point);
-        // Samples closer than three quarters of the resolution share a point: faster samples
-        // make one point per resolution, and a sample a little early (jitter) still gets its
-        // own.
-        let near = u32::try_from(self.config.resolution.as_secs() * 3 / 4).unwrap_or(u32::MAX);
+        // One point per resolution slot (time ÷ resolution): samples of any interval up to the
+        // resolution fill every slot, so the ring spans its whole window.
+        let res = u32::try_from(self.config.resolution.as_secs().max(1)).unwrap_or(u32::MAX);
         if let Some(ring) = self.rings.get_mut(&id) {
             match ring.newest() {
-                // A sample close to the newest point updates its figures but keeps its time:
-                // were the time to move too, samples arriving faster than that would keep
-                // replacing one point and the ring would never grow.
-                Some(last) if p.secs < last.secs.saturating_add(near.max(1)) => {
+                // A sample in the newest point's slot updates its figures and keeps its time.
+                Some(last) if p.secs / res == last.secs / res => {
                     *last = Packed {
                         secs: last.secs,
                         ..p
@@ -294,8 +291,12 @@ mod tests {
         }
         let got = r.points(id, Timestamp::UNIX_EPOCH);
         let at: Vec<i64> = got.iter().map(|p| p.at.as_unix_secs()).collect();
-        assert_eq!(at, [1000, 1015, 1030, 1045], "a point per resolution");
-        assert_eq!(got[3].cpu_percent, Some(11.0), "with the newest figures");
+        assert_eq!(
+            at,
+            [1000, 1005, 1020, 1035, 1050],
+            "a point per 15 s slot (990–1004, 1005–1019, …)"
+        );
+        assert_eq!(got[4].cpu_percent, Some(11.0), "with the newest figures");
     }
 
     #[test]

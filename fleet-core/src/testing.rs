@@ -1182,6 +1182,18 @@ pub async fn status_changes_round_trip(store: DynStore) {
         vec![changes[2], changes[1]],
         "since inclusive, until exclusive"
     );
+    let exact = StatusChangeQuery {
+        since: Some(at(70)),
+        until: Some(at(300)),
+        limit: 100,
+        ..StatusChangeQuery::default()
+    };
+    let got = ok("query", store.status_changes(&exact)).await;
+    assert_eq!(
+        got,
+        vec![changes[1]],
+        "bounds on changes: since in, until out"
+    );
     let limited = ok(
         "query",
         store.status_changes(&StatusChangeQuery {

@@ -373,20 +373,35 @@ async fn an_instance_offline_before_the_restart_recovers_visibly() {
 /// time: the newest changes of the tenant come back even when thousands of other tenants'
 /// changes are newer, and even when a page boundary cuts a millisecond shared by many changes.
 #[tokio::test]
+async fn scoped_alerts_of_a_few_instances_in_a_long_history() {
+    scoped_alerts_in_a_long_history(1).await;
+}
+
+/// More instances than are read one by one: the history is paged.
+#[tokio::test]
 async fn scoped_alerts_page_through_a_long_history() {
+    scoped_alerts_in_a_long_history(100).await;
+}
+
+async fn scoped_alerts_in_a_long_history(acme_instances: usize) {
     let store = Arc::new(MemoryStore::new());
     let clock = ManualClock::new(T0);
     let fleet = open(&store, &clock, AlertPolicy::default()).await;
     let acme = fleet_core::TenantId::new("acme").unwrap();
-    let mine = fleet
-        .register(NewInstance {
-            tenant: Some(acme.clone()),
-            system: SystemInfo::with_hostname("acme-01"),
-            ..NewInstance::default()
-        })
-        .await
-        .unwrap()
-        .id;
+    let mut ids = Vec::new();
+    for n in 0..acme_instances {
+        let id = fleet
+            .register(NewInstance {
+                tenant: Some(acme.clone()),
+                system: SystemInfo::with_hostname(format!("acme-{n:02}")),
+                ..NewInstance::default()
+            })
+            .await
+            .unwrap()
+            .id;
+        ids.push(id);
+    }
+    let mine = ids[0];
     let change = |instance: InstanceId, at: Timestamp, n: usize| fleet_core::StatusChange {
         instance,
         transition: fleet_core::Transition {
@@ -426,7 +441,7 @@ async fn scoped_alerts_page_through_a_long_history() {
     assert_eq!(got.len(), 4, "all of acme's and nothing else");
     assert!(got.iter().all(|c| c.instance == mine));
     // The same through a filter as a global operator; and an empty answer for no match.
-    let filter = Filter::parse("text:acme").unwrap();
+    let filter = Filter::parse("text:acme-00").unwrap();
     let got = fleet
         .status_changes_matching(&TenantScope::All, &query(3), &filter)
         .await

@@ -957,7 +957,16 @@ impl HistoryStore for SledStore {
                     }
                 }
                 None => {
-                    for entry in t.history.iter().rev() {
+                    // Keys begin with the time: seek straight to the window instead of walking
+                    // down from the newest change (callers page backwards with `until`).
+                    use std::ops::Bound;
+                    let lo = query
+                        .since
+                        .map_or(Bound::Unbounded, |s| Bound::Included(time_key(s).to_vec()));
+                    let hi = query
+                        .until
+                        .map_or(Bound::Unbounded, |u| Bound::Excluded(time_key(u).to_vec()));
+                    for entry in t.history.range::<Vec<u8>, _>((lo, hi)).rev() {
                         let (k, v) = entry.map_err(backend)?;
                         let (instance, transition) = decode_at("history", &k, &v)?;
                         let c = StatusChange {

@@ -54,6 +54,35 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// Replaces each `{{name}}` of `template` with its value in one pass: a value is never scanned
+/// for placeholders, so one value cannot inject into another.
+fn fill(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out = String::with_capacity(template.len() + 256);
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find("}}").and_then(|end| {
+            let name = &after[..end];
+            values
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v, end))
+        }) {
+            Some((value, end)) => {
+                out.push_str(value);
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str("{{");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 fn page(status: StatusCode, html: String) -> Response<Body> {
     let mut r = Response::new(Body::new(Bytes::from(html)));
     *r.status_mut() = status;
@@ -78,9 +107,10 @@ pub fn shell(caller: &Caller) -> Response<Body> {
         Via::Bearer => "",
     };
     let tenant = caller.tenant().map_or("", |t| t.as_str());
-    let html = SHELL
-        .replace("{{csrf}}", &escape(csrf))
-        .replace("{{tenant}}", &escape(tenant));
+    let html = fill(
+        SHELL,
+        &[("csrf", &escape(csrf)), ("tenant", &escape(tenant))],
+    );
     page(StatusCode::OK, html)
 }
 
@@ -90,7 +120,7 @@ pub fn safe_next(next: Option<&str>) -> &str {
         Some(n)
             if n.starts_with('/')
                 && !n.starts_with("//")
-                && !n.contains(['\\', '{', '}'])
+                && !n.contains('\\')
                 && n.bytes().all(|b| b.is_ascii_graphic()) =>
         {
             n
@@ -112,10 +142,7 @@ pub fn login_page(
             escape(e)
         )
     });
-    // `next` cannot hold braces (see `safe_next`), so it cannot name a placeholder.
-    let html = LOGIN
-        .replace("{{error}}", &error)
-        .replace("{{next}}", &escape(next));
+    let html = fill(LOGIN, &[("next", &escape(next)), ("error", &error)]);
     page(status, html)
 }
 
@@ -178,17 +205,21 @@ mod tests {
     #[test]
     fn next_stays_on_this_site() {
         assert_eq!(safe_next(Some("/instances/x?y=1")), "/instances/x?y=1");
-        for bad in [
-            "//evil.example",
-            "https://evil.example",
-            "/\\evil",
-            "",
-            "x",
-            "/{{error}}",
-        ] {
+        for bad in ["//evil.example", "https://evil.example", "/\\evil", "", "x"] {
             assert_eq!(safe_next(Some(bad)), "/", "{bad}");
         }
         assert_eq!(safe_next(None), "/");
+    }
+
+    #[test]
+    fn placeholders_are_filled_once() {
+        let t = "<p>{{a}}</p><i>{{b}}</i>{{unknown}}{{";
+        assert_eq!(
+            fill(t, &[("a", "{{b}}"), ("b", "x")]),
+            "<p>{{b}}</p><i>x</i>{{unknown}}{{",
+            "a value is not scanned again"
+        );
+        assert_eq!(safe_next(Some("/?q={x}")), "/?q={x}");
     }
 
     #[test]
