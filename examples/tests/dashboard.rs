@@ -365,6 +365,40 @@ async fn dashboard_in_a_real_browser() {
     )
     .await
     .unwrap();
+    // A command for every instance the filter selects: one batch, two commands.
+    b.click("#bulk summary").await.unwrap();
+    b.fill("#bulk-kind", "collect-inventory").await.unwrap();
+    b.click("#bulk-send").await.unwrap();
+    b.wait_for("#bulk-message .ok", DEFAULT_TIMEOUT)
+        .await
+        .unwrap();
+    assert!(
+        b.text("#bulk-message")
+            .await
+            .unwrap()
+            .starts_with("Queued 2 commands")
+    );
+    let queued = server
+        .fleet
+        .commands(
+            &TenantScope::All,
+            fleet_core::command::CommandQuery {
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut targets: Vec<InstanceId> = queued.iter().map(|c| c.instance).collect();
+    targets.sort();
+    let mut want = vec![web1, db1];
+    want.sort();
+    assert_eq!(targets, want, "the filter's instances, and only those");
+    assert!(
+        queued
+            .iter()
+            .all(|c| c.kind.as_str() == "collect-inventory")
+    );
     b.goto(&server.url("/?q=db-0")).await.unwrap();
     wait_rows(&b, &["db-01"]).await;
     assert_eq!(b.text("#filter-expr").await.unwrap(), "text:\"db-0\"");
@@ -443,6 +477,63 @@ async fn dashboard_in_a_real_browser() {
         server.fleet.get(&TenantScope::All, web1).unwrap().tags,
         tags
     );
+
+    // A command from the detail page: queued, and in the page's command history.
+    b.fill("#command-kind", "ping").await.unwrap();
+    b.fill("#command-payload", "{\"note\": \"from the browser\"}")
+        .await
+        .unwrap();
+    b.click("#command-send").await.unwrap();
+    b.wait_for("#command-message .ok", DEFAULT_TIMEOUT)
+        .await
+        .unwrap();
+    b.wait_until(
+        "[...document.querySelectorAll('#commands tr[data-command] td:first-child')].some(td => td.textContent === 'ping')",
+        DEFAULT_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    let pings = server
+        .fleet
+        .commands(
+            &TenantScope::All,
+            fleet_core::command::CommandQuery {
+                instance: Some(web1),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let ping = pings
+        .iter()
+        .find(|c| c.kind.as_str() == "ping")
+        .expect("the ping is queued");
+    assert_eq!(ping.state, fleet_core::CommandState::Queued);
+    assert!(
+        ping.payload.as_str().contains("from the browser"),
+        "{:?}",
+        ping.payload
+    );
+    // A payload that is not JSON is refused in the page; nothing is queued.
+    b.fill("#command-payload", "{not json").await.unwrap();
+    b.click("#command-send").await.unwrap();
+    b.wait_for("#command-message .error", DEFAULT_TIMEOUT)
+        .await
+        .unwrap();
+    let after = server
+        .fleet
+        .commands(
+            &TenantScope::All,
+            fleet_core::command::CommandQuery {
+                instance: Some(web1),
+                limit: 10,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(after.len(), pings.len());
 
     // Registration tokens: create one (the join string is shown once), then revoke it.
     b.goto(&server.url("/tokens")).await.unwrap();

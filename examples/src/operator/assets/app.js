@@ -284,7 +284,10 @@ async function fleetPage(root) {
   if (params.get("deregistered")) {
     replace(message, el("p", { class: "notice", id: "deregistered" }, "Instance " + params.get("deregistered") + " was deregistered and its certificate revoked."));
   }
-  replace(root, el("h1", {}, TENANT ? "Fleet · " + TENANT : "Fleet"), form, message, cards, table, pager);
+  const bulk = el("details", { class: "panel", id: "bulk" },
+    el("summary", {}, filter ? "Send a command to every instance this filter selects" : "Send a command to every instance"),
+    commandForm("bulk", "Send to all", () => ({ filter }), async () => {}));
+  replace(root, el("h1", {}, TENANT ? "Fleet · " + TENANT : "Fleet"), form, message, cards, table, pager, bulk);
 
   const qs = (extra) => {
     const p = new URLSearchParams();
@@ -317,6 +320,49 @@ async function fleetPage(root) {
   }
   markReady("fleet");
   live(load);
+}
+
+// ---------- commands ----------
+
+const BUILT_IN_COMMANDS = ["ping", "collect-inventory", "restart-agent"];
+
+// A form that queues a command for `target()` (an instance, or the current filter); `done` gets
+// the server's report. Payload is JSON (empty: null); the server validates kind and payload.
+function commandForm(idPrefix, label, target, done) {
+  const kind = el("input", { id: idPrefix + "-kind", list: idPrefix + "-kinds", placeholder: "ping", value: "ping" });
+  const kinds = el("datalist", { id: idPrefix + "-kinds" }, BUILT_IN_COMMANDS.map((k) => el("option", { value: k })));
+  const payload = el("input", { id: idPrefix + "-payload", placeholder: "payload JSON (optional)" });
+  const ttl = el("input", { id: idPrefix + "-ttl", type: "number", min: 1, value: 24, title: "Hours the command may wait for the instance" });
+  const msg = el("div", { id: idPrefix + "-message" });
+  const form = el("form", {
+    class: "filters", id: idPrefix + "-form",
+    onsubmit: async (ev) => {
+      ev.preventDefault();
+      let body;
+      try {
+        body = {
+          target: target(),
+          kind: kind.value.trim(),
+          payload: payload.value.trim() ? JSON.parse(payload.value) : null,
+          ttl_secs: Math.round(Number(ttl.value) * 3600),
+        };
+      } catch (e) {
+        showError(msg, new Error("The payload is not JSON: " + e.message));
+        return;
+      }
+      try {
+        const report = await api("POST", "/api/v1/commands", body);
+        replace(msg, el("p", { class: "ok" }, "Queued " + report.created + " command" + (report.created === 1 ? "" : "s") +
+          (report.targeted !== report.created ? " (" + report.existing + " already queued)" : "") +
+          "; delivered with the next heartbeat, or when the instance comes back."));
+        await done(report);
+      } catch (e) {
+        showError(msg, e);
+      }
+    },
+  }, kind, kinds, payload, el("label", { for: idPrefix + "-ttl" }, "expires in (h)"), ttl,
+  el("button", { type: "submit", class: "primary", id: idPrefix + "-send" }, label));
+  return el("div", {}, form, msg);
 }
 
 // ---------- server detail ----------
@@ -381,8 +427,9 @@ async function detailPage(root, id) {
   const apps = el("div", { class: "panel", id: "apps" });
   const policies = el("div", { class: "panel", id: "policies" });
   const commands = el("div", { class: "panel", id: "commands" });
+  const send = el("div", { class: "panel", id: "send-command" });
   replace(root, el("p", {}, el("a", { href: "/" }, "← Fleet")), head, notice, graphs,
-    el("div", { class: "row" }, info, edit), el("div", { class: "row" }, apps, policies), commands);
+    el("div", { class: "row" }, info, edit), el("div", { class: "row" }, apps, policies), send, commands);
 
   let d;
   try {
@@ -435,6 +482,9 @@ async function detailPage(root, id) {
     el("p", { class: "muted" }, "Removes the instance from the fleet and revokes its certificate at once. Its history is kept."),
     el("div", { class: "actions" }, el("button", { type: "button", class: "danger", id: "deregister", onclick: (ev) => { ev.target.hidden = true; confirmBtn.hidden = false; } }, "Deregister…"), confirmBtn));
   fillLabels(d);
+  replace(send, el("h2", {}, "Send a command"),
+    el("p", { class: "muted" }, "Built in: ping, collect-inventory, restart-agent. The agent refuses kinds it does not know."),
+    commandForm("command", "Send", () => ({ instance: d.id }), () => refresh()));
 
   const render = (d, points, cmds, uptime) => {
     const m = d.metrics || {};
