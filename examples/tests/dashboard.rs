@@ -350,6 +350,16 @@ async fn dashboard_in_a_real_browser() {
     .unwrap();
     wait_rows(&b, &["db-01"]).await;
 
+    // A tenant, for an operator of every tenant.
+    b.goto(&server.url("/")).await.unwrap();
+    b.wait_for("#filter-tenant", DEFAULT_TIMEOUT).await.unwrap();
+    b.fill("#filter-tenant", "acme").await.unwrap();
+    b.click("#filter-apply").await.unwrap();
+    b.wait_until("location.search === '?tenant=acme'", DEFAULT_TIMEOUT)
+        .await
+        .unwrap();
+    wait_rows(&b, &["db-01"]).await;
+
     // Filter by tag, then a hostname search; a shared URL opens the same view.
     b.goto(&server.url("/")).await.unwrap();
     b.wait_for("#filter-tag", DEFAULT_TIMEOUT).await.unwrap();
@@ -679,6 +689,10 @@ async fn a_tenant_operator_sees_only_its_tenant() {
     wait_rows(&b, &["acme-web"]).await;
     assert_eq!(card(&b, "card-total").await, "1");
     assert_eq!(b.text("#who").await.unwrap(), "tenant acme");
+    assert!(
+        b.find("#filter-tenant").await.is_err(),
+        "no tenant filter for a tenant operator"
+    );
     // A search for another tenant's host finds nothing.
     b.goto(&server.url("/?q=globex")).await.unwrap();
     b.wait_for("#instances td.empty", DEFAULT_TIMEOUT)

@@ -193,6 +193,8 @@ function filterFromUrl(params) {
   if (tag) terms.push(tag);
   const group = (params.get("group") || "").trim();
   if (group) terms.push("group:" + quote(group));
+  const tenant = (params.get("tenant") || "").trim();
+  if (tenant && !TENANT) terms.push("tenant:" + quote(tenant));
   const q = (params.get("q") || "").trim();
   if (q) terms.push("text:" + quote(q));
   return terms.join(" ");
@@ -263,13 +265,15 @@ async function fleetPage(root) {
   const tagInput = el("input", { id: "filter-tag", placeholder: "tag: env=prod", value: params.get("tag") || "" });
   const groupInput = el("input", { id: "filter-group", placeholder: "group", value: params.get("group") || "" });
   const search = el("input", { id: "filter-q", type: "search", placeholder: "Search hostname or IP", value: params.get("q") || "" });
+  // Operators of every tenant can narrow the view to one (a tenant operator sees only its own).
+  const tenantInput = TENANT ? null : el("input", { id: "filter-tenant", placeholder: "tenant", value: params.get("tenant") || "" });
   const form = el("form", {
     class: "filters", id: "filter-form",
     onsubmit: (ev) => {
       ev.preventDefault();
-      go({ tag: tagInput.value.trim(), group: groupInput.value.trim(), q: search.value.trim() });
+      go({ tag: tagInput.value.trim(), group: groupInput.value.trim(), q: search.value.trim(), tenant: tenantInput ? tenantInput.value.trim() : "" });
     },
-  }, chips, tagInput, groupInput, search,
+  }, chips, tagInput, groupInput, tenantInput, search,
   el("button", { type: "submit", id: "filter-apply" }, "Apply"),
   filter ? el("a", { href: "/", id: "filter-clear" }, "Clear") : null,
   filter ? el("span", { class: "filter-expr mono", id: "filter-expr" }, filter) : null);
@@ -674,11 +678,12 @@ async function tokensPage(root) {
     const { items } = await api("GET", "/api/v1/tokens");
     items.sort((a, b) => Date.parse(b.created_at) - Date.parse(a.created_at));
     replace(list, el("h2", {}, "Tokens"), items.length
-      ? el("table", {}, el("thead", {}, el("tr", {}, ["Id", "Description", "Tenant", "Uses", "Expires", "State", ""].map((h) => el("th", {}, h)))),
+      ? el("table", {}, el("thead", {}, el("tr", {}, ["Id", "Description", "Tenant", "Tags & groups given", "Uses", "Expires", "State", ""].map((h) => el("th", {}, h)))),
         el("tbody", {}, items.map((t) => {
           const state = tokenState(t);
           return el("tr", { dataset: { token: t.id, state } },
             el("td", { class: "mono" }, t.id), el("td", {}, t.description || "–"), el("td", {}, t.tenant || "–"),
+            el("td", {}, tagChips(t.tags, t.groups)),
             el("td", {}, t.uses + " / " + (t.max_uses === "unlimited" ? "∞" : t.max_uses.limited)),
             el("td", {}, t.expires_at ? when(t.expires_at) : "never"), el("td", { class: "state" }, state),
             el("td", {}, el("button", { type: "button", class: "history", onclick: () => showHistory(t.id).catch((e) => showError(msg, e)) }, "History"), " ",
