@@ -204,11 +204,12 @@ function count(n) {
   return n === null || n === undefined ? "–" : Number(n).toLocaleString("en-US");
 }
 
-function card(id, cls, label, value, sub) {
+function card(id, cls, label, value, sub, fill) {
   return el("div", { class: "card " + cls, id },
     el("div", { class: "label" }, label),
     el("div", { class: "value" }, value),
-    sub ? el("div", { class: "sub" }, sub) : null);
+    sub ? el("div", { class: "sub" }, sub) : null,
+    fill === undefined || fill === null ? null : el("div", { class: "card-bar" }, bar(fill)));
 }
 
 function summaryCards(s) {
@@ -219,9 +220,10 @@ function summaryCards(s) {
     card("card-offline", "offline", "Offline", count(s.offline)),
     card("card-health", "health", "Health", pct(s.health_percent), "online ÷ total"),
     card("card-cpu", "", "CPU", pct(s.cpu_avg_percent), "peak " + pct(s.cpu_peak_percent)),
-    card("card-memory", "", "Memory", bytes(s.memory_used_bytes), "of " + bytes(s.memory_total_bytes)),
-    card("card-disk", "", "Disk", bytes(s.disk_used_bytes), "of " + bytes(s.disk_total_bytes)),
-    card("card-network", "", "Network", "↓ " + rate(s.network_rx_bytes_per_sec), "↑ " + rate(s.network_tx_bytes_per_sec)),
+    // Used ÷ installed across the fleet, coloured at 75 % and 90 %: the capacity indicator.
+    card("card-memory", "", "Memory", bytes(s.memory_used_bytes), "of " + bytes(s.memory_total_bytes), ratio(s.memory_used_bytes, s.memory_total_bytes)),
+    card("card-disk", "", "Disk", bytes(s.disk_used_bytes), "of " + bytes(s.disk_total_bytes), ratio(s.disk_used_bytes, s.disk_total_bytes)),
+    card("card-network", "net", "Network", "↓ " + rate(s.network_rx_bytes_per_sec), "↑ " + rate(s.network_tx_bytes_per_sec)),
   ];
 }
 
