@@ -252,10 +252,9 @@ async fn pages_need_a_session_and_logins_make_one() {
     let s = send(&api, "GET", "/api/v1/session", &c, "").await;
     assert_eq!(s.json()["csrf"], Value::from(csrf.as_str()));
     assert_eq!(s.json()["tenant"], Value::Null);
-    assert_eq!(
-        send(&api, "GET", "/api/v1/summary", &c, "").await.json()["total"],
-        1
-    );
+    let summary = send(&api, "GET", "/api/v1/summary", &c, "").await;
+    assert_eq!(summary.json()["total"], 1);
+    assert_eq!(summary.header("cache-control"), "no-store", "never cached");
 
     // A write with the cookie needs the CSRF header, and a same-origin Origin if any.
     let tags = r#"{"env":"prod"}"#;

@@ -120,6 +120,11 @@ fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/json"),
     );
+    // Replies carry fleet data and, once, a token's secret: never kept by a browser or proxy.
+    r.headers_mut().insert(
+        hyper::header::CACHE_CONTROL,
+        hyper::header::HeaderValue::from_static("no-store"),
+    );
     r
 }
 
