@@ -2,15 +2,15 @@
 //! over mutual TLS, the dashboard's login, `/metrics`, a tenant operator token written 0600, and
 //! a clean exit on SIGTERM.
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::process::Command;
 
 /// A port nothing listens on right now (the control panel binds it a moment later).
@@ -30,26 +30,9 @@ async fn send(
     headers: &[(&str, &str)],
     body: &str,
 ) -> Option<(u16, hyper::HeaderMap, Bytes)> {
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .ok()?;
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", format!("127.0.0.1:{port}"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).ok()?)
-        .await
-        .ok()?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.ok()?.to_bytes();
-    Some((status, headers, body))
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let r = http::try_send(addr, method, path, headers, body.to_owned()).await?;
+    Some((r.status, r.headers, r.body))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

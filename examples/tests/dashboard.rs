@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use browser::{Browser, DEFAULT_TIMEOUT, screenshot_path};
-use fleet_core::testing::{key_and_csr, request};
+use fleet_core::testing::enroll_with;
 use fleet_core::{
     App, Clock, Fleet, Groups, Heartbeat, InstanceId, ManualClock, MemoryStore, MetricsSample,
     NewToken, SystemClock, Tags, TenantId, TenantScope,
@@ -87,28 +87,28 @@ impl Server {
         groups: &[&str],
         tenant: Option<&str>,
     ) -> InstanceId {
-        let token = self
-            .fleet
-            .create_token(
+        let token = NewToken {
+            tags: Tags::from_pairs(tags.iter().copied()).unwrap(),
+            groups: Groups::from_names(groups.iter().copied()).unwrap(),
+            tenant: tenant.map(|t| TenantId::new(t).unwrap()),
+            ..NewToken::default()
+        };
+        enroll_with(&self.fleet, token, host).await
+    }
+
+    /// Commands queued for `instance` (every instance: `None`), newest first.
+    async fn commands(&self, instance: Option<InstanceId>) -> Vec<fleet_core::Command> {
+        self.fleet
+            .commands(
                 &TenantScope::All,
-                NewToken {
-                    tags: Tags::from_pairs(tags.iter().copied()).unwrap(),
-                    groups: Groups::from_names(groups.iter().copied()).unwrap(),
-                    tenant: tenant.map(|t| TenantId::new(t).unwrap()),
-                    ..NewToken::default()
+                fleet_core::command::CommandQuery {
+                    instance,
+                    limit: 10,
+                    ..Default::default()
                 },
             )
             .await
-            .unwrap();
-        self.fleet
-            .enroll(request(
-                &token.presented.to_string(),
-                &key_and_csr().1,
-                host,
-            ))
-            .await
             .unwrap()
-            .instance
     }
 
     /// A heartbeat with a metrics sample (and the apps list), as an agent sends it.
@@ -388,17 +388,7 @@ async fn dashboard_in_a_real_browser() {
             .unwrap()
             .starts_with("Queued 2 commands")
     );
-    let queued = server
-        .fleet
-        .commands(
-            &TenantScope::All,
-            fleet_core::command::CommandQuery {
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let queued = server.commands(None).await;
     let mut targets: Vec<InstanceId> = queued.iter().map(|c| c.instance).collect();
     targets.sort();
     let mut want = vec![web1, db1];
@@ -503,18 +493,7 @@ async fn dashboard_in_a_real_browser() {
     )
     .await
     .unwrap();
-    let pings = server
-        .fleet
-        .commands(
-            &TenantScope::All,
-            fleet_core::command::CommandQuery {
-                instance: Some(web1),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let pings = server.commands(Some(web1)).await;
     let ping = pings
         .iter()
         .find(|c| c.kind.as_str() == "ping")
@@ -531,18 +510,7 @@ async fn dashboard_in_a_real_browser() {
     b.wait_for("#command-message .error", DEFAULT_TIMEOUT)
         .await
         .unwrap();
-    let after = server
-        .fleet
-        .commands(
-            &TenantScope::All,
-            fleet_core::command::CommandQuery {
-                instance: Some(web1),
-                limit: 10,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
+    let after = server.commands(Some(web1)).await;
     assert_eq!(after.len(), pings.len());
 
     // Registration tokens: create one (the join string is shown once), then revoke it.

@@ -10,6 +10,9 @@
 //!
 //! The test collects every disagreement and reports them together.
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,11 +23,9 @@ use fleet_core::{
     NewCommand, NewPolicy, NewToken, TenantId, TenantScope, Timestamp,
 };
 use fleet_examples::operator::{API_ROUTES, OperatorApi};
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 /// The document, as the server serves it (`include_str!` there too).
 const DOCUMENT: &str = include_str!("../src/operator/openapi.json");
@@ -100,40 +101,30 @@ async fn call(
     cred: Cred<'_>,
     body: Option<&Value>,
 ) -> Reply {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost");
-    match cred {
-        Cred::None => {}
-        Cred::Bearer(t) => req = req.header("authorization", format!("Bearer {t}")),
-        Cred::Cookie(c) => req = req.header("cookie", format!("fleet_session={c}")),
-    }
+    let credential = match cred {
+        Cred::None => None,
+        Cred::Bearer(t) => Some(("authorization", format!("Bearer {t}"))),
+        Cred::Cookie(c) => Some(("cookie", format!("fleet_session={c}"))),
+    };
+    let mut headers: Vec<(&str, &str)> = credential.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if body.is_some() {
-        req = req.header("content-type", "application/json");
+        headers.push(("content-type", "application/json"));
     }
     let bytes = body
         .map(|b| serde_json::to_vec(b).unwrap())
         .unwrap_or_default();
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(bytes))).unwrap())
-        .await
-        .unwrap();
+    let reply = http::send(addr, method, path, &headers, bytes).await;
     let header = |name: &str| {
-        resp.headers()
+        reply
+            .headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned)
     };
-    let status = resp.status().as_u16();
+    let status = reply.status;
     let content_type = header("content-type");
     let server_timing = header("server-timing");
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let bytes = reply.body;
     Reply {
         status,
         content_type,

@@ -1,16 +1,16 @@
 //! The control panel's operator API over real HTTP on loopback: authentication, tokens, summary,
 //! lists with filters and cursors, detail, tag/group edits, deregistration, and bad input.
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::sync::Arc;
 
 use fleet_core::testing::{key_and_csr, request};
 use fleet_core::{Fleet, ManualClock, MemoryStore, Timestamp};
 use fleet_examples::operator::OperatorApi;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const OPERATOR: &str = "s3cret-operator-token";
 
@@ -57,31 +57,16 @@ async fn call(
     token: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let tcp = TcpStream::connect(api.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "localhost");
-    if let Some(t) = token {
-        req = req.header("authorization", format!("Bearer {t}"));
-    }
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
     let bytes = body
         .map(|b| serde_json::to_vec(&b).unwrap())
         .unwrap_or_default();
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(bytes))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (
-        status,
-        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-    )
+    let reply = http::send(api.addr, method, path, &headers, bytes).await;
+    (reply.status, reply.json())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

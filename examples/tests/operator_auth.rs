@@ -3,21 +3,21 @@
 //! CSRF header and a same-origin `Origin`; sessions end at logout and at expiry (manual clock);
 //! and an operator token scoped to a tenant sees and changes only that tenant, API and pages.
 
+#[path = "support/http.rs"]
+mod http;
+
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_core::testing::{key_and_csr, request};
+use fleet_core::testing::enroll_with;
 use fleet_core::{
     Fleet, InstanceId, ManualClock, MemoryStore, NewToken, TenantId, TenantScope, Timestamp,
 };
 use fleet_examples::operator::OperatorApi;
 use fleet_examples::operator::auth::SESSION_TTL;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::header::HeaderMap;
-use hyper_util::rt::TokioIo;
+use http::Reply;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 
 const OPERATOR: &str = "global-operator-token";
 const ACME: &str = "acme-operator-token";
@@ -58,55 +58,8 @@ async fn start() -> Api {
     }
 }
 
-struct Reply {
-    status: u16,
-    headers: HeaderMap,
-    body: Bytes,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    fn code(&self) -> Option<String> {
-        self.json()["error"]["code"].as_str().map(str::to_owned)
-    }
-    fn header(&self, name: &str) -> &str {
-        self.headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-    }
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
 async fn send(api: &Api, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
-    let tcp = TcpStream::connect(api.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let mut req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", api.addr.to_string());
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = sender
-        .send_request(req.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body,
-    }
+    http::send(api.addr, method, path, headers, body.to_owned()).await
 }
 
 /// Logs in with `token`; returns the `Cookie` header value and the CSRF token.
@@ -141,26 +94,11 @@ async fn login(api: &Api, token: &str) -> (String, String) {
 }
 
 async fn enroll(api: &Api, host: &str, tenant: Option<&str>) -> InstanceId {
-    let token = api
-        .fleet
-        .create_token(
-            &TenantScope::All,
-            NewToken {
-                tenant: tenant.map(|t| TenantId::new(t).unwrap()),
-                ..NewToken::default()
-            },
-        )
-        .await
-        .unwrap();
-    api.fleet
-        .enroll(request(
-            &token.presented.to_string(),
-            &key_and_csr().1,
-            host,
-        ))
-        .await
-        .unwrap()
-        .instance
+    let token = NewToken {
+        tenant: tenant.map(|t| TenantId::new(t).unwrap()),
+        ..NewToken::default()
+    };
+    enroll_with(&api.fleet, token, host).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -536,6 +536,28 @@ pub fn request(token: &str, csr: &str, host: &str) -> EnrollRequest {
     }
 }
 
+/// Enrolls a new instance named `host` with a fresh one-use token made from `token` (its tenant,
+/// tags and groups); returns the instance's id.
+pub async fn enroll_with<S: FleetStore>(
+    fleet: &Fleet<S>,
+    token: NewToken,
+    host: &str,
+) -> InstanceId {
+    let created = fleet
+        .create_token(&TenantScope::All, token)
+        .await
+        .expect("token");
+    fleet
+        .enroll(request(
+            &created.presented.to_string(),
+            &key_and_csr().1,
+            host,
+        ))
+        .await
+        .expect("enroll")
+        .instance
+}
+
 fn identity(e: &Enrollment) -> InstanceIdentity {
     InstanceIdentity::from_certificate_der(&e.certificate.der).expect("identity")
 }

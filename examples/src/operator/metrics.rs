@@ -181,10 +181,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use fleet_core::testing::{DynStore, key_and_csr, open_fleet, request};
+    use fleet_core::testing::{DynStore, enroll_with, open_fleet};
     use fleet_core::{
-        CommandKind, CommandTarget, Heartbeat, Histogram, MemoryStore, NewCommand, NewInstance,
-        NewToken, Payload, SystemInfo, TenantId, TenantScope,
+        CommandKind, Heartbeat, Histogram, MemoryStore, NewCommand, NewInstance, NewToken,
+        SystemInfo, TenantId, TenantScope,
     };
 
     use super::*;
@@ -369,28 +369,12 @@ mod tests {
         }
         clock.advance(Duration::from_secs(90));
         fleet.sweep();
-        let token = fleet
-            .create_token(&TenantScope::All, NewToken::default())
-            .await
-            .unwrap();
-        let (_key, csr) = key_and_csr();
-        let enrolled = fleet
-            .enroll(request(&token.join.to_string(), &csr, "web-01"))
-            .await
-            .unwrap();
-        fleet
-            .heartbeat(enrolled.instance, Heartbeat::default())
-            .unwrap();
+        let instance = enroll_with(&fleet, NewToken::default(), "web-01").await;
+        fleet.heartbeat(instance, Heartbeat::default()).unwrap();
         fleet
             .enqueue(
                 &TenantScope::All,
-                NewCommand {
-                    target: CommandTarget::Instance(enrolled.instance),
-                    kind: CommandKind::new("ping").unwrap(),
-                    payload: Payload::null(),
-                    ttl_secs: None,
-                    idempotency_key: None,
-                },
+                NewCommand::for_instance(instance, CommandKind::new("ping").unwrap()),
             )
             .await
             .unwrap();
