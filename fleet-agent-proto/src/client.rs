@@ -244,18 +244,25 @@ async fn send<Resp: DeserializeOwned>(
         .await
         .map_err(|e| lost(&e))?
         .to_bytes();
-    Ok(if ok {
-        serde_json::from_slice(&bytes).map_err(|e| transport(&e))
+    Ok(decode_reply(ok, &bytes))
+}
+
+/// A reply's body: the route's response on success, else the server's error. Fields and error
+/// codes that a newer server added are accepted ([`ErrorCode::Unknown`]), so a refusal still
+/// reads as one.
+fn decode_reply<Resp: DeserializeOwned>(ok: bool, bytes: &[u8]) -> Result<Resp, ClientError> {
+    if ok {
+        serde_json::from_slice(bytes).map_err(|e| transport(&e))
     } else {
-        Err(serde_json::from_slice::<ErrorBody>(&bytes)
+        Err(serde_json::from_slice::<ErrorBody>(bytes)
             .map(ClientError::Refused)
             .unwrap_or_else(|_| {
                 ClientError::Transport(format!(
                     "unexpected reply: {}",
-                    String::from_utf8_lossy(&bytes)
+                    String::from_utf8_lossy(bytes)
                 ))
             }))
-    })
+    }
 }
 
 /// [`send`] within [`REQUEST_TIMEOUT`].
@@ -312,7 +319,7 @@ pub async fn enroll(
         provider: Arc::clone(&provider),
     });
     let tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
+        .with_protocol_versions(crate::TLS_VERSIONS)
         .map_err(|e| ClientError::Transport(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
@@ -409,7 +416,7 @@ impl AgentClient {
         let key = rcgen::KeyPair::from_pem(&identity.key_pem)
             .map_err(|e| ClientError::Credentials(e.to_string()))?;
         let cfg = rustls::ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(crate::TLS_VERSIONS)
             .map_err(|e| ClientError::Transport(e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(
@@ -504,6 +511,30 @@ pub fn backoff(failures: u32, cap: Duration, unit: f64) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_of_a_newer_server_are_understood() {
+        // A refusal with a code and fields this build does not know is still a refusal.
+        let refused = decode_reply::<HeartbeatResponse>(
+            false,
+            br#"{"error":{"code":"quota_exceeded","message":"later","field":"metrics","hint":1}}"#,
+        );
+        match refused {
+            Err(ClientError::Refused(b)) => {
+                assert_eq!(b.error.code, ErrorCode::Unknown);
+                assert_eq!(b.error.message, "later");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // A reply and its commands may carry fields added later.
+        let reply: HeartbeatResponse = decode_reply(
+            true,
+            br#"{"commands":[{"id":"00000000-0000-0000-0000-000000000001","kind":"ping","payload":null,"priority":3}],"next_heartbeat_secs":15,"added_later":{"x":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(reply.commands.len(), 1);
+        assert_eq!(reply.next_heartbeat_secs, 15);
+    }
 
     #[test]
     fn cadence_helpers() {

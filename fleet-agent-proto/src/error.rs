@@ -6,6 +6,11 @@ use fleet_core::{AuthError, EnrollError, FleetError, RenewError, StoreError};
 use serde::{Deserialize, Serialize};
 
 /// Every error the protocol reports. The snake_case names are stable; new codes may be added.
+///
+/// **Forward compatibility.** A code this build does not know (sent by a newer server)
+/// deserializes as [`ErrorCode::Unknown`] instead of failing, so a deployed agent still reports
+/// the server's refusal — with its HTTP status and message — rather than "unexpected reply".
+/// Servers never send `unknown`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 #[non_exhaustive]
@@ -44,6 +49,10 @@ pub enum ErrorCode {
     StoreUnavailable,
     /// Anything else; the server logged it (500).
     Internal,
+    /// A code this build does not know, from a newer peer (read only; never sent). Its HTTP
+    /// status is the one the response carried; [`ErrorCode::http_status`] says 500.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ErrorCode {
@@ -62,7 +71,7 @@ impl ErrorCode {
             Self::UnsupportedMediaType => 415,
             Self::RateLimited => 429,
             Self::StoreUnavailable => 503,
-            Self::Internal => 500,
+            Self::Internal | Self::Unknown => 500,
         }
     }
 
@@ -86,10 +95,12 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::StoreUnavailable => "store_unavailable",
             Self::Internal => "internal",
+            Self::Unknown => "unknown",
         }
     }
 
-    /// Every code, for documentation and tests.
+    /// Every code a server sends, for documentation and tests ([`ErrorCode::Unknown`] is only
+    /// ever read).
     pub const ALL: [Self; 17] = [
         Self::MalformedRequest,
         Self::InvalidInput,
@@ -117,22 +128,26 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// The body of every error response.
+/// The body of every error response: `{"error":{"code","message","field"?}}`.
+///
+/// Readers accept fields they do not know (a newer server may add some), so the shape can grow
+/// without breaking deployed agents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
-/// The code and a human-readable message.
+/// The code, a human-readable message and, where one input caused it, that input's name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ErrorDetail {
     /// Stable code.
     pub code: ErrorCode,
     /// What went wrong, for people; not to be parsed.
     pub message: String,
+    /// The request field that was refused (e.g. `metrics.load_1m`), when one was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
 }
 
 impl ErrorBody {
@@ -142,8 +157,16 @@ impl ErrorBody {
             error: ErrorDetail {
                 code,
                 message: message.into(),
+                field: None,
             },
         }
+    }
+
+    /// The same error, naming the request field that caused it.
+    #[must_use]
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.error.field = Some(field.into());
+        self
     }
 }
 
@@ -221,6 +244,24 @@ mod tests {
         assert_eq!(
             serde_json::to_string(&body).unwrap(),
             r#"{"error":{"code":"token_expired","message":"the registration token has expired"}}"#
+        );
+    }
+
+    #[test]
+    fn a_newer_peers_codes_and_fields_are_read_not_refused() {
+        // What a newer server might send: a code this build has never heard of, a field in the
+        // detail and one beside it.
+        let newer = r#"{"error":{"code":"quota_exceeded","message":"slow down","field":"metrics","hint":"x"},"trace":"abc"}"#;
+        let body: ErrorBody = serde_json::from_str(newer).unwrap();
+        assert_eq!(body.error.code, ErrorCode::Unknown);
+        assert_eq!(body.error.message, "slow down");
+        assert_eq!(body.error.field.as_deref(), Some("metrics"));
+        assert!(!ErrorCode::ALL.contains(&ErrorCode::Unknown));
+        let named =
+            ErrorBody::new(ErrorCode::InvalidInput, "too big").with_field("metrics.load_1m");
+        assert_eq!(
+            serde_json::to_string(&named).unwrap(),
+            r#"{"error":{"code":"invalid_input","message":"too big","field":"metrics.load_1m"}}"#
         );
     }
 

@@ -78,9 +78,8 @@ pub struct RenewResponse {
     pub certificate_pem: String,
 }
 
-/// A command for the agent to run.
+/// A command for the agent to run. Part of a reply, so fields a newer server adds are ignored.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AgentCommand {
     /// The command's id; results refer to it, and the agent de-duplicates by it (delivery is at
     /// least once).

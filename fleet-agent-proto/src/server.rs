@@ -105,7 +105,7 @@ pub fn tls_config(
             .build()?;
     let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server.key_der.clone()));
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
+        .with_protocol_versions(crate::TLS_VERSIONS)?
         .with_client_cert_verifier(verifier)
         // The CA follows the leaf so that agents can pin it by fingerprint on first contact.
         .with_single_cert(

@@ -445,6 +445,49 @@ async fn the_server_picks_aes_128_gcm_whatever_the_client_prefers() {
     h.stop().await;
 }
 
+/// TLS 1.2 would send the client certificate (tenant, instance id, serial) in clear: the agent
+/// listener speaks TLS 1.3 only. `openssl s_client` offers exactly one version per run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_listener_refuses_tls_1_2() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let connect = format!("127.0.0.1:{}", h.addr.port());
+    let handshake = move |version: &'static str| {
+        let connect = connect.clone();
+        move || {
+            std::process::Command::new("openssl")
+                .args([
+                    "s_client",
+                    version,
+                    "-connect",
+                    &connect,
+                    "-servername",
+                    "localhost",
+                ])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .expect("openssl is required for this test (apt-get install openssl)")
+        }
+    };
+    let tls13 = tokio::task::spawn_blocking(handshake("-tls1_3"))
+        .await
+        .unwrap();
+    let out13 = String::from_utf8_lossy(&tls13.stdout);
+    assert!(
+        out13.contains("Protocol  : TLSv1.3") || out13.contains("TLSv1.3"),
+        "TLS 1.3 is served: {out13}"
+    );
+    let tls12 = tokio::task::spawn_blocking(handshake("-tls1_2"))
+        .await
+        .unwrap();
+    let out12 = String::from_utf8_lossy(&tls12.stdout);
+    assert!(
+        !tls12.status.success() && !out12.contains("BEGIN CERTIFICATE"),
+        "a TLS 1.2 handshake must fail: {out12} {}",
+        String::from_utf8_lossy(&tls12.stderr)
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_another_ca_fails_the_handshake() {
     let h = Harness::start(ServerConfig::default()).await;
