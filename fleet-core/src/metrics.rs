@@ -56,6 +56,11 @@ pub struct MetricsSample {
     pub agent_time: Option<Timestamp>,
 }
 
+/// The largest value an integer metric (bytes, counters, uptime) may carry: `u64::MAX − 1`.
+/// Larger values are refused rather than altered, so every accepted value is shown exactly as
+/// it was reported.
+pub const MAX_METRIC_INTEGER: u64 = u64::MAX - 1;
+
 fn pair_ok(used: Option<u64>, total: Option<u64>) -> bool {
     match (used, total) {
         (Some(u), Some(t)) => u <= t,
@@ -64,9 +69,29 @@ fn pair_ok(used: Option<u64>, total: Option<u64>) -> bool {
 }
 
 impl MetricsSample {
-    /// Checks the documented ranges: CPU within 0–100, loads finite and non-negative, used ≤ total
-    /// for memory and disk when both are given.
+    /// Checks the documented ranges: CPU within 0–100, loads finite and non-negative, integers at
+    /// most [`MAX_METRIC_INTEGER`], used ≤ total for memory and disk when both are given. Every
+    /// value that passes is kept and shown exactly as reported (CPU in aggregates at 0.1 %).
     pub fn validate(&self) -> Result<(), ValidationError> {
+        for (what, v) in [
+            ("memory_used_bytes", self.memory_used_bytes),
+            ("memory_total_bytes", self.memory_total_bytes),
+            ("disk_used_bytes", self.disk_used_bytes),
+            ("disk_total_bytes", self.disk_total_bytes),
+            ("network_rx_bytes", self.network_rx_bytes),
+            ("network_tx_bytes", self.network_tx_bytes),
+            ("uptime_secs", self.uptime_secs),
+        ] {
+            if let Some(v) = v
+                && v > MAX_METRIC_INTEGER
+            {
+                return Err(ValidationError::new(
+                    what,
+                    v.to_string(),
+                    "must be an integer from 0 to 18446744073709551614 (u64::MAX - 1)",
+                ));
+            }
+        }
         if let Some(c) = self.cpu_percent
             && !(c.is_finite() && (0.0..=100.0).contains(&c))
         {

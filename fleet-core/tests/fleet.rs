@@ -124,11 +124,31 @@ async fn invalid_heartbeat_changes_nothing() {
             version: None,
         }]),
     };
-    for hb in [bad_metrics, bad_apps] {
-        assert!(matches!(
-            fleet.heartbeat(a.id, hb),
-            Err(FleetError::Invalid(_))
-        ));
+    let too_large = |field: &str| {
+        let mut m = serde_json::to_value(MetricsSample::default()).unwrap();
+        m[field] = serde_json::json!(u64::MAX);
+        Heartbeat {
+            metrics: Some(serde_json::from_value(m).unwrap()),
+            apps: None,
+        }
+    };
+    let mut bad = vec![(bad_metrics, "cpu_percent"), (bad_apps, "app name")];
+    for field in [
+        "memory_used_bytes",
+        "memory_total_bytes",
+        "disk_used_bytes",
+        "disk_total_bytes",
+        "network_rx_bytes",
+        "network_tx_bytes",
+        "uptime_secs",
+    ] {
+        bad.push((too_large(field), field));
+    }
+    for (hb, field) in bad {
+        match fleet.heartbeat(a.id, hb) {
+            Err(FleetError::Invalid(e)) => assert_eq!(e.what, field, "{e}"),
+            other => panic!("{field}: expected a refusal, got {other:?}"),
+        }
     }
     assert_eq!(
         fleet.get(&TenantScope::All, a.id).unwrap(),
@@ -152,6 +172,45 @@ async fn invalid_heartbeat_changes_nothing() {
         matches!(fleet.heartbeat(unknown, Heartbeat::default()), Err(FleetError::InstanceNotFound(id)) if id == unknown)
     );
     assert_eq!(fleet.pending_heartbeats(), 0);
+}
+
+/// Every accepted figure is shown exactly as reported: no f32 overflow to null, no integer
+/// clamped to a sentinel.
+#[tokio::test]
+async fn metrics_round_trip_exactly_through_the_view() {
+    let (fleet, _) = fleet().await;
+    let a = fleet.register(new("a", None)).await.unwrap();
+    let edge = fleet_core::metrics::MAX_METRIC_INTEGER;
+    let sample = MetricsSample {
+        cpu_percent: Some(37.123_456_789),
+        memory_used_bytes: Some(edge),
+        memory_total_bytes: Some(edge),
+        disk_used_bytes: Some(0),
+        disk_total_bytes: Some(edge),
+        uptime_secs: Some(edge),
+        load_1m: Some(1e300),
+        ..MetricsSample::default()
+    };
+    fleet
+        .heartbeat(
+            a.id,
+            Heartbeat {
+                metrics: Some(sample.clone()),
+                apps: None,
+            },
+        )
+        .unwrap();
+    let m = fleet.get(&TenantScope::All, a.id).unwrap().metrics.unwrap();
+    assert_eq!(m.cpu_percent, sample.cpu_percent);
+    assert_eq!(m.memory_used_bytes, Some(edge));
+    assert_eq!(m.memory_total_bytes, Some(edge));
+    assert_eq!(m.disk_total_bytes, Some(edge));
+    assert_eq!(m.uptime_secs, Some(edge));
+    assert_eq!(m.load_1m, Some(1e300));
+    // And through JSON, as the APIs send it.
+    let json = serde_json::to_value(&m).unwrap();
+    assert_eq!(json["load_1m"], serde_json::json!(1e300));
+    assert_eq!(json["memory_used_bytes"], serde_json::json!(edge));
 }
 
 #[tokio::test]

@@ -193,7 +193,10 @@ struct Slot {
     rx_counter: u64,
     tx_counter: u64,
     uptime_secs: u64,
-    load_1m: f32,
+    /// The reported figures shown as they came (NaN: not reported); the aggregates use the
+    /// contribution's compact forms.
+    cpu_percent: f64,
+    load_1m: f64,
     tenant: u32,
     text: TextRef,
     /// Hostname as reported, only when it differs from its lowercase form kept in the arena.
@@ -424,7 +427,8 @@ impl LiveView {
             rx_counter: ABSENT,
             tx_counter: ABSENT,
             uptime_secs: ABSENT,
-            load_1m: f32::NAN,
+            cpu_percent: f64::NAN,
+            load_1m: f64::NAN,
             tenant: NO_ID,
             text: TextRef::NONE,
             hostname: None,
@@ -1043,7 +1047,7 @@ impl LiveView {
         let opt = |v: u64| (v != ABSENT).then_some(v);
         let metrics = c.has_sample.then(|| LiveMetrics {
             sampled_at: slot.sampled_at,
-            cpu_percent: (c.cpu != ABSENT_CPU).then(|| f64::from(c.cpu) / 10.0),
+            cpu_percent: (!slot.cpu_percent.is_nan()).then_some(slot.cpu_percent),
             memory_used_bytes: opt(c.mem_used),
             memory_total_bytes: opt(c.mem_total),
             disk_used_bytes: opt(c.disk_used),
@@ -1051,7 +1055,7 @@ impl LiveView {
             network_rx_bytes_per_sec: opt(c.rx_rate),
             network_tx_bytes_per_sec: opt(c.tx_rate),
             uptime_secs: opt(slot.uptime_secs),
-            load_1m: (!slot.load_1m.is_nan()).then_some(f64::from(slot.load_1m)),
+            load_1m: (!slot.load_1m.is_nan()).then_some(slot.load_1m),
         });
         Some(InstanceView {
             id: slot.id,
@@ -1122,5 +1126,6 @@ fn record_counters(slot: &mut Slot, m: &MetricsSample, at: Timestamp) {
     slot.rx_counter = m.network_rx_bytes.unwrap_or(ABSENT);
     slot.tx_counter = m.network_tx_bytes.unwrap_or(ABSENT);
     slot.uptime_secs = m.uptime_secs.map_or(ABSENT, |u| u.min(ABSENT - 1));
-    slot.load_1m = m.load_1m.map_or(f32::NAN, |l| l as f32);
+    slot.cpu_percent = m.cpu_percent.unwrap_or(f64::NAN);
+    slot.load_1m = m.load_1m.unwrap_or(f64::NAN);
 }
