@@ -1,6 +1,7 @@
 //! Background upkeep of a [`Fleet`]: flushing batched heartbeats, sweeping for status changes,
-//! following the store's change feed, and (less often) expiring commands and applying retention,
-//! each on its own timer.
+//! following the store's change feed, and (less often) expiring commands, applying retention and
+//! forgetting revocations of certificates that have expired ([`Fleet::prune_revoked`]), each on
+//! its own timer.
 //!
 //! Timers only pace the work; every decision still takes its time from the fleet's [`Clock`]
 //! (a sweep computes transitions at their threshold-crossing times, whenever it runs).
@@ -27,7 +28,8 @@ pub struct MaintenanceConfig {
     /// Change-feed polling interval: how far behind other replicas this view may be (stores
     /// with a wake-up hint, like PostgreSQL's LISTEN/NOTIFY, are followed sooner).
     pub sync_every: Duration,
-    /// Interval of the slower chores: expiring commands and applying the retentions below.
+    /// Interval of the slower chores: expiring commands, applying the retentions below and
+    /// pruning revocations of expired certificates.
     pub upkeep_every: Duration,
     /// How long status changes, fleet alerts and trend buckets are kept (default 400 days, so a
     /// year of uptime can be computed).
@@ -71,7 +73,14 @@ pub enum MaintenanceEvent {
         pruned_commands: usize,
         /// Status changes, fleet alerts and trend buckets dropped.
         pruned_history: usize,
+        /// Revocations forgotten because their certificates have expired (no TLS handshake
+        /// accepts them any more, so the CRL need not list them).
+        pruned_revocations: usize,
     },
+    /// Claiming or renewing the sweeper lease failed (a replica could not reach the store): this
+    /// sweep's status changes were not recorded by this replica; its view still moved, and what
+    /// it found is recorded once it holds the lease again.
+    LeaseFailed(FleetError),
     /// The upkeep chores failed; retried at the next tick.
     UpkeepFailed(FleetError),
     /// A heartbeat flush failed; the records are kept for the next one.
@@ -124,7 +133,7 @@ impl<S: FleetStore> Fleet<S> {
                     _ = sweep.tick() => {
                         // With replicas, one of them at a time records what sweeps find.
                         if let Err(e) = fleet.claim_sweeper(config.sweeper_lease).await {
-                            observe(MaintenanceEvent::SyncFailed(e));
+                            observe(MaintenanceEvent::LeaseFailed(e));
                         }
                         let report = fleet.sweep_report();
                         if let Some(alert) = report.fleet_alert {
@@ -139,15 +148,17 @@ impl<S: FleetStore> Fleet<S> {
                             let (expired, pruned) =
                                 fleet.command_upkeep(config.command_retention).await?;
                             let history = fleet.prune_history(config.history_retention).await?;
-                            Ok::<_, FleetError>((expired, pruned, history))
+                            let revocations = fleet.prune_revoked().await?;
+                            Ok::<_, FleetError>((expired, pruned, history, revocations))
                         };
                         match done.await {
-                            Ok((expired_commands, pruned_commands, pruned_history)) => {
-                                if expired_commands + pruned_commands + pruned_history > 0 {
+                            Ok((expired_commands, pruned_commands, pruned_history, pruned_revocations)) => {
+                                if expired_commands + pruned_commands + pruned_history + pruned_revocations > 0 {
                                     observe(MaintenanceEvent::Upkeep {
                                         expired_commands,
                                         pruned_commands,
                                         pruned_history,
+                                        pruned_revocations,
                                     });
                                 }
                             }

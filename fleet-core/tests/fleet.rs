@@ -467,6 +467,20 @@ impl ChangeFeed for Flaky {
     async fn latest_seq(&self) -> StoreResult<Seq> {
         self.inner.latest_seq().await
     }
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        now: Timestamp,
+        ttl: Duration,
+    ) -> StoreResult<Option<u64>> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable {
+                source: "injected".into(),
+            });
+        }
+        self.inner.acquire_lease(name, holder, now, ttl).await
+    }
 }
 
 #[async_trait]
@@ -833,6 +847,84 @@ async fn maintenance_flushes_sweeps_and_reports() {
         }
         other => panic!("expected status changes, got {other:?}"),
     }
+    upkeep.shutdown().await;
+}
+
+/// A replica that cannot claim the sweeper lease says so, not that syncing failed.
+#[tokio::test(start_paused = true)]
+async fn a_failed_lease_claim_is_reported_as_such() {
+    let clock = ManualClock::new(T0);
+    let fleet = Fleet::builder(Arc::new(Flaky::default()))
+        .clock(clock.clone())
+        .sweep_lag(Duration::from_secs(3))
+        .open()
+        .await
+        .unwrap();
+    fleet.store().down.store(true, Ordering::SeqCst);
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let upkeep = fleet.spawn_maintenance(fleet_core::MaintenanceConfig::default(), move |event| {
+        let _ = tx.send(event);
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    upkeep.shutdown().await;
+    let mut lease_failures = 0;
+    while let Ok(event) = rx.try_recv() {
+        match event {
+            fleet_core::MaintenanceEvent::LeaseFailed(_) => lease_failures += 1,
+            fleet_core::MaintenanceEvent::SyncFailed(e) => {
+                panic!("reported as a sync failure: {e}")
+            }
+            _ => {}
+        }
+    }
+    assert!(lease_failures >= 1, "the failed claim is reported");
+}
+
+/// Revocations are kept for the CRL until their certificates expire, then the upkeep forgets
+/// them: the list does not grow for ever.
+#[tokio::test(start_paused = true)]
+async fn maintenance_prunes_revocations_of_expired_certificates() {
+    let (fleet, clock) = fleet().await;
+    let gone =
+        fleet_core::testing::enroll_with(&fleet, fleet_core::NewToken::default(), "gone").await;
+    fleet.deregister(&TenantScope::All, gone).await.unwrap();
+    let revoked = fleet.store().revoked_certificates().await.unwrap();
+    assert_eq!(revoked.len(), 1, "deregistering revokes the certificate");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let config = fleet_core::MaintenanceConfig {
+        upkeep_every: Duration::from_secs(5),
+        ..fleet_core::MaintenanceConfig::default()
+    };
+    let upkeep = fleet.spawn_maintenance(config, move |event| {
+        let _ = tx.send(event);
+    });
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(
+        fleet.store().revoked_certificates().await.unwrap(),
+        revoked,
+        "kept while the certificate could still be presented"
+    );
+    // Past the certificate's end of validity (30 days by default).
+    clock.set(revoked[0].not_after.saturating_add(Duration::from_secs(1)));
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert!(
+        fleet
+            .store()
+            .revoked_certificates()
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let mut reported = 0;
+    while let Ok(event) = rx.try_recv() {
+        if let fleet_core::MaintenanceEvent::Upkeep {
+            pruned_revocations, ..
+        } = event
+        {
+            reported += pruned_revocations;
+        }
+    }
+    assert_eq!(reported, 1, "the upkeep says what it pruned");
     upkeep.shutdown().await;
 }
 

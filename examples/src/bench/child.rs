@@ -379,6 +379,7 @@ async fn fleet<S: FleetStore + Clone>(
     let upkeep = fleet.spawn_maintenance(MaintenanceConfig::default(), |event| match event {
         MaintenanceEvent::FlushFailed(e)
         | MaintenanceEvent::SyncFailed(e)
+        | MaintenanceEvent::LeaseFailed(e)
         | MaintenanceEvent::UpkeepFailed(e) => eprintln!("fleet-bench server: {e}"),
         _ => {}
     });

@@ -268,12 +268,13 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         MaintenanceEvent::MassStaleness(alert) => {
             tracing::warn!(affected = alert.affected, fleet_size = alert.fleet_size, status = %alert.status, "{}", alert.message);
         }
-        MaintenanceEvent::Upkeep { expired_commands, pruned_commands, pruned_history } => {
-            tracing::info!(expired_commands, pruned_commands, pruned_history, "upkeep");
+        MaintenanceEvent::Upkeep { expired_commands, pruned_commands, pruned_history, pruned_revocations } => {
+            tracing::info!(expired_commands, pruned_commands, pruned_history, pruned_revocations, "upkeep");
         }
         MaintenanceEvent::UpkeepFailed(e) => tracing::warn!(error = %e, "upkeep failed; will retry"),
         MaintenanceEvent::FlushFailed(e) => tracing::warn!(error = %e, "heartbeat flush failed; will retry"),
         MaintenanceEvent::SyncFailed(e) => tracing::warn!(error = %e, "change-feed sync failed; will retry"),
+        MaintenanceEvent::LeaseFailed(e) => tracing::warn!(error = %e, "claiming the sweeper lease failed; this replica records no status changes until it holds it again"),
         other => tracing::debug!(?other, "maintenance"),
     });
     tracing::info!(%agent_addr, dashboard = %format!("http://{operator_addr}/"), token_file = %token_path.display(), "control panel running");
