@@ -318,9 +318,44 @@ impl CertificateAuthority {
         now: Timestamp,
         policy: &IssuancePolicy,
     ) -> Result<IssuedCertificate, CaError> {
-        let serial = Serial::random()?;
-        let not_before = now.saturating_sub(policy.backdate);
-        let not_after = now.saturating_add(policy.client_validity);
+        let record = CertificateRecord {
+            serial: Serial::random()?,
+            not_after: now.saturating_add(policy.client_validity),
+        };
+        self.sign_client(
+            csr,
+            instance,
+            tenant,
+            record,
+            now.saturating_sub(policy.backdate),
+        )
+    }
+
+    /// Signs `csr` again into the certificate `record` describes — the same serial and end of
+    /// validity, so to the fleet it *is* that certificate — starting at `now` less the backdate.
+    /// A retried enrollment gets its certificate this way: nothing in the store changes, so no
+    /// certificate in use is retired.
+    pub fn reissue_client(
+        &self,
+        csr: &ValidatedCsr,
+        instance: InstanceId,
+        tenant: Option<&TenantId>,
+        record: CertificateRecord,
+        now: Timestamp,
+        policy: &IssuancePolicy,
+    ) -> Result<IssuedCertificate, CaError> {
+        let not_before = now.saturating_sub(policy.backdate).min(record.not_after);
+        self.sign_client(csr, instance, tenant, record, not_before)
+    }
+
+    fn sign_client(
+        &self,
+        csr: &ValidatedCsr,
+        instance: InstanceId,
+        tenant: Option<&TenantId>,
+        record: CertificateRecord,
+        not_before: Timestamp,
+    ) -> Result<IssuedCertificate, CaError> {
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         params
@@ -335,9 +370,9 @@ impl CertificateAuthority {
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        params.serial_number = Some(serial_number(serial));
+        params.serial_number = Some(serial_number(record.serial));
         params.not_before = odt(not_before)?;
-        params.not_after = odt(not_after)?;
+        params.not_after = odt(record.not_after)?;
         params.use_authority_key_identifier_extension = true;
         let cert = params
             .signed_by(&csr.params.public_key, &self.issuer)
@@ -345,7 +380,7 @@ impl CertificateAuthority {
         Ok(IssuedCertificate {
             der: cert.der().to_vec(),
             pem: cert.pem(),
-            record: CertificateRecord { serial, not_after },
+            record,
             not_before,
         })
     }

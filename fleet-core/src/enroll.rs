@@ -10,9 +10,10 @@
 //! 2. a revoked token is refused;
 //! 3. the system info and the CSR ([`crate::csr`]);
 //! 4. a **retry** — the same token and the same CSR public key succeeded within
-//!    [`EnrollmentPolicy::retry_window`] (default 10 minutes) — gets the same instance back with a
-//!    fresh certificate and consumes no use (an agent that lost the response to its first attempt
-//!    is not stranded);
+//!    [`EnrollmentPolicy::retry_window`] (default 10 minutes) — gets the same instance back with
+//!    its current certificate re-signed (same serial, same end of validity), consumes no use and
+//!    changes nothing in the store (an agent that lost the response to its first attempt is not
+//!    stranded, and a replayed request revokes nothing);
 //! 5. an expired or used-up token is refused;
 //! 6. the certificate is signed, then the store commits token use, instance and serial in **one
 //!    transaction** ([`TokenStore::enroll`](crate::store::TokenStore::enroll)), which re-checks
@@ -576,7 +577,11 @@ impl<S: FleetStore> Fleet<S> {
         Ok((identity, old_serial))
     }
 
-    /// A retried enrollment: a fresh certificate for the instance the first attempt registered.
+    /// A retried enrollment: the instance the first attempt registered gets its **current**
+    /// certificate again — re-signed for the same key with the same serial and end of validity
+    /// ([`CertificateAuthority::reissue_client`](crate::ca::CertificateAuthority::reissue_client)).
+    /// Nothing in the store changes, so a replayed enrollment request (which anyone who saw it
+    /// can send) retires no certificate an agent is using, and costs no token use.
     async fn reissue(
         &self,
         instance: InstanceId,
@@ -589,14 +594,17 @@ impl<S: FleetStore> Fleet<S> {
             )
             .await?
             .ok_or(EnrollError::InvalidToken)?;
-        let cert = self
-            .issue_and_apply::<EnrollError>(
-                csr,
-                instance,
-                stored.tenant.as_ref(),
-                CertificateChange::Replace,
-            )
-            .await?;
+        let current = stored.certificate.ok_or(EnrollError::ReenrollRefused(
+            "the instance has no current certificate",
+        ))?;
+        let cert = self.inner.ca.reissue_client(
+            csr,
+            instance,
+            stored.tenant.as_ref(),
+            current,
+            self.now(),
+            &self.inner.enrollment.issuance,
+        )?;
         Ok(Enrollment {
             instance,
             tenant: stored.tenant,
