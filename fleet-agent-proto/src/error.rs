@@ -187,6 +187,7 @@ impl From<&EnrollError> for ErrorCode {
             EnrollError::Csr(_) => Self::InvalidCsr,
             EnrollError::Invalid(_) => Self::InvalidInput,
             EnrollError::ReenrollRefused(_) => Self::ReenrollRefused,
+            EnrollError::RateLimited { .. } => Self::RateLimited,
             EnrollError::Store(s) => store_code(s),
             _ => Self::Internal,
         }

@@ -8,18 +8,18 @@
 //! serial against the instance's current one, so revocation applies to the next request.
 //!
 //! Protections, each configurable in [`ServerConfig`] with safe defaults: a TLS handshake timeout,
-//! a header read timeout, body limits per route, a connection cap, and a limiter on failed token
-//! attempts per peer address (answering `429 rate_limited`).
+//! a header read timeout, body limits per route and a connection cap. Failed token attempts are
+//! limited per source by the fleet itself ([`fleet_core::limiter`], answering `429
+//! rate_limited` with `Retry-After`; a valid token is never refused by it).
 
-use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_core::ca::ServerCertificate;
 use fleet_core::store::FleetStore;
-use fleet_core::{EnrollError, Fleet, Heartbeat, InstanceIdentity, Timestamp};
+use fleet_core::{EnrollError, Fleet, Heartbeat, InstanceIdentity};
 use http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -55,10 +55,6 @@ pub struct ServerConfig {
     pub idle_timeout: Duration,
     /// Connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
-    /// Failed token attempts allowed per peer address within `failed_attempt_window`.
-    pub max_failed_token_attempts: u32,
-    /// The window of the failed-attempt limiter.
-    pub failed_attempt_window: Duration,
 }
 
 impl Default for ServerConfig {
@@ -68,8 +64,6 @@ impl Default for ServerConfig {
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             max_connections: 10_000,
-            max_failed_token_attempts: 20,
-            failed_attempt_window: Duration::from_secs(60),
         }
     }
 }
@@ -121,19 +115,12 @@ pub fn tls_config(
     Ok(Arc::new(cfg))
 }
 
-/// Counts failed token attempts per peer address in a fixed window.
-#[derive(Debug, Default)]
-struct Limiter {
-    by_peer: HashMap<IpAddr, (Timestamp, u32)>,
-}
-
 /// The agent server over a [`Fleet`].
 #[derive(Debug)]
 pub struct AgentServer<S> {
     fleet: Fleet<S>,
     tls: Arc<rustls::ServerConfig>,
     config: ServerConfig,
-    limiter: Mutex<Limiter>,
     handshakes: std::sync::atomic::AtomicU64,
 }
 
@@ -268,7 +255,6 @@ impl<S: FleetStore> AgentServer<S> {
             fleet,
             tls,
             config,
-            limiter: Mutex::new(Limiter::default()),
             handshakes: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -277,38 +263,6 @@ impl<S: FleetStore> AgentServer<S> {
     /// that keep their connections this grows with agents, not with heartbeats.
     pub fn handshakes(&self) -> u64 {
         self.handshakes.load(std::sync::atomic::Ordering::Relaxed)
-    }
-
-    fn limited(&self, ip: IpAddr) -> bool {
-        let now = self.fleet.now();
-        let limiter = self
-            .limiter
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        limiter.by_peer.get(&ip).is_some_and(|&(start, n)| {
-            now.duration_since(start) < self.config.failed_attempt_window
-                && n >= self.config.max_failed_token_attempts
-        })
-    }
-
-    fn record_failure(&self, ip: IpAddr) {
-        let now = self.fleet.now();
-        let mut limiter = self
-            .limiter
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = limiter.by_peer.entry(ip).or_insert((now, 0));
-        if now.duration_since(entry.0) >= self.config.failed_attempt_window {
-            *entry = (now, 0);
-        }
-        entry.1 = entry.1.saturating_add(1);
-        // Bound the table: forget peers whose window has passed once it grows large.
-        if limiter.by_peer.len() > 100_000 {
-            let window = self.config.failed_attempt_window;
-            limiter
-                .by_peer
-                .retain(|_, (start, _)| now.duration_since(*start) < window);
-        }
     }
 
     /// Handles one request from `peer` (exposed so that embedders can route to it themselves).
@@ -337,13 +291,6 @@ impl<S: FleetStore> AgentServer<S> {
     }
 
     async fn enroll(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        let ip = peer.addr.ip();
-        if self.limited(ip) {
-            return error(
-                ErrorCode::RateLimited,
-                "too many failed enrollment attempts from this address",
-            );
-        }
         let body: EnrollRequest = match read_json(req, MAX_ENROLL_BODY).await {
             Ok(b) => b,
             Err(resp) => return resp,
@@ -365,18 +312,18 @@ impl<S: FleetStore> AgentServer<S> {
                     heartbeat_interval_secs: e.heartbeat_interval.as_secs(),
                 },
             ),
-            Err(e) => {
-                if matches!(
-                    e,
-                    EnrollError::InvalidToken
-                        | EnrollError::TokenExpired
-                        | EnrollError::TokenRevoked
-                        | EnrollError::TokenExhausted
-                ) {
-                    self.record_failure(ip);
-                }
-                error(ErrorCode::from(&e), e.to_string())
+            Err(EnrollError::RateLimited { retry_after }) => {
+                let mut resp = error(
+                    ErrorCode::RateLimited,
+                    "too many failed enrollment attempts from this address",
+                );
+                resp.headers_mut().insert(
+                    http::header::RETRY_AFTER,
+                    http::HeaderValue::from(retry_after.as_secs().max(1)),
+                );
+                resp
             }
+            Err(e) => error(ErrorCode::from(&e), e.to_string()),
         }
     }
 

@@ -309,33 +309,6 @@ async fn a_certificate_from_another_ca_fails_the_handshake() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn failed_token_attempts_are_rate_limited_per_peer() {
-    let config = ServerConfig {
-        max_failed_token_attempts: 3,
-        ..ServerConfig::default()
-    };
-    let h = Harness::start(config).await;
-    let bad = serde_json::json!({"token": format!("{}.{}", "abcdefgh", "0".repeat(32)), "csr_pem": csr().1, "system": {"hostname": "x"}});
-    for _ in 0..3 {
-        let (status, body) = post(&h, None, "/v1/enroll", bad.clone()).await;
-        assert_eq!((status, code(&body)), (401, ErrorCode::InvalidToken));
-    }
-    let (status, body) = post(&h, None, "/v1/enroll", bad.clone()).await;
-    assert_eq!((status, code(&body)), (429, ErrorCode::RateLimited));
-    // Even a valid token is refused from this address until the window passes.
-    let token = h
-        .fleet
-        .create_token(&TenantScope::All, NewToken::default())
-        .await
-        .unwrap();
-    let good = serde_json::json!({"token": token.presented.to_string(), "csr_pem": csr().1, "system": {"hostname": "y"}});
-    assert_eq!(post(&h, None, "/v1/enroll", good.clone()).await.0, 429);
-    h.clock.advance(Duration::from_secs(61));
-    assert_eq!(post(&h, None, "/v1/enroll", good).await.0, 200);
-    h.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolling_and_heartbeating_with_openssl_and_curl() {
     let h = Harness::start(ServerConfig::default()).await;
     let token = h

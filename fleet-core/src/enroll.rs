@@ -57,6 +57,7 @@ use crate::csr::{CsrError, validate_csr};
 use crate::error::{FleetError, StoreError, ValidationError};
 use crate::fleet::{Fleet, Heartbeat, HeartbeatAck};
 use crate::identity::{Fingerprint, InstanceIdentity};
+use crate::limiter::{Attempt, AttemptLimit};
 use crate::live::CertificateCheck;
 use crate::store::{CertificateChange, EnrollCommit, EnrollResult, EnrollTarget, FleetStore};
 use crate::telemetry::{EnrollmentOutcome, StoreOp};
@@ -74,6 +75,9 @@ pub struct EnrollmentPolicy {
     pub retry_window: Duration,
     /// How client certificates are issued.
     pub issuance: IssuancePolicy,
+    /// Failed attempts per source before wrong tokens are answered "rate limited" (see
+    /// [`crate::limiter`]: a correct token is never refused by it).
+    pub failed_attempts: AttemptLimit,
 }
 
 impl Default for EnrollmentPolicy {
@@ -81,6 +85,7 @@ impl Default for EnrollmentPolicy {
         Self {
             retry_window: Duration::from_secs(600),
             issuance: IssuancePolicy::default(),
+            failed_attempts: AttemptLimit::default(),
         }
     }
 }
@@ -95,6 +100,7 @@ impl EnrollmentPolicy {
                 "must be at most one day",
             ));
         }
+        self.failed_attempts.validate()?;
         self.issuance.validate()
     }
 }
@@ -162,6 +168,13 @@ pub enum EnrollError {
     /// The CA failed to sign.
     #[error("certificate authority error")]
     Ca(#[from] CaError),
+    /// Too many failed attempts from this source, and this one's token was not valid either
+    /// (a valid token is never refused so; see [`crate::limiter`]). Nothing was recorded.
+    #[error("too many failed enrollment attempts from this address; retry in {}s", retry_after.as_secs())]
+    RateLimited {
+        /// Until the source's window ends.
+        retry_after: Duration,
+    },
 }
 
 /// Why a certificate was not accepted as an instance's identity.
@@ -323,7 +336,9 @@ impl<S: FleetStore> Fleet<S> {
             .await?)
     }
 
-    /// A token's ledger, newest first, if the token is visible in `scope`.
+    /// A token's ledger, newest first, if the token is visible in `scope` (after
+    /// [`flush_ledger`](Self::flush_ledger), so every attempt answered so far is in it or counted
+    /// in [`unrecorded_attempts`](Self::unrecorded_attempts)).
     pub async fn token_ledger(
         &self,
         scope: &TenantScope,
@@ -331,32 +346,30 @@ impl<S: FleetStore> Fleet<S> {
         limit: usize,
     ) -> Result<Vec<LedgerEntry>, FleetError> {
         self.get_token(scope, id).await?;
+        self.flush_ledger().await;
         Ok(self
             .timed(StoreOp::Ledger, self.inner.store.ledger(id, limit))
             .await?)
     }
 
-    async fn record(
+    /// Records an attempt on a known token in its ledger, off the response path and within the
+    /// ledger's bound (see [`crate::ledger`]).
+    fn record(
         &self,
         token: &TokenId,
         outcome: LedgerOutcome,
         instance: Option<InstanceId>,
         req: &EnrollRequest,
         key: Option<Fingerprint>,
-    ) -> Result<(), StoreError> {
-        let entry = LedgerEntry {
+    ) {
+        self.record_later(LedgerEntry {
             token: token.clone(),
             at: self.now(),
             outcome,
             instance,
             peer: req.peer,
             key_fingerprint: key,
-        };
-        self.timed(
-            StoreOp::AppendLedger,
-            self.inner.store.append_ledger(&entry),
-        )
-        .await
+        });
     }
 
     /// Enrolls an instance; see the module docs for the order of checks and the guarantees.
@@ -368,37 +381,66 @@ impl<S: FleetStore> Fleet<S> {
         result
     }
 
-    /// [`enroll`](Self::enroll) without counting the outcome.
+    /// [`enroll`](Self::enroll) without counting the outcome: the limiter's verdict, then the
+    /// attempt; a success gives the limiter's reservation back.
     async fn enroll_attempt(&self, req: EnrollRequest) -> Result<Enrollment, EnrollError> {
-        let presented: PresentedToken = req.token.parse().map_err(|_| EnrollError::InvalidToken)?;
+        let attempt = req
+            .peer
+            .map(|p| self.inner.attempts.begin(p.ip(), self.now()));
+        let over_budget = match &attempt {
+            Some(Attempt::OverBudget { retry_after }) => Some(*retry_after),
+            _ => None,
+        };
+        let result = self.enroll_checked(req, over_budget).await;
+        if let (Ok(_), Some(Attempt::Counted(reservation))) = (&result, attempt) {
+            reservation.succeeded();
+        }
+        result
+    }
+
+    /// Checks the token (a source `over_budget` gets [`EnrollError::RateLimited`] for anything
+    /// but a valid secret, at no further cost), then enrolls.
+    async fn enroll_checked(
+        &self,
+        req: EnrollRequest,
+        over_budget: Option<Duration>,
+    ) -> Result<Enrollment, EnrollError> {
+        let refused = |e: EnrollError| match over_budget {
+            Some(retry_after) => EnrollError::RateLimited { retry_after },
+            None => e,
+        };
+        let presented: PresentedToken = req
+            .token
+            .parse()
+            .map_err(|_| refused(EnrollError::InvalidToken))?;
         let supplied = presented.secret.hash();
         let Some(token) = self
             .timed(StoreOp::GetToken, self.inner.store.get_token(&presented.id))
             .await?
         else {
             let _ = DUMMY_HASH.matches(&supplied);
-            return Err(EnrollError::InvalidToken);
+            return Err(refused(EnrollError::InvalidToken));
         };
+        // Both refusals answer at once; the known token's ledger row is written later, so the
+        // latency says nothing about which token ids exist.
         if !token.secret_hash.matches(&supplied) {
-            self.record(&token.id, LedgerOutcome::WrongSecret, None, &req, None)
-                .await?;
-            return Err(EnrollError::InvalidToken);
+            if over_budget.is_none() {
+                self.record(&token.id, LedgerOutcome::WrongSecret, None, &req, None);
+            }
+            return Err(refused(EnrollError::InvalidToken));
         }
         if token.revoked_at.is_some() {
-            self.record(&token.id, LedgerOutcome::Revoked, None, &req, None)
-                .await?;
+            self.record(&token.id, LedgerOutcome::Revoked, None, &req, None);
             return Err(EnrollError::TokenRevoked);
         }
         if let Err(e) = req.system.validate() {
-            self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None)
-                .await?;
+            self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None);
             return Err(e.into());
         }
         let csr = match validate_csr(&req.csr_pem) {
             Ok(csr) => csr,
             Err(e) => {
-                self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None)
-                    .await?;
+                self.record(&token.id, LedgerOutcome::BadRequest, None, &req, None);
                 return Err(e.into());
             }
         };
@@ -421,8 +463,7 @@ impl<S: FleetStore> Fleet<S> {
                 Some(existing),
                 &req,
                 Some(key),
-            )
-            .await?;
+            );
             return self.reissue(existing, &csr).await;
         }
         let state = token.state(now);
@@ -433,8 +474,7 @@ impl<S: FleetStore> Fleet<S> {
                 None,
                 &req,
                 Some(key),
-            )
-            .await?;
+            );
             return Err(state_error(state));
         }
 
@@ -450,8 +490,7 @@ impl<S: FleetStore> Fleet<S> {
                             None,
                             &req,
                             Some(key),
-                        )
-                        .await?;
+                        );
                         return Err(EnrollError::ReenrollRefused(why));
                     }
                 };

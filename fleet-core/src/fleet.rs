@@ -225,6 +225,8 @@ impl<S: FleetStore> FleetBuilder<S> {
                 store: self.store,
                 clock: self.clock,
                 ca,
+                attempts: crate::limiter::AttemptLimiter::new(self.enrollment.failed_attempts),
+                ledger: crate::ledger::LedgerWriter::default(),
                 enrollment: self.enrollment,
                 view: RwLock::new(view),
                 pending: Mutex::new(FxHashMap::default()),
@@ -285,6 +287,10 @@ pub(crate) struct Inner<S> {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) ca: CertificateAuthority,
     pub(crate) enrollment: EnrollmentPolicy,
+    /// Failed enrollment attempts per source (see [`crate::limiter`]).
+    pub(crate) attempts: crate::limiter::AttemptLimiter,
+    /// Ledger rows written off the response path (see [`crate::ledger`]).
+    pub(crate) ledger: crate::ledger::LedgerWriter,
     view: RwLock<LiveView>,
     pending: Mutex<FxHashMap<InstanceId, HeartbeatRecord>>,
     /// Status changes not yet recorded in the store (written with the heartbeat batch).

@@ -82,6 +82,8 @@ pub mod group;
 pub mod history;
 pub mod identity;
 pub mod instance;
+pub mod ledger;
+pub mod limiter;
 pub mod live;
 mod maintenance;
 pub mod memory;

@@ -133,11 +133,13 @@ pub enum EnrollmentOutcome {
     StoreError,
     /// The CA failed to sign.
     CaError,
+    /// A wrong token from a source over its failed-attempt budget.
+    RateLimited,
 }
 
 impl EnrollmentOutcome {
     /// Every outcome, successes first.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Enrolled,
         Self::Retried,
         Self::Reenrolled,
@@ -150,6 +152,7 @@ impl EnrollmentOutcome {
         Self::ReenrollRefused,
         Self::StoreError,
         Self::CaError,
+        Self::RateLimited,
     ];
 
     /// The outcome's label, snake case (`"enrolled"`, `"token_exhausted"`, …).
@@ -167,6 +170,7 @@ impl EnrollmentOutcome {
             Self::ReenrollRefused => "reenroll_refused",
             Self::StoreError => "store_error",
             Self::CaError => "ca_error",
+            Self::RateLimited => "rate_limited",
         }
     }
 
@@ -193,6 +197,7 @@ impl EnrollmentOutcome {
             Err(EnrollError::ReenrollRefused(_)) => Self::ReenrollRefused,
             Err(EnrollError::Store(_)) => Self::StoreError,
             Err(EnrollError::Ca(_)) => Self::CaError,
+            Err(EnrollError::RateLimited { .. }) => Self::RateLimited,
         }
     }
 

@@ -615,6 +615,9 @@ pub async fn racing_enrollments_across(stores: Vec<DynStore>, k: u32) {
         N.min(k),
         "exactly min(N, k) instances exist"
     );
+    for fleet in &fleets {
+        fleet.flush_ledger().await;
+    }
     let ledger = store.ledger(&token.token.id, 10_000).await.expect("ledger");
     let successes = ledger
         .iter()
@@ -747,6 +750,7 @@ pub async fn refused_tokens_change_only_the_ledger(store: DynStore) {
             .await
             .expect_err("must be refused");
         assert!(expected(&err), "wrong error for {tok:?}: {err:?}");
+        fleet.flush_ledger().await;
         assert_eq!(
             snapshot().await,
             before,

@@ -11,7 +11,8 @@ use std::time::Duration;
 use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
 use fleet_agent_proto::{EnrollResponse, ErrorBody, ErrorCode};
 use fleet_core::{
-    Clock, Fleet, ManualClock, MemoryStore, NewToken, SystemClock, TenantScope, Timestamp,
+    Clock, EnrollmentPolicy, Fleet, ManualClock, MemoryStore, NewToken, SystemClock, TenantScope,
+    Timestamp,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -34,10 +35,16 @@ pub struct Harness {
 
 impl Harness {
     pub async fn start(config: ServerConfig) -> Self {
+        Self::start_with(config, EnrollmentPolicy::default()).await
+    }
+
+    /// A server whose fleet enrolls with `enrollment`.
+    pub async fn start_with(config: ServerConfig, enrollment: EnrollmentPolicy) -> Self {
         let t0 = SystemClock.now();
         let clock = ManualClock::new(t0);
         let fleet = Fleet::builder(Arc::new(MemoryStore::new()))
             .clock(clock.clone())
+            .enrollment(enrollment)
             .open()
             .await
             .unwrap();
@@ -122,6 +129,17 @@ pub fn client_config(ca_der: &[u8], id: Option<&ClientId>) -> Arc<rustls::Client
     Arc::new(cfg)
 }
 
+/// POSTs a JSON `body` to `path`; returns the status, headers and body, or the TLS/IO error.
+pub async fn post_full(
+    addr: SocketAddr,
+    ca_der: &[u8],
+    id: Option<&ClientId>,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, http::HeaderMap, Vec<u8>), String> {
+    request(addr, ca_der, id, path, "application/json", body).await
+}
+
 /// POSTs `body` with `content_type` to `path`; returns the status and body, or the TLS/IO error.
 pub async fn post_raw(
     addr: SocketAddr,
@@ -131,6 +149,19 @@ pub async fn post_raw(
     content_type: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), String> {
+    request(addr, ca_der, id, path, content_type, body)
+        .await
+        .map(|(status, _, body)| (status, body))
+}
+
+async fn request(
+    addr: SocketAddr,
+    ca_der: &[u8],
+    id: Option<&ClientId>,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> Result<(u16, http::HeaderMap, Vec<u8>), String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
     let connector = tokio_rustls::TlsConnector::from(client_config(ca_der, id));
     let name = ServerName::try_from("localhost").map_err(|e| e.to_string())?;
@@ -160,13 +191,14 @@ pub async fn post_raw(
         }
     };
     let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
     let bytes = resp
         .into_body()
         .collect()
         .await
         .map_err(|e| e.to_string())?
         .to_bytes();
-    Ok((status, bytes.to_vec()))
+    Ok((status, headers, bytes.to_vec()))
 }
 
 pub async fn post(
