@@ -115,29 +115,32 @@ fn u32_at(bytes: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// COBS-encodes `data` onto `out`: the result holds no `00` byte.
+/// COBS-encodes `data` onto `out`: the result holds no `00` byte. Each block is a code byte
+/// `n` and `n - 1` non-zero bytes, followed by an implied `00` unless `n` is `FF` or the block
+/// is the last.
 fn cobs_encode(data: &[u8], out: &mut Vec<u8>) {
-    let mut code_at = out.len();
-    out.push(0);
-    let mut code = 1u8;
-    for &b in data {
-        if b == 0 {
-            out[code_at] = code;
-            code_at = out.len();
-            out.push(0);
-            code = 1;
-        } else {
-            out.push(b);
-            code += 1;
-            if code == 0xff {
-                out[code_at] = code;
-                code_at = out.len();
-                out.push(0);
-                code = 1;
+    out.reserve(data.len() + data.len() / 254 + 1);
+    let mut rest = data;
+    loop {
+        let window = &rest[..rest.len().min(254)];
+        match window.iter().position(|&b| b == 0) {
+            Some(n) => {
+                out.push(n as u8 + 1);
+                out.extend_from_slice(&rest[..n]);
+                rest = &rest[n + 1..];
+            }
+            None if window.len() == 254 => {
+                out.push(0xff);
+                out.extend_from_slice(window);
+                rest = &rest[254..];
+            }
+            None => {
+                out.push(window.len() as u8 + 1);
+                out.extend_from_slice(window);
+                return;
             }
         }
     }
-    out[code_at] = code;
 }
 
 /// Decodes what [`cobs_encode`] wrote; `None` if `enc` is not a valid encoding.
@@ -758,6 +761,18 @@ mod tests {
 
     proptest! {
         #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+        /// COBS round-trips any bytes (zeros dense or sparse, long runs) and never emits `00`.
+        #[test]
+        fn cobs_round_trips_anything(
+            data in proptest::collection::vec(prop_oneof![Just(0u8), any::<u8>(), 1u8..], 0..2000),
+        ) {
+            let mut enc = Vec::new();
+            cobs_encode(&data, &mut enc);
+            prop_assert!(!enc.contains(&0));
+            prop_assert!(enc.len() <= data.len() + data.len() / 254 + 1);
+            prop_assert_eq!(cobs_decode(&enc), Some(data));
+        }
 
         /// Random damage (bytes set at random offsets, and perhaps a range overwritten) in a
         /// journal of random length: exactly the records it leaves untouched are replayed.
