@@ -11,12 +11,14 @@ use fleet_core::store::{HeartbeatRecord, HeartbeatStore, InstanceStore};
 use fleet_core::testing::instance;
 use fleet_store_sled::SledStore;
 
-fn mode(path: &Path) -> u32 {
-    std::fs::symlink_metadata(path)
+/// The permission bits of `path`, in octal ("700").
+fn mode(path: &Path) -> String {
+    let bits = std::fs::symlink_metadata(path)
         .unwrap()
         .permissions()
         .mode()
-        & 0o7777
+        & 0o7777;
+    format!("{bits:o}")
 }
 
 /// Every directory below `root` is 0700, every file 0600; returns how many files there are.
@@ -28,10 +30,10 @@ fn assert_private_below(root: &Path) -> usize {
             let path = entry.unwrap().path();
             let meta = std::fs::symlink_metadata(&path).unwrap();
             if meta.is_dir() {
-                assert_eq!(mode(&path), 0o700, "{}", path.display());
+                assert_eq!(mode(&path), "700", "{}", path.display());
                 dirs.push(path);
             } else {
-                assert_eq!(mode(&path), 0o600, "{}", path.display());
+                assert_eq!(mode(&path), "600", "{}", path.display());
                 files += 1;
             }
         }
@@ -60,10 +62,10 @@ async fn a_new_store_is_private() {
     // Parents that do not exist are created private too.
     let path = dir.path().join("data").join("db");
     let (store, _) = populated(&path).await;
-    assert_eq!(mode(&path), 0o700, "the store directory");
-    assert_eq!(mode(&dir.path().join("data")), 0o700, "a parent it created");
+    assert_eq!(mode(&path), "700", "the store directory");
+    assert_eq!(mode(&dir.path().join("data")), "700", "a parent it created");
     assert!(assert_private_below(&path) >= 3, "conf, db, journal");
-    assert_eq!(mode(&path.join("fleet-heartbeats.journal")), 0o600);
+    assert_eq!(mode(&path.join("fleet-heartbeats.journal")), "600");
     store.close().await.unwrap();
     assert_private_below(&path);
 }
@@ -88,10 +90,10 @@ async fn an_existing_store_is_made_private_at_open() {
     std::fs::set_permissions(&journal, std::fs::Permissions::from_mode(0o666)).unwrap();
     let store = SledStore::open(&path).await.unwrap();
     assert_private_below(&path);
-    assert_eq!(mode(&journal), 0o600);
+    assert_eq!(mode(&journal), "600");
     assert_eq!(
         mode(&path),
-        0o750,
+        "750",
         "an existing store directory keeps its mode"
     );
     drop(store);
@@ -103,14 +105,14 @@ async fn a_backup_is_private() {
     let (store, id) = populated(&dir.path().join("db")).await;
     let backup = dir.path().join("backups").join("one");
     store.backup_to(&backup).await.unwrap();
-    assert_eq!(mode(&backup), 0o700);
+    assert_eq!(mode(&backup), "700");
     assert!(assert_private_below(&backup) >= 2, "conf, db");
     // An existing empty destination is made private as well.
     let empty = dir.path().join("empty");
     std::fs::create_dir(&empty).unwrap();
     std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o755)).unwrap();
     store.backup_to(&empty).await.unwrap();
-    assert_eq!(mode(&empty), 0o700);
+    assert_eq!(mode(&empty), "700");
     assert!(assert_private_below(&empty) >= 2);
     // The restored store is private too.
     drop(store);
