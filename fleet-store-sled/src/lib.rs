@@ -28,6 +28,9 @@
 //!   heartbeated, and the journal is emptied; opening a store replays what is left into the
 //!   overlay.
 //!   A crash loses at most the heartbeats since the last flush.
+//! - Damage to the journal loses only the batches it touches: a record that fails its checksums
+//!   is skipped and replay resynchronizes on the next record (see "Heartbeat journal" below);
+//!   [`SledStore::journal_recovery`] reports what was skipped, also logged as a warning.
 //! - Secondary indexes — token → ledger, token+key → enrollment (retry window), serial →
 //!   instance — are maintained in the same transaction as the record they index.
 //! - sled calls block; every one runs on tokio's blocking pool, never on an async worker.
@@ -35,7 +38,8 @@
 //! ## Layout
 //!
 //! Every value is a format-version byte and a postcard body; keys scanned in order are big-endian.
-//! Beside sled's files, `fleet-heartbeats.journal` holds heartbeat batches not yet compacted.
+//! Beside sled's files, `fleet-heartbeats.journal` holds heartbeat batches not yet compacted
+//! (see "Heartbeat journal").
 //!
 //! | tree | key | value |
 //! |---|---|---|
@@ -58,6 +62,44 @@
 //! | `fleet_alerts` | time (u64 BE, sign flipped) + alert id | fleet-level alert |
 //! | `trends` | bucket start (u64 BE, sign flipped) | fleet trend bucket |
 //! | `policies` | policy name | compliance policy |
+//!
+//! ## Heartbeat journal
+//!
+//! `fleet-heartbeats.journal` is a sequence of records, each a 20-byte header and a body:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 8 | sync marker `00 46 4C EE 48 42 4A 02` |
+//! | 4 | body length (u32 LE) |
+//! | 4 | CRC-32 of the body as stored (u32 LE) |
+//! | 4 | CRC-32 of the 16 bytes before it — marker, length, body CRC (u32 LE) |
+//! | length | the batch (format-version byte and postcard), [COBS]-encoded so it holds no `00` byte |
+//!
+//! The marker begins with the only `00` byte a record holds outside its header, so it can only
+//! appear where a record starts, whatever the heartbeats carry. Opening a store replays every
+//! record whose two checksums hold; a damaged one (a length included, which the header CRC
+//! covers) is skipped and replay continues at the next marker. Only an incomplete last record —
+//! an append a crash interrupted — counts as a torn tail. The file is then left holding exactly
+//! its intact records: a torn or damaged tail is cut off, and damage in the middle makes open
+//! rewrite the file (to a temporary file, fsynced, renamed over the journal, directory fsynced;
+//! a crash in between leaves the old file or the new, both complete). A journal in the previous
+//! format (`[length][CRC-32 of body][body]`, no marker) is replayed and rewritten in this one;
+//! that format cannot resynchronize, so what follows a damaged record in it is skipped.
+//!
+//! [COBS]: https://en.wikipedia.org/wiki/Consistent_Overhead_Byte_Stuffing
+//!
+//! ## File permissions
+//!
+//! On Unix the store keeps its files to the user running it. [`SledStore::open`] creates a
+//! missing store directory (and missing parents) 0700, creates the journal 0600, and once sled
+//! has opened sets every file below the directory to 0600 and every directory below it to 0700,
+//! whatever the umask gave them; [`SledStore::close`] does it again. sled creates files later
+//! too (snapshots, `blobs/`) with the umask's mode: a 0700 store directory is what keeps other
+//! local users from reaching them in between. An existing store directory keeps its mode —
+//! whether a more permissive one is acceptable is the caller's decision to check before opening.
+//! [`SledStore::backup_to`] creates its destination 0700 (or sets an existing empty one to 0700)
+//! and leaves every file of the copy 0600. Symbolic links in the store are left as they are.
+//! Elsewhere than Unix none of this applies.
 //!
 //! ## Backup and restore
 //!
