@@ -22,9 +22,9 @@
 //! end of the file. Only a torn tail — an incomplete record at the end of the file, what a crash
 //! in the middle of an append leaves — is reported as torn. Afterwards the file holds exactly
 //! the intact records: a torn or damaged tail is cut off; damage in the middle (or a journal in
-//! the previous format) makes open rewrite the file — the intact records, copied byte for byte,
-//! into a temporary file that is fsynced and renamed over the journal, then the directory is
-//! fsynced — so a crash during the rewrite leaves the old file or the new one, both complete,
+//! the previous format) makes open rewrite the file — the intact records (copied byte for byte,
+//! or framed anew if in the previous format) into a temporary file that is fsynced and renamed
+//! over the journal, then the directory is fsynced — so a crash during the rewrite leaves the old file or the new one, both complete,
 //! and a later append never lands behind garbage. What recovery found is reported as a
 //! [`JournalRecovery`] and logged (`tracing`, warn level when records were skipped).
 //!
@@ -52,8 +52,8 @@ use crate::perms;
 pub(crate) const FILE_NAME: &str = "fleet-heartbeats.journal";
 /// File name of the journal being rewritten (renamed over [`FILE_NAME`] once complete).
 const REWRITE_NAME: &str = "fleet-heartbeats.journal.rewrite";
-/// The sync marker every record starts with. It begins with the only `00` byte a record may
-/// hold outside its header; `EE 48` is not UTF-8; read as a version-1 length (little-endian
+/// The sync marker every record starts with. It begins with `00`, which a COBS-encoded body
+/// never holds; `EE 48` is not UTF-8; read as a version-1 length (little-endian
 /// `0xEE4C4600`) it exceeds [`MAX_RECORD`].
 const MARKER: [u8; 8] = [0x00, b'F', b'L', 0xEE, b'H', b'B', b'J', 0x02];
 /// Bytes of a record header: marker, body length, body crc, header crc.

@@ -75,8 +75,9 @@
 //! | 4 | CRC-32 of the 16 bytes before it — marker, length, body CRC (u32 LE) |
 //! | length | the batch (format-version byte and postcard), [COBS]-encoded so it holds no `00` byte |
 //!
-//! The marker begins with the only `00` byte a record holds outside its header, so it can only
-//! appear where a record starts, whatever the heartbeats carry. Opening a store replays every
+//! The marker begins with `00`, which an encoded body never holds, so it can only appear where
+//! a record starts, whatever the heartbeats carry (the header's length and checksums are raw
+//! bytes, but the header checksum rules out taking them for a record). Opening a store replays every
 //! record whose two checksums hold; a damaged one (a length included, which the header CRC
 //! covers) is skipped and replay continues at the next marker. Only an incomplete last record —
 //! an append a crash interrupted — counts as a torn tail. The file is then left holding exactly
