@@ -28,6 +28,9 @@
 //!   heartbeated, and the journal is emptied; opening a store replays what is left into the
 //!   overlay.
 //!   A crash loses at most the heartbeats since the last flush.
+//! - Damage to the journal loses only the batches it touches: a record that fails its checksums
+//!   is skipped and replay resynchronizes on the next record (see "Heartbeat journal" below);
+//!   [`SledStore::journal_recovery`] reports what was skipped, also logged as a warning.
 //! - Secondary indexes — token → ledger, token+key → enrollment (retry window), serial →
 //!   instance — are maintained in the same transaction as the record they index.
 //! - sled calls block; every one runs on tokio's blocking pool, never on an async worker.
@@ -35,7 +38,8 @@
 //! ## Layout
 //!
 //! Every value is a format-version byte and a postcard body; keys scanned in order are big-endian.
-//! Beside sled's files, `fleet-heartbeats.journal` holds heartbeat batches not yet compacted.
+//! Beside sled's files, `fleet-heartbeats.journal` holds heartbeat batches not yet compacted
+//! (see "Heartbeat journal").
 //!
 //! | tree | key | value |
 //! |---|---|---|
@@ -59,6 +63,45 @@
 //! | `trends` | bucket start (u64 BE, sign flipped) | fleet trend bucket |
 //! | `policies` | policy name | compliance policy |
 //!
+//! ## Heartbeat journal
+//!
+//! `fleet-heartbeats.journal` is a sequence of records, each a 20-byte header and a body:
+//!
+//! | bytes | field |
+//! |---|---|
+//! | 8 | sync marker `00 46 4C EE 48 42 4A 02` |
+//! | 4 | body length (u32 LE) |
+//! | 4 | CRC-32 of the body as stored (u32 LE) |
+//! | 4 | CRC-32 of the 16 bytes before it — marker, length, body CRC (u32 LE) |
+//! | length | the batch (format-version byte and postcard), [COBS]-encoded so it holds no `00` byte |
+//!
+//! The marker begins with `00`, which an encoded body never holds, so it can only appear where
+//! a record starts, whatever the heartbeats carry (the header's length and checksums are raw
+//! bytes, but the header checksum rules out taking them for a record). Opening a store replays every
+//! record whose two checksums hold; a damaged one (a length included, which the header CRC
+//! covers) is skipped and replay continues at the next marker. Only an incomplete last record —
+//! an append a crash interrupted — counts as a torn tail. The file is then left holding exactly
+//! its intact records: a torn or damaged tail is cut off, and damage in the middle makes open
+//! rewrite the file (to a temporary file, fsynced, renamed over the journal, directory fsynced;
+//! a crash in between leaves the old file or the new, both complete). A journal in the previous
+//! format (`[length][CRC-32 of body][body]`, no marker) is replayed and rewritten in this one;
+//! that format cannot resynchronize, so what follows a damaged record in it is skipped.
+//!
+//! [COBS]: https://en.wikipedia.org/wiki/Consistent_Overhead_Byte_Stuffing
+//!
+//! ## File permissions
+//!
+//! On Unix the store keeps its files to the user running it. [`SledStore::open`] creates a
+//! missing store directory (and missing parents) 0700, creates the journal 0600, and once sled
+//! has opened sets every file below the directory to 0600 and every directory below it to 0700,
+//! whatever the umask gave them; [`SledStore::close`] does it again. sled creates files later
+//! too (snapshots, `blobs/`) with the umask's mode: a 0700 store directory is what keeps other
+//! local users from reaching them in between. An existing store directory keeps its mode —
+//! whether a more permissive one is acceptable is the caller's decision to check before opening.
+//! [`SledStore::backup_to`] creates its destination 0700 (or sets an existing empty one to 0700)
+//! and leaves every file of the copy 0600. Symbolic links in the store are left as they are.
+//! Elsewhere than Unix none of this applies.
+//!
 //! ## Backup and restore
 //!
 //! [`SledStore::backup_to`] writes a consistent copy with sled's own export/import into a new
@@ -80,6 +123,7 @@
 mod codec;
 mod commands;
 mod journal;
+mod perms;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -88,6 +132,7 @@ use std::sync::Arc;
 use fleet_core::StoreError;
 
 pub use fleet_core;
+pub use journal::JournalRecovery;
 pub use sled;
 
 use codec::decode;
@@ -192,6 +237,18 @@ pub enum OpenError {
         /// The path.
         path: PathBuf,
     },
+    /// A file-system operation on the store directory failed: creating it, or making what is in
+    /// it private (see "File permissions" in the crate docs).
+    #[error("{path}: cannot {action}")]
+    Io {
+        /// The path the operation failed on (the directory, or a file in it).
+        path: PathBuf,
+        /// What was attempted.
+        action: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 #[derive(Debug)]
@@ -220,6 +277,8 @@ pub(crate) struct Trees {
     /// Heartbeat state journaled but not yet compacted into `state`, with the journal file. The
     /// mutex also serializes journal appends with compaction.
     pub(crate) overlay: std::sync::Mutex<store::Overlay>,
+    /// What replaying the journal found at open.
+    pub(crate) journal_recovery: JournalRecovery,
 }
 
 /// The sled store; see the crate docs. Cheap to clone (a handle).
@@ -256,6 +315,13 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
                 detail: "the directory holds other files".into(),
             });
         }
+    } else {
+        // Created private, so no other local user can enter it, whatever sled creates inside.
+        perms::create_private_dir(path).map_err(|source| OpenError::Io {
+            path: p(),
+            action: "create the store directory (0700)",
+            source,
+        })?;
     }
     let config = sled::Config::new().path(path).flush_every_ms(Some(500));
     // sled 0.34 panics instead of returning an error on some corrupted files; turn that into an
@@ -294,33 +360,56 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
         db.open_tree(name)
             .map_err(|source| OpenError::Sled { path: p(), source })
     };
-    let (journal, replayed) =
+    let meta = tree("meta")?;
+    let instances = tree("instances")?;
+    let state = tree("state")?;
+    let feed = tree("feed")?;
+    let tokens = tree("tokens")?;
+    let ledger = tree("ledger")?;
+    let enrollments = tree("enrollments")?;
+    let serials = tree("serials")?;
+    let revoked = tree("revoked")?;
+    let history = tree("history")?;
+    let history_by_instance = tree("history_by_instance")?;
+    let commands = tree("commands")?;
+    let commands_by_instance = tree("commands_by_instance")?;
+    let commands_open = tree("commands_open")?;
+    let command_keys = tree("command_keys")?;
+    let commands_by_batch = tree("commands_by_batch")?;
+    let fleet_alerts = tree("fleet_alerts")?;
+    let trends = tree("trends")?;
+    let policies = tree("policies")?;
+    // Verified before the journal is replayed: recovery may rewrite the journal, which must not
+    // happen to a store this build refuses.
+    verify_format(&db, &meta, path)?;
+    let (journal, replayed, journal_recovery) =
         journal::Journal::open(path).map_err(|source| OpenError::Record { path: p(), source })?;
+    make_private(path)?;
     let trees = Trees {
-        meta: tree("meta")?,
-        instances: tree("instances")?,
-        state: tree("state")?,
-        feed: tree("feed")?,
-        tokens: tree("tokens")?,
-        ledger: tree("ledger")?,
-        enrollments: tree("enrollments")?,
-        serials: tree("serials")?,
-        revoked: tree("revoked")?,
-        history: tree("history")?,
-        history_by_instance: tree("history_by_instance")?,
-        commands: tree("commands")?,
-        commands_by_instance: tree("commands_by_instance")?,
-        commands_open: tree("commands_open")?,
-        command_keys: tree("command_keys")?,
-        commands_by_batch: tree("commands_by_batch")?,
-        fleet_alerts: tree("fleet_alerts")?,
-        trends: tree("trends")?,
-        policies: tree("policies")?,
+        meta,
+        instances,
+        state,
+        feed,
+        tokens,
+        ledger,
+        enrollments,
+        serials,
+        revoked,
+        history,
+        history_by_instance,
+        commands,
+        commands_by_instance,
+        commands_open,
+        command_keys,
+        commands_by_batch,
+        fleet_alerts,
+        trends,
+        policies,
         overlay: std::sync::Mutex::new(store::Overlay::new(journal)),
+        journal_recovery,
         path: p(),
         db,
     };
-    verify_format(&trees)?;
     // Replayed heartbeats stay in the overlay (reads see them) until the next compaction, so
     // opening does not pay for one.
     if let Ok(mut overlay) = trees.overlay.lock() {
@@ -329,11 +418,20 @@ fn open_blocking(path: &Path) -> Result<Trees, OpenError> {
     Ok(trees)
 }
 
+/// Sets what is inside the store directory to 0600 (files) and 0700 (directories).
+fn make_private(path: &Path) -> Result<(), OpenError> {
+    perms::make_tree_private(path).map_err(|(path, source)| OpenError::Io {
+        path,
+        action: "make the store's files private (0600, directories 0700)",
+        source,
+    })
+}
+
 /// Checks (or, on an empty database, writes) the format marker.
-fn verify_format(t: &Trees) -> Result<(), OpenError> {
-    let p = || t.path.clone();
+fn verify_format(db: &sled::Db, meta: &sled::Tree, path: &Path) -> Result<(), OpenError> {
+    let p = || path.to_path_buf();
     let sled_err = |source| OpenError::Sled { path: p(), source };
-    match t.meta.get(b"format").map_err(sled_err)? {
+    match meta.get(b"format").map_err(sled_err)? {
         Some(v) => {
             let (version, magic) = v.split_first().ok_or_else(|| OpenError::Foreign {
                 path: p(),
@@ -354,11 +452,11 @@ fn verify_format(t: &Trees) -> Result<(), OpenError> {
             Ok(())
         }
         None => {
-            let names = t.db.tree_names();
-            let mut has_data = !t.db.is_empty();
+            let names = db.tree_names();
+            let mut has_data = !db.is_empty();
             for name in names.iter().filter(|n| n.as_ref() != b"__sled__default") {
                 let foreign_tree = !TREE_NAMES.iter().any(|o| name.as_ref() == o.as_bytes());
-                let tree = t.db.open_tree(name).map_err(sled_err)?;
+                let tree = db.open_tree(name).map_err(sled_err)?;
                 if foreign_tree || !tree.is_empty() {
                     has_data = true;
                 }
@@ -371,8 +469,8 @@ fn verify_format(t: &Trees) -> Result<(), OpenError> {
             }
             let mut marker = vec![LAYOUT_VERSION];
             marker.extend_from_slice(FORMAT_MAGIC);
-            t.meta.insert(b"format", marker).map_err(sled_err)?;
-            t.db.flush().map_err(sled_err)?;
+            meta.insert(b"format", marker).map_err(sled_err)?;
+            db.flush().map_err(sled_err)?;
             Ok(())
         }
     }
@@ -398,6 +496,13 @@ impl SledStore {
         &self.trees.path
     }
 
+    /// What replaying the heartbeat journal found when this store was opened: records replayed,
+    /// damaged records and bytes skipped, the torn tail cut off. Non-zero skipped figures mean
+    /// the journal was damaged (see [`JournalRecovery`]); they were also logged as a warning.
+    pub fn journal_recovery(&self) -> JournalRecovery {
+        self.trees.journal_recovery
+    }
+
     /// Instance count and disk usage.
     pub async fn stats(&self) -> Result<StoreStats, StoreError> {
         self.blocking(|t| {
@@ -412,12 +517,20 @@ impl SledStore {
     /// Prepares for a clean shutdown: compacts the heartbeat journal into the database and
     /// flushes, so the next open has nothing to replay. Call it after the last
     /// [`Fleet::flush_heartbeats`](fleet_core::Fleet::flush_heartbeats); the store stays usable.
+    /// Files sled created since the open are set to 0600 (see "File permissions").
     pub async fn close(&self) -> Result<(), StoreError> {
-        self.blocking(|t| t.compact_now()).await
+        self.blocking(|t| {
+            t.compact_now()?;
+            make_tree_private(&t.path)
+        })
+        .await
     }
 
     /// Writes a consistent copy of the whole store into the new directory `dest` (sled's
     /// export/import). Restore by opening `dest` with [`SledStore::open`].
+    ///
+    /// `dest` must not exist or be empty. It is created 0700 (missing parents too) or, if it
+    /// exists, set to 0700, and every file of the copy is 0600.
     pub async fn backup_to(&self, dest: impl AsRef<Path>) -> Result<(), StoreError> {
         let dest = dest.as_ref().to_path_buf();
         self.blocking(move |t| {
@@ -431,6 +544,9 @@ impl SledStore {
                     dest.display()
                 )));
             }
+            // Private before anything is written into it.
+            perms::create_private_dir(&dest)
+                .map_err(|e| file_error("cannot create the backup directory", &dest, e))?;
             // Heartbeats still in the journal go into sled first, so the export has them.
             t.compact_now()?;
             let copy = sled::Config::new()
@@ -439,7 +555,8 @@ impl SledStore {
                 .map_err(store::backend)?;
             copy.import(t.db.export());
             copy.flush().map_err(store::backend)?;
-            Ok(())
+            drop(copy);
+            make_tree_private(&dest)
         })
         .await
     }
@@ -457,6 +574,39 @@ impl SledStore {
                 source: Box::new(e),
             })?
     }
+}
+
+/// An I/O error on a file or directory of the store: the source of a [`StoreError::Backend`].
+#[derive(Debug, thiserror::Error)]
+#[error("{what} {}", path.display())]
+struct FileError {
+    what: &'static str,
+    path: PathBuf,
+    #[source]
+    source: std::io::Error,
+}
+
+/// An I/O error on `path` (`what` names the file's role), as a store error keeping its source.
+pub(crate) fn file_error(what: &'static str, path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Backend {
+        backend: "sled",
+        source: Box::new(FileError {
+            what,
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
+/// [`perms::make_tree_private`], as a store error.
+fn make_tree_private(dir: &Path) -> Result<(), StoreError> {
+    perms::make_tree_private(dir).map_err(|(path, e)| {
+        file_error(
+            "cannot set the private mode (0600, directories 0700) of",
+            &path,
+            e,
+        )
+    })
 }
 
 /// Decodes the value of `key` in `tree`, naming both on failure.
