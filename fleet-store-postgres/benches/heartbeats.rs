@@ -85,6 +85,10 @@ async fn main() {
     for chunk in all.chunks(10_000) {
         let ids: Vec<uuid::Uuid> = chunk.iter().map(|i| i.id.as_uuid()).collect();
         let hosts: Vec<String> = chunk.iter().map(|i| i.system.hostname.clone()).collect();
+        let texts: Vec<String> = chunk
+            .iter()
+            .map(|i| fleet_core::live::searchable_text(&i.system.hostname, &i.system.ip_addresses))
+            .collect();
         let tags: Vec<serde_json::Value> = chunk
             .iter()
             .map(|i| serde_json::to_value(&i.tags).expect("json"))
@@ -94,15 +98,16 @@ async fn main() {
             .map(|i| serde_json::to_value(i).expect("json"))
             .collect();
         sqlx::query(
-            "INSERT INTO fleet_instances (id, tenant, hostname, tags, groups, record) \
-             SELECT u.id, NULL, u.host, u.tags, '{}', u.record \
-             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[]) \
-                 AS u(id, host, tags, record)",
+            "INSERT INTO fleet_instances (id, tenant, hostname, tags, groups, record, search_text) \
+             SELECT u.id, NULL, u.host, u.tags, '{}', u.record, u.text \
+             FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[], $4::jsonb[], $5::text[]) \
+                 AS u(id, host, tags, record, text)",
         )
         .bind(&ids)
         .bind(&hosts)
         .bind(&tags)
         .bind(&records)
+        .bind(&texts)
         .execute(store.pool())
         .await
         .expect("bulk insert");

@@ -31,8 +31,10 @@
 //!   other replica's `Fleet::sync` applies the heartbeats that reached this one (kept ten
 //!   minutes).
 //! - Records are the fleet-core types as JSON (`jsonb`), with the columns that queries filter on
-//!   (tenant, tags as `jsonb` with a GIN index, groups as `text[]` with a GIN index, hostname with
-//!   a trigram index, command state) beside them. Times are Unix milliseconds.
+//!   (tenant, tags as `jsonb` with a GIN index, groups as `text[]` with a GIN index, the
+//!   searchable text — hostname folded by Rust's `to_lowercase` and IP addresses, exactly as the
+//!   live view holds them — with a trigram index, command state) beside them. Every write of an
+//!   instance rewrites them from the record. Times are Unix milliseconds.
 //!
 //! - Replicas poll the change feed and the heartbeat log; writers also `NOTIFY fleet_writes` at
 //!   commit, and `wait_for_writes` (a `LISTEN` that holds one of the pool's connections) wakes
@@ -98,6 +100,9 @@ pub enum PgStoreError {
     /// The embedded migrations failed.
     #[error("migrating the fleet schema failed")]
     Migrate(#[source] sqlx::migrate::MigrateError),
+    /// Filling in the folded search text of existing instances (after migration 0002) failed.
+    #[error("filling in the search text of existing instances failed")]
+    Backfill(#[source] StoreError),
 }
 
 /// The channel writers notify (at commit) and replicas listen on, as a wake-up hint.
@@ -180,12 +185,19 @@ impl PgStore {
     }
 
     /// Applies the embedded migrations that are not applied yet (PostgreSQL's advisory lock keeps
-    /// replicas starting at once from racing).
+    /// replicas starting at once from racing), then fills in, from Rust, the folded search text
+    /// of every instance that lacks it — rows from before layout 2, or written since by an older
+    /// binary — in batches of 1,000 rows (replicas starting at once share the batches). Cheap when
+    /// there is nothing to fill in (a partial index finds the rows).
     pub async fn migrate(&self) -> Result<(), PgStoreError> {
         sqlx::migrate!("./migrations")
             .run(&self.pool)
             .await
-            .map_err(PgStoreError::Migrate)
+            .map_err(PgStoreError::Migrate)?;
+        store::backfill_search_text(self)
+            .await
+            .map(|_filled| ())
+            .map_err(PgStoreError::Backfill)
     }
 }
 

@@ -212,11 +212,17 @@ async fn instance_for_update(
         .transpose()
 }
 
+/// `fleet_instances.search_text` for `inst`: what the live view's text index holds for it,
+/// folded by the same function (see `migrations/0002_search_text.sql`).
+pub(crate) fn search_text(inst: &Instance) -> String {
+    fleet_core::live::searchable_text(&inst.system.hostname, &inst.system.ip_addresses)
+}
+
 async fn insert_instance_row(tx: &mut PgConnection, inst: &Instance) -> Result<bool, StoreError> {
     let groups: Vec<String> = inst.groups.iter().map(|g| g.as_str().to_owned()).collect();
     let done = sqlx::query(
-        "INSERT INTO fleet_instances (id, tenant, hostname, tags, groups, record) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+        "INSERT INTO fleet_instances (id, tenant, hostname, tags, groups, record, search_text) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (id) DO NOTHING",
     )
     .bind(uuid(inst.id))
     .bind(inst.tenant.as_ref().map(|t| t.as_str().to_owned()))
@@ -224,23 +230,75 @@ async fn insert_instance_row(tx: &mut PgConnection, inst: &Instance) -> Result<b
     .bind(to_json(&inst.tags)?)
     .bind(&groups)
     .bind(to_json(inst)?)
+    .bind(search_text(inst))
     .execute(&mut *tx)
     .await
     .map_err(db)?;
     Ok(done.rows_affected() == 1)
 }
 
+/// Rewrites every column derived from the record, so none can drift from it (and a row an
+/// older binary wrote without `search_text` gets it).
 async fn update_instance_row(tx: &mut PgConnection, inst: &Instance) -> Result<(), StoreError> {
     let groups: Vec<String> = inst.groups.iter().map(|g| g.as_str().to_owned()).collect();
-    sqlx::query("UPDATE fleet_instances SET tags = $2, groups = $3, record = $4 WHERE id = $1")
-        .bind(uuid(inst.id))
-        .bind(to_json(&inst.tags)?)
-        .bind(&groups)
-        .bind(to_json(inst)?)
+    sqlx::query(
+        "UPDATE fleet_instances SET tenant = $2, hostname = $3, tags = $4, groups = $5, \
+         record = $6, search_text = $7 WHERE id = $1",
+    )
+    .bind(uuid(inst.id))
+    .bind(inst.tenant.as_ref().map(|t| t.as_str().to_owned()))
+    .bind(&inst.system.hostname)
+    .bind(to_json(&inst.tags)?)
+    .bind(&groups)
+    .bind(to_json(inst)?)
+    .bind(search_text(inst))
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+/// Rows the backfill folds per transaction.
+const BACKFILL_BATCH: i64 = 1000;
+
+/// Fills in `search_text` from Rust for every row that lacks it (rows from before migration
+/// 0002, or written since by an older binary), `BACKFILL_BATCH` rows per transaction. Rows
+/// another replica's backfill holds are skipped, so replicas starting at once share the work.
+/// Returns how many rows it filled in.
+pub(crate) async fn backfill_search_text(store: &PgStore) -> Result<u64, StoreError> {
+    let mut filled = 0;
+    loop {
+        let mut tx = store.begin().await?;
+        let rows: Vec<(Uuid, serde_json::Value)> = sqlx::query_as(
+            "SELECT id, record FROM fleet_instances WHERE search_text IS NULL \
+             ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(BACKFILL_BATCH)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        if rows.is_empty() {
+            return Ok(filled);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut texts = Vec::with_capacity(rows.len());
+        for (id, record) in rows {
+            let inst: Instance = from_json(record, "fleet_instances.record")?;
+            ids.push(id);
+            texts.push(search_text(&inst));
+        }
+        sqlx::query(
+            "UPDATE fleet_instances i SET search_text = u.text \
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, text) WHERE i.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&texts)
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-    Ok(())
+        tx.commit().await.map_err(commit_err)?;
+        filled += u64::try_from(ids.len()).unwrap_or(u64::MAX);
+    }
 }
 
 /// The stored record with the heartbeat state laid over it.

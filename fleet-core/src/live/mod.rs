@@ -272,7 +272,12 @@ fn posting(v: &mut Vec<RoaringBitmap>, id: u32) -> &mut RoaringBitmap {
     &mut v[i]
 }
 
-fn searchable_text(hostname: &str, ips: &[IpAddr]) -> String {
+/// The text a `text:` filter term searches for one instance: the hostname folded with
+/// [`str::to_lowercase`], then each IP address in its `Display` form, each on a line of its own.
+/// A needle matches when it is non-empty, contains neither `\n` nor NUL, and is a substring of
+/// this text (so a match never spans two lines). Public so that stores evaluating filters
+/// themselves (SQL push-down) fold exactly as the live view does.
+pub fn searchable_text(hostname: &str, ips: &[IpAddr]) -> String {
     let mut s = hostname.to_lowercase();
     for ip in ips {
         s.push('\n');
