@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod datadir;
 pub mod demo;
 pub mod operator;
 

@@ -35,31 +35,38 @@ async fn send(
     Some((r.status, r.headers, r.body))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn control_panel_serves_agents_the_dashboard_and_metrics() {
-    let dir = tempfile::tempdir().unwrap();
-    let operator_port = free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_control-panel"))
+/// Starts `control-panel serve` on `data`, its log in `log` (outside the data directory, whose
+/// files must be private).
+fn start(
+    data: &std::path::Path,
+    log: &std::path::Path,
+    operator_port: u16,
+    extra: &[&str],
+) -> tokio::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_control-panel"))
         .args(["serve", "--data-dir"])
-        .arg(dir.path())
+        .arg(data)
         .args(["--agent-listen", "127.0.0.1:0"])
         .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
-        .args(["--demo-agents", "3", "--tenant-token", "acme"])
+        .args(extra)
         .env("RUST_LOG", "warn")
+        .env_remove("FLEET_CA_KEK")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        // Its log, for a look when this test fails.
-        .stderr(std::fs::File::create(dir.path().join("control-panel.log")).unwrap())
+        // Its log, for a look when a test fails.
+        .stderr(std::fs::File::create(log).unwrap())
         .kill_on_drop(true)
         .spawn()
-        .unwrap();
+        .unwrap()
+}
 
-    // Up within a bounded time; the login page is public.
+/// Waits (bounded) until the login page, which is public, answers.
+async fn wait_up(operator_port: u16, child: &mut tokio::process::Child) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         if let Some((200, _, body)) = send(operator_port, "GET", "/login", &[], "").await {
             assert!(String::from_utf8_lossy(&body).contains("Operator token"));
-            break;
+            return;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -68,16 +75,171 @@ async fn control_panel_serves_agents_the_dashboard_and_metrics() {
         assert!(child.try_wait().unwrap().is_none(), "it exited early");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// SIGTERM, and a clean exit within a bounded time.
+async fn stop(mut child: tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("stopped within 30 s")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
+/// Every path under `dir`, with its metadata.
+fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, std::fs::Metadata)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.is_dir() {
+            walk(&path, out);
+        }
+        out.push((path, meta));
+    }
+}
+
+/// A local account that is not the control panel's reads nothing of its data directory, and
+/// nothing in it — the sled files included — holds the CA private key in the clear (it is
+/// sealed with a key-encryption key in `ca.kek`, so a copy of `data/db` alone cannot sign).
+/// A data directory others can read is refused unless `--insecure-permissions`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_directory_is_private_and_holds_no_clear_ca_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let log = tmp.path().join("control-panel.log");
+    let port = free_port();
+    let mut child = start(&data, &log, port, &["--demo-agents", "2"]);
+    wait_up(port, &mut child).await;
+    // The demo agents enroll: the CA has signed.
+    let token = std::fs::read_to_string(data.join("operator-token")).unwrap();
+    let bearer = format!("Bearer {}", token.trim());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, _, body) = send(
+            port,
+            "GET",
+            "/api/v1/summary",
+            &[("authorization", &bearer)],
+            "",
+        )
+        .await
+        .unwrap();
+        let s: Value = serde_json::from_slice(&body).unwrap();
+        if s["online"] == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "agents: {s}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop(child).await;
+
+    let mode = |m: &std::fs::Metadata| m.permissions().mode() & 0o777;
+    assert_eq!(mode(&std::fs::metadata(&data).unwrap()), 0o700);
+    let mut all = Vec::new();
+    walk(&data, &mut all);
+    assert!(
+        all.iter().any(|(p, _)| p.starts_with(data.join("db"))),
+        "the sled store is in the data directory"
+    );
+    for (path, meta) in &all {
+        if meta.is_dir() {
+            assert_eq!(
+                mode(meta),
+                0o700,
+                "{} is a directory others can enter",
+                path.display()
+            );
+        } else {
+            assert_eq!(
+                mode(meta),
+                0o600,
+                "{} is readable by others",
+                path.display()
+            );
+            if path.file_name().is_some_and(|n| n == "ca.kek") {
+                continue;
+            }
+            let bytes = std::fs::read(path).unwrap();
+            assert!(
+                !fleet_core::testing::holds_clear_private_key(&bytes),
+                "{} holds a private key in the clear",
+                path.display()
+            );
+        }
+    }
+
+    // A directory others can read is refused, naming it and its mode, and nothing starts.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--agent-listen", "127.0.0.1:0"])
+        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .env_remove("FLEET_CA_KEK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{} is mode 755", data.display()))
+            && err.contains("--insecure-permissions"),
+        "{err}"
+    );
+    // ... unless told so.
+    let port = free_port();
+    let mut child = start(&data, &log, port, &["--insecure-permissions"]);
+    wait_up(port, &mut child).await;
+    stop(child).await;
+
+    // Without the key-encryption key the copy of the store does not open.
+    std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::rename(data.join("ca.kek"), tmp.path().join("ca.kek.away")).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--agent-listen", "127.0.0.1:0"])
+        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .env_remove("FLEET_CA_KEK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a fresh key must not unseal the old CA"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("key-encryption key"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_panel_serves_agents_the_dashboard_and_metrics() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let operator_port = free_port();
+    let mut child = start(
+        &data,
+        &tmp.path().join("control-panel.log"),
+        operator_port,
+        &["--demo-agents", "3", "--tenant-token", "acme"],
+    );
+    wait_up(operator_port, &mut child).await;
+    let dir = &data;
 
     // The token files exist, 0600, and the tenant one is a different token.
-    let token = std::fs::read_to_string(dir.path().join("operator-token")).unwrap();
-    let acme = std::fs::read_to_string(dir.path().join("operator-token.acme")).unwrap();
+    let token = std::fs::read_to_string(dir.join("operator-token")).unwrap();
+    let acme = std::fs::read_to_string(dir.join("operator-token.acme")).unwrap();
     assert_ne!(token.trim(), acme.trim());
-    for f in ["operator-token", "operator-token.acme", "ca-key.pem"] {
-        let mode = std::fs::metadata(dir.path().join(f))
-            .unwrap()
-            .permissions()
-            .mode();
+    for f in ["operator-token", "operator-token.acme", "ca.kek"] {
+        let mode = std::fs::metadata(dir.join(f)).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "{f}");
     }
     let bearer = format!("Bearer {}", token.trim());
@@ -167,15 +329,5 @@ async fn control_panel_serves_agents_the_dashboard_and_metrics() {
     assert!(String::from_utf8_lossy(&body).contains("/assets/app.js"));
 
     // SIGTERM: a clean exit within a bounded time.
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("stopped within 30 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    stop(child).await;
 }

@@ -47,16 +47,17 @@ pub mod runner;
 #[cfg_attr(docsrs, doc(cfg(feature = "server")))]
 pub mod server;
 
-/// The crypto provider of both ends: `ring`, with the AES-128-GCM suites first (TLS 1.3 before
-/// 1.2). Their SHA-256 key schedule runs on the SHA extensions of current x86 and ARM cores,
-/// where SHA-384's does not: a full handshake costs the server measurably less (see
-/// `fleet-bench reconnect`), and AES-128 keeps the margin TLS needs.
-#[cfg(any(feature = "server", feature = "client"))]
 /// The only TLS version either end speaks: TLS 1.3. Under TLS 1.2 a client certificate — which
 /// names the tenant, the instance and the serial — crosses the wire in clear; agents are ours, so
 /// nothing older is needed.
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) const TLS_VERSIONS: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
+/// The crypto provider of both ends: `ring`, with the AES-128-GCM suites first. Their SHA-256
+/// key schedule runs on the SHA extensions of current x86 and ARM cores, where SHA-384's does
+/// not: a full handshake costs the server measurably less (see `fleet-bench reconnect`), and
+/// AES-128 keeps the margin TLS needs.
+#[cfg(any(feature = "server", feature = "client"))]
 pub(crate) fn crypto_provider() -> std::sync::Arc<rustls::crypto::CryptoProvider> {
     use rustls::CipherSuite as S;
     let mut provider = rustls::crypto::ring::default_provider();

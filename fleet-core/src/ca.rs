@@ -10,10 +10,11 @@
 //!   [`IssuancePolicy::backdate`] (default 5 minutes) for agents whose clocks run slow.
 //!
 //! It also issues the control plane's own TLS server certificate and signs CRLs for consumers that
-//! want one. The CA key is ECDSA P-256; [`CertificateAuthority::to_material`] gives its PEM forms
-//! for a store to keep.
+//! want one. The CA key is ECDSA P-256; stores keep it sealed ([`CaSet::seal`], [`crate::seal`]),
+//! never in the clear.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -90,16 +91,203 @@ pub enum CaError {
     /// The system random number generator failed.
     #[error("the system random number generator failed")]
     Random,
+    /// A CA key could not be sealed or unsealed.
+    #[error("sealed CA key")]
+    Sealed(#[source] crate::seal::SealError),
+    /// The store holds sealed CA keys (or would have to store one) and no key-encryption key
+    /// was given.
+    #[error(
+        "the CA keys in the store are sealed: give the key-encryption key \
+         (FleetBuilder::key_encryption_key)"
+    )]
+    KeyEncryptionKeyRequired,
+    /// The store holds the CA key in the clear (written before keys were sealed) and no
+    /// key-encryption key was given to seal it with.
+    #[error(
+        "the store holds the CA key in the clear (written by an earlier version): give a \
+         key-encryption key (FleetBuilder::key_encryption_key) and it is sealed at once"
+    )]
+    ClearKeyInStore,
+    /// The fleet's CA was given to the builder, not kept in the store, so the store's cannot
+    /// be rotated or re-sealed here.
+    #[error("this fleet's CA is not kept in its store (FleetBuilder::ca); rotate it yourself")]
+    NotInStore,
+    /// No CA with this fingerprint in the set (or, for retiring, it is the signing one).
+    #[error("CA {0} is not a CA of this fleet that this step can take")]
+    NotInSet(Fingerprint),
 }
 
-/// The PEM forms of a CA, as a store keeps them (the key is PKCS#8, unencrypted: protect the
-/// store accordingly).
+/// The fleet's CAs as a store keeps them: certificates in PEM, keys **sealed** ([`crate::seal`]).
+///
+/// A store holds one of these and treats both fields as opaque text. `cert_pem` is a bundle of
+/// one or more CA certificates, the signing CA first, the others trusted during a rotation
+/// ([`CaSet`]); `key_pem` holds their sealed keys, one line each, in the same order. (The field
+/// keeps its old name so stores written before keys were sealed still read; a `key_pem` that is
+/// a PEM private key in the clear is such a store, and [`Fleet`](crate::Fleet) seals it when it
+/// opens.)
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CaMaterial {
-    /// The CA certificate.
+    /// The CA certificates, PEM, the signing CA first.
     pub cert_pem: String,
-    /// The CA private key.
+    /// Their keys, sealed, one line each (or, in stores from before sealing, one PEM key in the
+    /// clear).
     pub key_pem: String,
+}
+
+impl CaMaterial {
+    /// Whether the key is held in the clear (a store written before keys were sealed).
+    pub fn is_clear(&self) -> bool {
+        !crate::seal::is_sealed(&self.key_pem)
+    }
+}
+
+/// The fleet's CAs: the one that signs, and the others its listeners still trust — the next CA
+/// of a rotation before it is promoted, or the previous one until it is retired. Agents trust the
+/// whole set, announced in heartbeat replies ([`CaSet::bundle_pem`]).
+#[derive(Debug, Clone)]
+pub struct CaSet {
+    cas: Vec<Arc<CertificateAuthority>>,
+}
+
+impl CaSet {
+    /// A set of one CA.
+    pub fn single(ca: CertificateAuthority) -> Self {
+        Self {
+            cas: vec![Arc::new(ca)],
+        }
+    }
+
+    /// The CA that signs.
+    pub fn active(&self) -> &Arc<CertificateAuthority> {
+        &self.cas[0]
+    }
+
+    /// Every CA of the set, the signing one first.
+    pub fn all(&self) -> &[Arc<CertificateAuthority>] {
+        &self.cas
+    }
+
+    /// The certificates of every CA, PEM, the signing one first: what agents and listeners trust.
+    pub fn bundle_pem(&self) -> String {
+        let mut out = String::new();
+        for c in &self.cas {
+            out.push_str(c.cert_pem().trim_end());
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The CA with this certificate fingerprint, if it is in the set.
+    pub fn get(&self, fingerprint: &Fingerprint) -> Option<&Arc<CertificateAuthority>> {
+        self.cas.iter().find(|c| c.fingerprint() == *fingerprint)
+    }
+
+    /// An id of the set's membership (the first 8 bytes of the SHA-256 of its fingerprints, in
+    /// order, hex): agents send the id of the set they trust, and the heartbeat reply carries the
+    /// bundle only when it changed.
+    pub fn id(&self) -> String {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for c in &self.cas {
+            ctx.update(c.fingerprint().as_bytes());
+        }
+        ctx.finish().as_ref()[..8]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
+    /// The set with `next` added as trusted, not signing (a rotation begins).
+    pub fn with_next(&self, next: CertificateAuthority) -> Self {
+        let mut cas = self.cas.clone();
+        cas.retain(|c| c.fingerprint() != next.fingerprint());
+        cas.push(Arc::new(next));
+        Self { cas }
+    }
+
+    /// The set with the CA `fingerprint` signing and the former signer trusted; `None` if it is
+    /// not in the set.
+    pub fn promoted(&self, fingerprint: &Fingerprint) -> Option<Self> {
+        let i = self
+            .cas
+            .iter()
+            .position(|c| c.fingerprint() == *fingerprint)?;
+        let mut cas = self.cas.clone();
+        let ca = cas.remove(i);
+        cas.insert(0, ca);
+        Some(Self { cas })
+    }
+
+    /// The set without the CA `fingerprint`; `None` if it is the signing CA or not in the set.
+    pub fn retired(&self, fingerprint: &Fingerprint) -> Option<Self> {
+        let i = self
+            .cas
+            .iter()
+            .position(|c| c.fingerprint() == *fingerprint)?;
+        if i == 0 {
+            return None;
+        }
+        let mut cas = self.cas.clone();
+        cas.remove(i);
+        Some(Self { cas })
+    }
+
+    /// The material a store keeps: certificates in PEM, keys sealed under `kek`.
+    pub fn seal(&self, kek: &crate::seal::KeyEncryptionKey) -> Result<CaMaterial, CaError> {
+        let mut keys = String::new();
+        for ca in &self.cas {
+            let line = kek
+                .seal(
+                    &ca.issuer.key().serialize_der(),
+                    ca.fingerprint().as_bytes(),
+                )
+                .map_err(CaError::Sealed)?;
+            keys.push_str(&line);
+            keys.push('\n');
+        }
+        Ok(CaMaterial {
+            cert_pem: self.bundle_pem(),
+            key_pem: keys,
+        })
+    }
+
+    /// Opens stored material with `kek`. Material in the clear (from before keys were sealed)
+    /// opens without it; [`CaMaterial::is_clear`] says so, so that the caller seals it.
+    pub fn open(
+        m: &CaMaterial,
+        kek: Option<&crate::seal::KeyEncryptionKey>,
+    ) -> Result<Self, CaError> {
+        if m.is_clear() {
+            return Ok(Self::single(CertificateAuthority::from_pem(
+                &m.cert_pem,
+                &m.key_pem,
+            )?));
+        }
+        let kek = kek.ok_or(CaError::KeyEncryptionKeyRequired)?;
+        let certs: Vec<_> = x509_parser::pem::Pem::iter_from_buffer(m.cert_pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .map_err(|_| CaError::Load("the CA bundle is not PEM".into()))?;
+        let keys: Vec<&str> = m.key_pem.lines().filter(|l| !l.trim().is_empty()).collect();
+        if certs.is_empty() || certs.len() != keys.len() {
+            return Err(CaError::Load(format!(
+                "{} CA certificates but {} sealed keys",
+                certs.len(),
+                keys.len()
+            )));
+        }
+        let mut cas = Vec::with_capacity(certs.len());
+        for (cert, sealed) in certs.iter().zip(keys) {
+            let der = kek
+                .unseal(sealed, Fingerprint::of(&cert.contents).as_bytes())
+                .map_err(CaError::Sealed)?;
+            let key = KeyPair::try_from(der.as_slice())
+                .map_err(|e| CaError::Load(format!("private key: {e}")))?;
+            cas.push(Arc::new(CertificateAuthority::from_parts(
+                &cert.contents,
+                key,
+            )?));
+        }
+        Ok(Self { cas })
+    }
 }
 
 impl std::fmt::Debug for CaMaterial {
@@ -109,6 +297,32 @@ impl std::fmt::Debug for CaMaterial {
             .field("key_pem", &"<redacted>")
             .finish()
     }
+}
+
+/// PEM text of one DER object (RFC 7468: base64 in lines of 64).
+fn pem_of(label: &str, der: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut b64 = Vec::with_capacity(der.len().div_ceil(3) * 4);
+    for chunk in der.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
+        for i in 0..4 {
+            b64.push(if i <= chunk.len() {
+                ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]
+            } else {
+                b'='
+            });
+        }
+    }
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for line in b64.chunks(64) {
+        out.push_str(&String::from_utf8_lossy(line));
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
 }
 
 /// A certificate as the store records it for an instance.
@@ -258,7 +472,12 @@ impl CertificateAuthority {
             KeyPair::from_pem(key_pem).map_err(|e| CaError::Load(format!("private key: {e}")))?;
         let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
             .map_err(|_| CaError::Load("certificate is not PEM".into()))?;
-        let (_, cert) = x509_parser::parse_x509_certificate(&block.contents)
+        Self::from_parts(&block.contents, key)
+    }
+
+    /// A CA from its certificate (DER) and key, checked to belong together.
+    fn from_parts(cert_der: &[u8], key: KeyPair) -> Result<Self, CaError> {
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
             .map_err(|_| CaError::Load("certificate does not parse".into()))?;
         if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(CaError::Load(
@@ -270,28 +489,23 @@ impl CertificateAuthority {
                 "the certificate is not a CA certificate".into(),
             ));
         }
-        let cert_der = block.contents.clone();
+        let cert_der = cert_der.to_vec();
         let issuer = Issuer::from_ca_cert_der(&cert_der.as_slice().into(), key)
             .map_err(|e| CaError::Load(format!("certificate: {e}")))?;
+        let cert_pem = pem_of("CERTIFICATE", &cert_der);
         Ok(Self {
             fingerprint: Fingerprint::of(&cert_der),
             issuer,
-            cert_pem: cert_pem.to_owned(),
+            cert_pem,
             cert_der,
         })
     }
 
-    /// Loads a CA from stored material.
-    pub fn from_material(m: &CaMaterial) -> Result<Self, CaError> {
-        Self::from_pem(&m.cert_pem, &m.key_pem)
-    }
-
-    /// The PEM forms to store.
-    pub fn to_material(&self) -> CaMaterial {
-        CaMaterial {
-            cert_pem: self.cert_pem.clone(),
-            key_pem: self.issuer.key().serialize_pem(),
-        }
+    /// The certificate and the private key in PEM, **the key in the clear**: for exporting the
+    /// CA to a file or an offline backup of your own. Stores are given [`CaSet::seal`]'s sealed
+    /// form instead.
+    pub fn export_pem(&self) -> (String, String) {
+        (self.cert_pem.clone(), self.issuer.key().serialize_pem())
     }
 
     /// The CA certificate, PEM.

@@ -277,7 +277,7 @@ impl<S: FleetStore> Fleet<S> {
                     };
                     let join = JoinString {
                         token: presented.clone(),
-                        ca_sha256: self.inner.ca.fingerprint(),
+                        ca_sha256: self.ca().fingerprint(),
                     };
                     return Ok(CreatedToken {
                         token,
@@ -494,7 +494,7 @@ impl<S: FleetStore> Fleet<S> {
                         return Err(EnrollError::ReenrollRefused(why));
                     }
                 };
-                let cert = self.inner.ca.issue_client(
+                let cert = self.ca().issue_client(
                     &csr,
                     identity.instance,
                     identity.tenant.as_ref(),
@@ -511,8 +511,7 @@ impl<S: FleetStore> Fleet<S> {
             None => {
                 let id = InstanceId::random();
                 let cert =
-                    self.inner
-                        .ca
+                    self.ca()
                         .issue_client(&csr, id, token.tenant.as_ref(), now, issuance)?;
                 let instance = Instance {
                     id,
@@ -567,7 +566,7 @@ impl<S: FleetStore> Fleet<S> {
                     instance,
                     tenant,
                     certificate,
-                    ca_pem: self.inner.ca.cert_pem().to_owned(),
+                    ca_pem: self.ca_set().bundle_pem(),
                     heartbeat_interval: self.policy().heartbeat_interval(),
                     outcome: if reenroll {
                         LedgerOutcome::Reenrolled
@@ -600,10 +599,12 @@ impl<S: FleetStore> Fleet<S> {
         let der = x509_parser::pem::parse_x509_pem(previous_pem.as_bytes())
             .map(|(_, p)| p.contents)
             .map_err(|_| "the previous certificate is not PEM")?;
+        // Any CA the fleet trusts: during a rotation the certificate may be the old CA's.
         let (old_key, old_serial) = self
-            .inner
-            .ca
-            .verify_issued_ignoring_time(&der)
+            .ca_set()
+            .all()
+            .iter()
+            .find_map(|ca| ca.verify_issued_ignoring_time(&der))
             .ok_or("the previous certificate was not issued by this fleet's CA")?;
         if old_key != key {
             return Err("the CSR key differs from the previous certificate's key");
@@ -636,7 +637,7 @@ impl<S: FleetStore> Fleet<S> {
         let current = stored.certificate.ok_or(EnrollError::ReenrollRefused(
             "the instance has no current certificate",
         ))?;
-        let cert = self.inner.ca.reissue_client(
+        let cert = self.ca().reissue_client(
             csr,
             instance,
             stored.tenant.as_ref(),
@@ -648,7 +649,7 @@ impl<S: FleetStore> Fleet<S> {
             instance,
             tenant: stored.tenant,
             certificate: cert,
-            ca_pem: self.inner.ca.cert_pem().to_owned(),
+            ca_pem: self.ca_set().bundle_pem(),
             heartbeat_interval: self.policy().heartbeat_interval(),
             outcome: LedgerOutcome::Retried,
         })
@@ -756,13 +757,9 @@ impl<S: FleetStore> Fleet<S> {
         change: fn(crate::ca::CertificateRecord) -> CertificateChange,
     ) -> Result<IssuedCertificate, E> {
         let now = self.now();
-        let cert = self.inner.ca.issue_client(
-            csr,
-            instance,
-            tenant,
-            now,
-            &self.inner.enrollment.issuance,
-        )?;
+        let cert =
+            self.ca()
+                .issue_client(csr, instance, tenant, now, &self.inner.enrollment.issuance)?;
         let seq = self
             .timed(
                 StoreOp::SetCertificate,
@@ -787,8 +784,7 @@ impl<S: FleetStore> Fleet<S> {
             .filter(|r| r.not_after >= now)
             .collect();
         let number = u64::try_from(now.as_unix_millis()).unwrap_or(0);
-        self.inner
-            .ca
+        self.ca()
             .crl(&revoked, number, now, now.saturating_add(validity))
             .map_err(FleetError::Ca)
     }

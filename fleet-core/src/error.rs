@@ -54,6 +54,8 @@ pub enum RecordKind {
     Command,
     /// A compliance policy.
     Policy,
+    /// The fleet's CA material.
+    Ca,
 }
 
 impl std::fmt::Display for RecordKind {
@@ -63,6 +65,7 @@ impl std::fmt::Display for RecordKind {
             Self::Token => "token",
             Self::Command => "command",
             Self::Policy => "policy",
+            Self::Ca => "CA",
         })
     }
 }

@@ -43,7 +43,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::alert::{AlertPolicy, FleetAlert, FleetAlertQuery, MassGuard};
-use crate::ca::CertificateAuthority;
+use crate::ca::{CaSet, CertificateAuthority};
 use crate::enroll::EnrollmentPolicy;
 use crate::error::{FleetError, StoreError};
 use crate::history::History;
@@ -61,8 +61,6 @@ use crate::{
     SystemInfo, Tags, TenantScope, Timestamp,
 };
 
-/// Validity of a CA generated on first open (10 years).
-const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Page size used when reading the store to build or reconcile the live view.
 const REBUILD_PAGE: usize = 4096;
 /// How far back `open` looks for the last trend sample (the previous control plane's last sweep).
@@ -115,6 +113,7 @@ pub struct FleetBuilder<S> {
     policy: StalenessPolicy,
     enrollment: EnrollmentPolicy,
     ca: Option<CertificateAuthority>,
+    kek: Option<crate::seal::KeyEncryptionKey>,
     command_lease: Duration,
     alerts: AlertPolicy,
     trend_bucket: Duration,
@@ -200,6 +199,18 @@ impl<S: FleetStore> FleetBuilder<S> {
         self
     }
 
+    /// The key-encryption key that seals the CA keys in the store ([`crate::seal`]). Required
+    /// for every store but a volatile one
+    /// ([`CertificateStore::volatile_key_encryption_key`]); keep it outside the store (a 0600
+    /// file, or an environment variable for replicas).
+    ///
+    /// [`CertificateStore::volatile_key_encryption_key`]:
+    ///     crate::store::CertificateStore::volatile_key_encryption_key
+    pub fn key_encryption_key(mut self, kek: crate::seal::KeyEncryptionKey) -> Self {
+        self.kek = Some(kek);
+        self
+    }
+
     /// Validates the settings, loads (or creates) the CA, rebuilds the live view from the store
     /// and returns the fleet.
     pub async fn open(self) -> Result<Fleet<S>, FleetError> {
@@ -207,24 +218,35 @@ impl<S: FleetStore> FleetBuilder<S> {
         self.enrollment.validate()?;
         self.alerts.validate()?;
         let started = self.clock.now();
-        let ca = match self.ca {
-            Some(ca) => ca,
-            None => match self.store.load_ca().await? {
-                Some(m) => CertificateAuthority::from_material(&m).map_err(FleetError::Ca)?,
-                None => {
-                    let fresh =
-                        CertificateAuthority::generate("fleet CA", self.clock.now(), CA_VALIDITY)
-                            .map_err(FleetError::Ca)?;
-                    let stored = self.store.init_ca(&fresh.to_material()).await?;
-                    CertificateAuthority::from_material(&stored).map_err(FleetError::Ca)?
+        let explicit_ca = self.ca.is_some();
+        let mut kek = self.kek;
+        let (set, material) = match self.ca {
+            Some(ca) => (
+                CaSet::single(ca),
+                crate::ca::CaMaterial {
+                    cert_pem: String::new(),
+                    key_pem: String::new(),
+                },
+            ),
+            None => {
+                if kek.is_none() {
+                    // Nothing a volatile store seals outlives this process.
+                    kek = self.store.volatile_key_encryption_key();
                 }
-            },
+                crate::rotation::load_or_create(&self.store, kek.as_ref(), self.clock.now()).await?
+            }
         };
         let fleet = Fleet {
             inner: Arc::new(Inner {
                 store: self.store,
                 clock: self.clock,
-                ca,
+                cas: RwLock::new(CaState {
+                    set: Arc::new(set),
+                    material,
+                }),
+                ca_generation: std::sync::atomic::AtomicU64::new(1),
+                kek: Mutex::new(kek),
+                explicit_ca,
                 attempts: crate::limiter::AttemptLimiter::new(self.enrollment.failed_attempts),
                 ledger: crate::ledger::LedgerWriter::default(),
                 enrollment: self.enrollment,
@@ -285,7 +307,13 @@ impl<S: FleetStore> FleetBuilder<S> {
 pub(crate) struct Inner<S> {
     pub(crate) store: S,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) ca: CertificateAuthority,
+    /// The CAs and the material they were opened from (see [`crate::rotation`]).
+    pub(crate) cas: RwLock<CaState>,
+    pub(crate) ca_generation: std::sync::atomic::AtomicU64,
+    /// Seals CA keys in the store; `None` only with a CA given to the builder.
+    pub(crate) kek: Mutex<Option<crate::seal::KeyEncryptionKey>>,
+    /// The CA came from [`FleetBuilder::ca`]: the store's is neither read nor changed.
+    pub(crate) explicit_ca: bool,
     pub(crate) enrollment: EnrollmentPolicy,
     /// Failed enrollment attempts per source (see [`crate::limiter`]).
     pub(crate) attempts: crate::limiter::AttemptLimiter,
@@ -322,6 +350,13 @@ pub(crate) struct Inner<S> {
     pub(crate) write_through: bool,
     /// Counters and latencies (see [`crate::telemetry`]).
     pub(crate) telemetry: Telemetry,
+}
+
+/// The fleet's CAs, with the stored material they came from (to notice a change cheaply).
+#[derive(Debug)]
+pub(crate) struct CaState {
+    pub(crate) set: Arc<CaSet>,
+    pub(crate) material: crate::ca::CaMaterial,
 }
 
 /// A replica's sweeper role: until when its lease holds, and what it found while it did not
@@ -403,6 +438,7 @@ impl<S: FleetStore> Fleet<S> {
             policy: StalenessPolicy::default(),
             enrollment: EnrollmentPolicy::default(),
             ca: None,
+            kek: None,
             command_lease: crate::command::DEFAULT_COMMAND_LEASE,
             alerts: AlertPolicy::default(),
             trend_bucket: crate::trend::DEFAULT_TREND_BUCKET,
@@ -740,11 +776,6 @@ impl<S: FleetStore> Fleet<S> {
     /// Figures about the recent-metrics rings.
     pub fn recent_metrics_stats(&self) -> RecentMetricsStats {
         self.recent().stats()
-    }
-
-    /// The fleet CA.
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.inner.ca
     }
 
     /// Applies every status change due now (see [`LiveView::sweep`]) and queues them to be

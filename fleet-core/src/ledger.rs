@@ -135,7 +135,7 @@ impl<S: FleetStore> Fleet<S> {
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
                 rt.spawn(async move {
                     if let Some(inner) = inner.upgrade() {
-                        Fleet { inner }.flush_ledger().await;
+                        Self { inner }.flush_ledger().await;
                     }
                 });
             }

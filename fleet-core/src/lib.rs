@@ -91,6 +91,8 @@ pub mod metrics;
 pub mod policy;
 mod random;
 pub mod recent;
+pub mod rotation;
+pub mod seal;
 pub mod staleness;
 pub mod store;
 pub mod summary;
@@ -105,7 +107,7 @@ pub mod token;
 pub mod trend;
 
 pub use alert::{AlertPolicy, FleetAlert, FleetAlertKind, FleetAlertQuery};
-pub use ca::{CertificateAuthority, IssuancePolicy};
+pub use ca::{CaSet, CertificateAuthority, IssuancePolicy};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use command::{
     BatchId, Command, CommandId, CommandKind, CommandOutcome, CommandResult, CommandState,

@@ -149,6 +149,8 @@ impl<S: FleetStore> Fleet<S> {
                                 fleet.command_upkeep(config.command_retention).await?;
                             let history = fleet.prune_history(config.history_retention).await?;
                             let revocations = fleet.prune_revoked().await?;
+                            // Another replica may have rotated the CA.
+                            fleet.reload_ca().await?;
                             Ok::<_, FleetError>((expired, pruned, history, revocations))
                         };
                         match done.await {

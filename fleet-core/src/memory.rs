@@ -39,6 +39,9 @@ struct State {
     tokens: BTreeMap<TokenId, RegistrationToken>,
     ledger: HashMap<TokenId, Vec<LedgerEntry>>,
     ca: Option<CaMaterial>,
+    /// The key-encryption key fleets over this store share when they have none (see
+    /// `volatile_key_encryption_key`).
+    kek: Option<crate::seal::KeyEncryptionKey>,
     revoked: BTreeMap<Serial, RevokedCertificate>,
     /// Latest enrollment (not retry) per token and key: the retry-window index.
     enrollments: HashMap<(TokenId, Fingerprint), (InstanceId, Timestamp)>,
@@ -391,6 +394,29 @@ impl CertificateStore for MemoryStore {
             .ca
             .get_or_insert_with(|| material.clone())
             .clone())
+    }
+
+    async fn replace_ca(&self, expected: &CaMaterial, new: &CaMaterial) -> StoreResult<CaMaterial> {
+        let mut inner = self.lock();
+        match &mut inner.ca {
+            None => Err(StoreError::NotFound {
+                kind: RecordKind::Ca,
+                id: "ca".into(),
+            }),
+            Some(stored) if stored == expected => {
+                *stored = new.clone();
+                Ok(new.clone())
+            }
+            Some(stored) => Ok(stored.clone()),
+        }
+    }
+
+    fn volatile_key_encryption_key(&self) -> Option<crate::seal::KeyEncryptionKey> {
+        let mut inner = self.lock();
+        if inner.kek.is_none() {
+            inner.kek = crate::seal::KeyEncryptionKey::generate().ok();
+        }
+        inner.kek.clone()
     }
 
     async fn set_certificate(

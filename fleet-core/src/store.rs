@@ -394,8 +394,25 @@ pub trait CertificateStore: Debug + Send + Sync + 'static {
     async fn load_ca(&self) -> StoreResult<Option<CaMaterial>>;
 
     /// Stores `material` as the CA unless one is already stored, and returns the stored one —
-    /// so replicas starting at once agree on one CA. **Contract:** atomic and durable.
+    /// so replicas starting at once agree on one CA. **Contract:** atomic and durable. The
+    /// material's keys are sealed ([`crate::seal`]); the store keeps both fields as opaque text.
     async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial>;
+
+    /// Replaces the stored CA material with `new` if it is still `expected` (a rotation step, or
+    /// sealing a key stored in the clear), and returns the material stored afterwards: `new`, or
+    /// what another replica wrote first. **Contract:** atomic (compare and swap) and durable;
+    /// [`StoreError::NotFound`] when no CA is stored.
+    async fn replace_ca(&self, expected: &CaMaterial, new: &CaMaterial) -> StoreResult<CaMaterial>;
+
+    /// For a store that forgets everything when the process ends (like [`MemoryStore`]): a
+    /// key-encryption key it keeps in memory beside the sealed CA, which fleets opened over it
+    /// without a key of their own use — nothing it seals outlives the process anyway. A store
+    /// that persists must return `None` (the default): its key lives outside it.
+    ///
+    /// [`MemoryStore`]: crate::MemoryStore
+    fn volatile_key_encryption_key(&self) -> Option<crate::seal::KeyEncryptionKey> {
+        None
+    }
 
     /// Applies a certificate change to an instance. **Contract:** durable before returning;
     /// atomic with the revocation records it implies and one [`ChangeKind::Upserted`] change,
@@ -695,6 +712,16 @@ macro_rules! forward {
             }
             async fn init_ca(&self, material: &CaMaterial) -> StoreResult<CaMaterial> {
                 (**self).init_ca(material).await
+            }
+            async fn replace_ca(
+                &self,
+                expected: &CaMaterial,
+                new: &CaMaterial,
+            ) -> StoreResult<CaMaterial> {
+                (**self).replace_ca(expected, new).await
+            }
+            fn volatile_key_encryption_key(&self) -> Option<crate::seal::KeyEncryptionKey> {
+                (**self).volatile_key_encryption_key()
             }
             async fn set_certificate(
                 &self,

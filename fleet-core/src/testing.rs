@@ -418,6 +418,7 @@ pub async fn concurrent_edits_follow_feed_order(store: DynStore) {
 pub async fn fleet_rebuilds_from_store(store: DynStore) {
     let clock = ManualClock::new(T0);
     let fleet = Fleet::builder(Arc::clone(&store))
+        .key_encryption_key(kek())
         .clock(clock.clone())
         .open()
         .await
@@ -469,6 +470,7 @@ pub async fn fleet_rebuilds_from_store(store: DynStore) {
     fleet.sweep();
 
     let reopened = Fleet::builder(Arc::clone(&store))
+        .key_encryption_key(kek())
         .clock(clock.clone())
         .open()
         .await
@@ -494,6 +496,160 @@ pub async fn fleet_rebuilds_from_store(store: DynStore) {
     assert_eq!(reopened.summary(&all, &TenantScope::All).warning, 9);
 }
 
+/// The DER prefix of a P-256 private key in PKCS#8 (what rcgen and openssl write): a store
+/// holding these bytes, or a PEM "PRIVATE KEY", holds a CA key in the clear.
+pub const P256_PKCS8_PREFIX: [u8; 19] = [
+    0x30, 0x81, 0x87, 0x02, 0x01, 0x00, 0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02,
+    0x01, 0x06, 0x08,
+];
+
+/// Whether `bytes` contain a private key in the clear (PEM or P-256 PKCS#8 DER).
+pub fn holds_clear_private_key(bytes: &[u8]) -> bool {
+    bytes.windows(11).any(|w| w == b"PRIVATE KEY")
+        || bytes
+            .windows(P256_PKCS8_PREFIX.len())
+            .any(|w| w == P256_PKCS8_PREFIX)
+}
+
+/// The store holds the CA sealed: no private key in the clear; another key-encryption key does
+/// not open it; a fleet reopened with the same one signs with the same CA.
+pub async fn ca_is_stored_sealed(store: DynStore) {
+    let (fleet, _clock) = open_fleet(&store).await;
+    let stored = store
+        .load_ca()
+        .await
+        .expect("load_ca")
+        .expect("open stores a CA");
+    assert!(!stored.is_clear(), "the stored CA key must be sealed");
+    assert!(
+        !holds_clear_private_key(stored.key_pem.as_bytes())
+            && !holds_clear_private_key(stored.cert_pem.as_bytes()),
+        "no store may hold the CA key in the clear"
+    );
+    let other = crate::seal::KeyEncryptionKey::from_bytes([7; 32]);
+    let Err(err) = Fleet::builder(Arc::clone(&store))
+        .key_encryption_key(other)
+        .open()
+        .await
+    else {
+        panic!("another key-encryption key must not open the CA");
+    };
+    let mut chain = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(e) = source {
+        chain.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    assert!(
+        chain.contains(&kek().id()),
+        "the refusal names the key that sealed it: {chain}"
+    );
+    let (reopened, _clock) = open_fleet(&store).await;
+    assert_eq!(reopened.ca().fingerprint(), fleet.ca().fingerprint());
+    assert_eq!(
+        store.load_ca().await.expect("load_ca"),
+        Some(stored),
+        "opening changes nothing"
+    );
+}
+
+/// A CA key written in the clear by an earlier version is sealed when a fleet opens the store,
+/// and is the same CA.
+pub async fn clear_ca_key_is_sealed_at_open(store: DynStore) {
+    let ca = crate::ca::CertificateAuthority::generate("old CA", T0, Duration::from_secs(86_400))
+        .expect("ca");
+    let (cert_pem, key_pem) = ca.export_pem();
+    let clear = crate::ca::CaMaterial { cert_pem, key_pem };
+    store.init_ca(&clear).await.expect("init_ca");
+    let (fleet, _clock) = open_fleet(&store).await;
+    assert_eq!(fleet.ca().fingerprint(), ca.fingerprint());
+    let stored = store.load_ca().await.expect("load_ca").expect("a CA");
+    assert!(!stored.is_clear(), "the clear key must be sealed at open");
+    assert!(!holds_clear_private_key(stored.key_pem.as_bytes()));
+}
+
+/// `replace_ca` is a compare and swap: a stale `expected` changes nothing and returns what is
+/// stored; of racing replacements from one `expected`, exactly one lands; a rotation through
+/// a second fleet over the store is seen by the first after `reload_ca`.
+pub async fn replace_ca_is_compare_and_swap(store: DynStore) {
+    let fresh = |name: &str| {
+        let ca = crate::ca::CertificateAuthority::generate(name, T0, Duration::from_secs(86_400))
+            .expect("ca");
+        crate::ca::CaSet::single(ca).seal(&kek()).expect("seal")
+    };
+    let first = fresh("first");
+    assert!(
+        matches!(
+            store.replace_ca(&first, &first).await,
+            Err(StoreError::NotFound { .. })
+        ),
+        "replace_ca on a store without a CA is NotFound"
+    );
+    assert_eq!(store.init_ca(&first).await.expect("init"), first);
+    let stale = fresh("stale");
+    let other = fresh("other");
+    assert_eq!(
+        store.replace_ca(&stale, &other).await.expect("replace"),
+        first,
+        "a stale expected value returns what is stored"
+    );
+    assert_eq!(store.load_ca().await.expect("load"), Some(first.clone()));
+    let candidates: Vec<_> = (0..8).map(|n| fresh(&format!("c{n}"))).collect();
+    let tasks: Vec<_> = candidates
+        .iter()
+        .cloned()
+        .map(|c| {
+            let store = Arc::clone(&store);
+            let first = first.clone();
+            tokio::spawn(async move { store.replace_ca(&first, &c).await.expect("replace") })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for t in tasks {
+        results.push(t.await.expect("join"));
+    }
+    let stored = store.load_ca().await.expect("load").expect("a CA");
+    assert!(
+        results.iter().all(|r| *r == stored),
+        "every racer must be told the one value that landed"
+    );
+    assert_eq!(
+        candidates.iter().filter(|c| **c == stored).count(),
+        1,
+        "exactly one racing replacement lands"
+    );
+
+    // Rotation through one fleet, seen by another over the same store.
+    let (a, _clock) = open_fleet(&store).await;
+    let (b, _clock) = open_fleet(&store).await;
+    let old = a.ca().fingerprint();
+    let next = a.begin_ca_rotation().await.expect("begin");
+    assert_eq!(a.ca_set().all().len(), 2);
+    assert_eq!(
+        a.ca().fingerprint(),
+        old,
+        "begin does not change the signer"
+    );
+    let generation = b.ca_generation();
+    b.reload_ca().await.expect("reload");
+    assert_eq!(b.ca_set().id(), a.ca_set().id());
+    assert_ne!(b.ca_generation(), generation);
+    b.promote_ca(next).await.expect("promote");
+    a.reload_ca().await.expect("reload");
+    assert_eq!(a.ca().fingerprint(), next);
+    assert!(
+        matches!(
+            a.retire_ca(next).await,
+            Err(FleetError::Ca(crate::ca::CaError::NotInSet(_)))
+        ),
+        "the signing CA cannot be retired"
+    );
+    a.retire_ca(old).await.expect("retire");
+    b.reload_ca().await.expect("reload");
+    assert_eq!(b.ca_set().all().len(), 1);
+    assert_eq!(b.ca().fingerprint(), next);
+}
+
 /// A fresh P-256 key and a CSR for it (PEM).
 pub fn key_and_csr() -> (rcgen::KeyPair, String) {
     let key = rcgen::KeyPair::generate().expect("key generation");
@@ -503,6 +659,12 @@ pub fn key_and_csr() -> (rcgen::KeyPair, String) {
         .pem()
         .expect("pem");
     (key, csr)
+}
+
+/// The key-encryption key of the suite's fleets: fixed, so that fleets opened over one store
+/// one after another (a restart, a second replica) unseal the same CA. Tests only.
+pub fn kek() -> crate::seal::KeyEncryptionKey {
+    crate::seal::KeyEncryptionKey::from_bytes([0x42; 32])
 }
 
 /// A CSR for an existing key.
@@ -518,6 +680,7 @@ pub fn csr_for(key: &rcgen::KeyPair) -> String {
 pub async fn open_fleet(store: &DynStore) -> (Fleet<DynStore>, ManualClock) {
     let clock = ManualClock::new(T0);
     let fleet = Fleet::builder(Arc::clone(store))
+        .key_encryption_key(kek())
         .clock(clock.clone())
         .open()
         .await
@@ -1980,6 +2143,9 @@ macro_rules! store_conformance_tests {
             concurrent_inserts_all_land,
             concurrent_edits_follow_feed_order,
             fleet_rebuilds_from_store,
+            ca_is_stored_sealed,
+            clear_ca_key_is_sealed_at_open,
+            replace_ca_is_compare_and_swap,
             racing_enrollments_max_uses_1,
             racing_enrollments_max_uses_7,
             racing_enrollments_max_uses_50,

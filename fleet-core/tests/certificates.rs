@@ -5,9 +5,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use fleet_core::ca::{CertificateAuthority, IssuancePolicy, RevokedCertificate};
+use fleet_core::ca::{CaSet, CertificateAuthority, IssuancePolicy, RevokedCertificate};
 use fleet_core::csr::{CsrError, KeyAlgorithm, MAX_CSR_BYTES, validate_csr};
 use fleet_core::identity::{Fingerprint, InstanceIdentity, instance_uri};
+use fleet_core::seal::KeyEncryptionKey;
 use fleet_core::{InstanceId, TenantId, Timestamp};
 use rustls_pki_types::{CertificateDer, UnixTime};
 use webpki::{EndEntityCert, KeyUsage, anchor_from_trusted_cert};
@@ -269,12 +270,47 @@ fn server_certificate_verifies_for_its_names() {
 
 #[test]
 fn ca_round_trips_through_pem_and_pins_by_fingerprint() {
-    let ca = ca();
-    let material = ca.to_material();
-    let loaded = CertificateAuthority::from_material(&material).unwrap();
-    assert_eq!(loaded.fingerprint(), ca.fingerprint());
+    let set = CaSet::single(ca());
+    let ca = std::sync::Arc::clone(set.active());
+    let kek = KeyEncryptionKey::generate().unwrap();
+    let material = set.seal(&kek).unwrap();
+    assert!(!material.is_clear());
     assert!(
-        !format!("{material:?}").contains("PRIVATE KEY"),
+        !material.key_pem.contains("PRIVATE KEY"),
+        "the stored key is sealed: {}",
+        material.key_pem
+    );
+    let loaded = CaSet::open(&material, Some(&kek)).unwrap();
+    assert_eq!(loaded.active().fingerprint(), ca.fingerprint());
+    // Another key-encryption key, or none, does not open it; an altered certificate neither.
+    let other_kek = KeyEncryptionKey::generate().unwrap();
+    let err = CaSet::open(&material, Some(&other_kek)).unwrap_err();
+    match err {
+        fleet_core::ca::CaError::Sealed(fleet_core::seal::SealError::WrongKey {
+            sealed_with,
+            have,
+        }) => assert_eq!((sealed_with, have), (kek.id(), other_kek.id())),
+        other => panic!("expected WrongKey, got {other:?}"),
+    }
+    assert!(CaSet::open(&material, None).is_err());
+    let swapped = fleet_core::ca::CaMaterial {
+        cert_pem: CertificateAuthority::generate("other", NOW, Duration::from_secs(86_400))
+            .unwrap()
+            .cert_pem()
+            .to_owned(),
+        key_pem: material.key_pem.clone(),
+    };
+    assert!(CaSet::open(&swapped, Some(&kek)).is_err());
+    // A clear key (a store from before sealing) opens without one, and says it is clear.
+    let (cert_pem, key_pem) = ca.export_pem();
+    let clear = fleet_core::ca::CaMaterial { cert_pem, key_pem };
+    assert!(clear.is_clear());
+    assert_eq!(
+        CaSet::open(&clear, None).unwrap().active().fingerprint(),
+        ca.fingerprint()
+    );
+    assert!(
+        !format!("{clear:?}").contains("PRIVATE KEY"),
         "Debug redacts the key"
     );
     // What `openssl x509 -outform DER | sha256sum` prints.
@@ -298,8 +334,7 @@ fn ca_round_trips_through_pem_and_pins_by_fingerprint() {
 
     // A key that does not belong to the certificate is refused.
     let other = CertificateAuthority::generate("other", NOW, Duration::from_secs(86_400)).unwrap();
-    let err =
-        CertificateAuthority::from_pem(ca.cert_pem(), &other.to_material().key_pem).unwrap_err();
+    let err = CertificateAuthority::from_pem(ca.cert_pem(), &other.export_pem().1).unwrap_err();
     assert!(err.to_string().contains("does not belong"), "{err}");
     // A certificate of another CA does not pass as ours.
     let key = rcgen::KeyPair::generate().unwrap();

@@ -524,6 +524,12 @@ impl CertificateStore for Flaky {
     async fn init_ca(&self, m: &CaMaterial) -> StoreResult<CaMaterial> {
         self.inner.init_ca(m).await
     }
+    async fn replace_ca(&self, e: &CaMaterial, n: &CaMaterial) -> StoreResult<CaMaterial> {
+        self.inner.replace_ca(e, n).await
+    }
+    fn volatile_key_encryption_key(&self) -> Option<fleet_core::seal::KeyEncryptionKey> {
+        self.inner.volatile_key_encryption_key()
+    }
     async fn set_certificate(
         &self,
         id: InstanceId,

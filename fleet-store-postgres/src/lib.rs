@@ -10,7 +10,9 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = PgStore::connect("postgres://fleet@db.internal/fleet").await?;
 //! store.migrate().await?; // embedded migrations; safe to run on every start, from every replica
-//! let fleet = Fleet::builder(store).open().await?;
+//! // Every replica gets the same key-encryption key, which seals the CA key in the database.
+//! let kek = fleet_core::seal::KeyEncryptionKey::parse(&std::env::var("FLEET_CA_KEK")?)?;
+//! let fleet = Fleet::builder(store).key_encryption_key(kek).open().await?;
 //! # Ok(()) }
 //! ```
 //!

@@ -902,6 +902,20 @@ impl CertificateStore for PgStore {
         })
     }
 
+    async fn replace_ca(&self, expected: &CaMaterial, new: &CaMaterial) -> StoreResult<CaMaterial> {
+        // jsonb equality compares the stored object with the expected one.
+        sqlx::query("UPDATE fleet_meta SET value = $2 WHERE key = 'ca' AND value = $1")
+            .bind(to_json(expected)?)
+            .bind(to_json(new)?)
+            .execute(self.pool())
+            .await
+            .map_err(db)?;
+        self.load_ca().await?.ok_or_else(|| StoreError::NotFound {
+            kind: RecordKind::Ca,
+            id: "ca".into(),
+        })
+    }
+
     async fn set_certificate(
         &self,
         id: InstanceId,

@@ -33,6 +33,7 @@ async fn an_outage_keeps_heartbeats_and_refuses_durable_writes_until_the_databas
     store.migrate().await.expect("migrate");
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
     let fleet = Fleet::builder(Arc::clone(&store))
+        .key_encryption_key(fleet_core::testing::kek())
         .clock(clock.clone())
         .open()
         .await

@@ -21,6 +21,7 @@ async fn pushed_down_filters_select_what_the_live_view_selects() {
         store.insert_instance(&inst).await.expect("insert");
     }
     let fleet = Fleet::builder(Arc::clone(&store))
+        .key_encryption_key(fleet_core::testing::kek())
         .open()
         .await
         .expect("open");

@@ -99,6 +99,7 @@ async fn non_ascii_text_is_folded_as_the_live_view_folds_it() {
         store.insert_instance(&inst).await.expect("insert");
     }
     let fleet = Fleet::builder(Arc::clone(&store))
+        .key_encryption_key(fleet_core::testing::kek())
         .open()
         .await
         .expect("open");

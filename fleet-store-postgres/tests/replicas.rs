@@ -41,7 +41,12 @@ async fn replicas_see_each_others_heartbeats() {
     let db = TestDatabase::create_or_panic().await;
     let s = stores(&db, 2).await;
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
-    let open = |store: DynStore| Fleet::builder(store).clock(clock.clone()).open();
+    let open = |store: DynStore| {
+        Fleet::builder(store)
+            .key_encryption_key(fleet_core::testing::kek())
+            .clock(clock.clone())
+            .open()
+    };
     let a = open(Arc::clone(&s[0])).await.expect("a");
     let b = open(Arc::clone(&s[1])).await.expect("b");
     let x = a
@@ -154,6 +159,7 @@ async fn the_sweep_moves_to_another_replica_when_the_sweeper_dies() {
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
     let open = |store: DynStore| {
         Fleet::builder(store)
+            .key_encryption_key(fleet_core::testing::kek())
             .clock(clock.clone())
             .sweep_lag(Duration::from_secs(1))
             .open()

@@ -155,7 +155,11 @@ async fn open_to_serving(
     let t = Instant::now();
     let store = SledStore::open(path).await.expect("reopen");
     let opened = t.elapsed();
-    let fleet = Fleet::builder(store).open().await.expect("fleet");
+    let fleet = Fleet::builder(store)
+        .key_encryption_key(fleet_core::testing::kek())
+        .open()
+        .await
+        .expect("fleet");
     let serving = t.elapsed();
     assert_eq!(
         fleet.summary(&Filter::all(), &TenantScope::All).total,

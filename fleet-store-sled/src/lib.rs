@@ -9,7 +9,9 @@
 //!
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let store = SledStore::open("./fleet-data/db").await?;
-//! let fleet = Fleet::builder(store).open().await?; // rebuilds the live view from disk
+//! // The key that seals the CA key in the store; kept outside it (see fleet_core::seal).
+//! let kek = fleet_core::seal::KeyEncryptionKey::parse(&std::fs::read_to_string("./fleet-data/ca.kek")?)?;
+//! let fleet = Fleet::builder(store).key_encryption_key(kek).open().await?; // rebuilds the live view
 //! # Ok(()) }
 //! ```
 //!

@@ -827,6 +827,31 @@ impl CertificateStore for SledStore {
         .await
     }
 
+    async fn replace_ca(&self, expected: &CaMaterial, new: &CaMaterial) -> StoreResult<CaMaterial> {
+        let (expected, new) = (expected.clone(), new.clone());
+        self.blocking(move |t| {
+            let stored = match t
+                .meta
+                .compare_and_swap(b"ca", Some(encode(&expected)?), Some(encode(&new)?))
+                .map_err(backend)?
+            {
+                Ok(()) => new,
+                Err(current) => match current.current {
+                    Some(v) => decode_at("meta", b"ca", &v)?,
+                    None => {
+                        return Err(StoreError::NotFound {
+                            kind: RecordKind::Ca,
+                            id: "ca".into(),
+                        });
+                    }
+                },
+            };
+            t.flush()?;
+            Ok(stored)
+        })
+        .await
+    }
+
     async fn set_certificate(
         &self,
         id: InstanceId,

@@ -67,7 +67,11 @@ async fn a_corrupt_database_is_an_error_not_a_panic() {
     let path = dir.path().join("db");
     {
         let store = SledStore::open(&path).await.unwrap();
-        let fleet = Fleet::builder(store).open().await.unwrap();
+        let fleet = Fleet::builder(store)
+            .key_encryption_key(fleet_core::testing::kek())
+            .open()
+            .await
+            .unwrap();
         fleet
             .create_token(&TenantScope::All, NewToken::default())
             .await
@@ -121,6 +125,7 @@ async fn backup_restores_the_same_fleet() {
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
     let store = SledStore::open(dir.path().join("db")).await.unwrap();
     let fleet = Fleet::builder(store.clone())
+        .key_encryption_key(fleet_core::testing::kek())
         .clock(clock.clone())
         .open()
         .await
@@ -201,6 +206,7 @@ async fn backup_restores_the_same_fleet() {
         store.latest_seq().await.unwrap()
     );
     let again = Fleet::builder(restored)
+        .key_encryption_key(fleet_core::testing::kek())
         .clock(clock.clone())
         .open()
         .await
@@ -234,6 +240,7 @@ async fn close_compacts_the_journal_and_reopen_sees_everything() {
     let clock = ManualClock::new(Timestamp::from_unix_secs(1_790_000_000));
     let store = SledStore::open(&path).await.unwrap();
     let fleet = Fleet::builder(store.clone())
+        .key_encryption_key(fleet_core::testing::kek())
         .clock(clock.clone())
         .open()
         .await

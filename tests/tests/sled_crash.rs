@@ -140,6 +140,7 @@ fn apply(expected: &mut Expected, lines: &[String]) -> InFlight {
 async fn verify(dir: &std::path::Path, expected: &Expected, in_flight: &InFlight) {
     let store = SledStore::open(dir).await.expect("reopen after SIGKILL");
     let fleet = Fleet::builder(store)
+        .key_encryption_key(fleet_core::testing::kek())
         .open()
         .await
         .expect("rebuild the live view");

@@ -14,6 +14,7 @@ use fleet_store_sled::SledStore;
 async fn fleet(dir: &std::path::Path) -> Fleet<SledStore> {
     let store = SledStore::open(dir.join("db")).await.expect("open");
     Fleet::builder(store)
+        .key_encryption_key(fleet_core::testing::kek())
         // Every guess here comes from a new address; the limiter is not what is measured.
         .enrollment(EnrollmentPolicy {
             failed_attempts: AttemptLimit {
@@ -116,6 +117,7 @@ async fn a_real_tokens_ledger_stays_bounded() {
     // A restart keeps the bound: a new fleet over the same store (what a restarted process
     // has) reads the count of rows back from the store.
     let fleet = Fleet::builder(fleet.store().clone())
+        .key_encryption_key(fleet_core::testing::kek())
         .open()
         .await
         .expect("reopened");

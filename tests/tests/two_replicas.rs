@@ -34,6 +34,7 @@ async fn replica(url: &str, clock: &ManualClock) -> Replica {
     // Both replicas load the one CA the first of them stored. One manual clock decides status
     // on both (it starts at the real time: rustls checks certificates against that).
     let fleet = Fleet::builder(store)
+        .key_encryption_key(fleet_core::testing::kek())
         .clock(clock.clone())
         .sweep_lag(Duration::from_secs(1))
         .open()

@@ -316,7 +316,10 @@ async fn fleet<S: FleetStore + Clone>(
 ) -> Result<()> {
     let populate_secs = populate.as_secs_f64();
 
-    let mut builder = Fleet::builder(store.clone()).write_through(args.write_through);
+    // The bench's store lives in a throwaway directory: a key of this run's seals the CA in it.
+    let mut builder = Fleet::builder(store.clone())
+        .write_through(args.write_through)
+        .key_encryption_key(fleet_core::seal::KeyEncryptionKey::generate()?);
     let ca = load_ca(&args.dir)?;
     let had_ca = ca.is_some();
     if let Some(ca) = ca {
@@ -328,11 +331,11 @@ async fn fleet<S: FleetStore + Clone>(
     if !had_ca {
         // The baseline child builds the same TLS configuration from these files.
         let (cert, key) = ca_paths(&args.dir);
-        let m = fleet.ca().to_material();
-        std::fs::write(&cert, &m.cert_pem)?;
-        crate::write_private(&key, &m.key_pem)?;
+        let (cert_pem, key_pem) = fleet.ca().export_pem();
+        std::fs::write(&cert, &cert_pem)?;
+        crate::write_private(&key, &key_pem)?;
     }
-    let tls = server_tls(fleet.ca(), fleet.now())?;
+    let tls = server_tls(&fleet.ca(), fleet.now())?;
     let token = fleet
         .create_token(
             &TenantScope::All,

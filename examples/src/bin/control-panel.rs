@@ -4,10 +4,12 @@
 //! cargo run --release -p fleet-examples --bin control-panel -- serve --demo-agents 25
 //! ```
 //!
-//! Keeps the fleet in a SledStore under `--data-dir` (created on first start with the CA in
-//! `ca.pem` / `ca-key.pem` (0600) and an operator token in `operator-token` (0600)), or with
-//! `--store postgres --database-url URL` in PostgreSQL (migrations run on start; the CA lives in
-//! the database, so every replica on it shares one), serves agents over mutual TLS on
+//! Keeps the fleet in a SledStore under `--data-dir` (created 0700 on first start, with the CA
+//! certificates in `ca.pem`, the key-encryption key that seals the CA key in the store in
+//! `ca.kek` (0600) and an operator token in `operator-token` (0600); see
+//! `fleet_examples::datadir`), or with `--store postgres --database-url URL` in PostgreSQL
+//! (migrations run on start; the CA lives sealed in the database, so every replica on it shares
+//! one — give them all the same `FLEET_CA_KEK`), serves agents over mutual TLS on
 //! `--agent-listen`, and the web dashboard, the operator API and `/metrics` on
 //! `--operator-listen` (loopback by default; open `http://127.0.0.1:8080/` and log in with the
 //! operator token). `--tenant-token acme` adds an operator token limited to tenant `acme`.
@@ -24,8 +26,8 @@ use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
 use fleet_core::FleetStore;
 use fleet_core::token::TokenSecret;
 use fleet_core::{
-    CertificateAuthority, Fleet, MaintenanceConfig, MaintenanceEvent, MaxUses, NewToken,
-    StalenessPolicy, TenantId, TenantScope,
+    Fleet, MaintenanceConfig, MaintenanceEvent, MaxUses, NewToken, StalenessPolicy, TenantId,
+    TenantScope,
 };
 use fleet_examples::operator::OperatorApi;
 use fleet_examples::{listen, write_private};
@@ -92,6 +94,13 @@ struct Serve {
     /// Seconds of silence after which (strictly more than) an instance is `offline`.
     #[arg(long, default_value_t = 300)]
     offline_after: u64,
+    /// Start even if group or others can read the data directory or files in it.
+    #[arg(long)]
+    insecure_permissions: bool,
+    /// The file with the key-encryption key that seals the CA key in the store (64 hex digits,
+    /// 0600; made on first start). `FLEET_CA_KEK` takes precedence. Default: `<data-dir>/ca.kek`.
+    #[arg(long)]
+    ca_kek_file: Option<PathBuf>,
 }
 
 /// Listens on the first address `addr` (`host:port`) resolves to that can be bound, as
@@ -124,8 +133,10 @@ async fn shutdown_signal() {
 }
 
 async fn serve(args: Serve) -> Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating {}", args.data_dir.display()))?;
+    fleet_examples::datadir::private_umask();
+    let fds = fleet_examples::datadir::raise_fd_limit();
+    tracing::debug!(open_files = ?fds, "file descriptor limit");
+    fleet_examples::datadir::prepare(&args.data_dir, args.insecure_permissions)?;
     match args.store {
         StoreKind::Sled => {
             let store = SledStore::open(args.data_dir.join("db"))
@@ -158,45 +169,38 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
     )
     .context("--warning-after/--offline-after")?;
 
-    // The CA: the files in the data dir if present, else the store's (created on first start).
-    let ca_pem = args.data_dir.join("ca.pem");
-    let ca_key = args.data_dir.join("ca-key.pem");
-    let mut builder = Fleet::builder(store.clone()).policy(policy);
+    // The CA lives sealed in the store; the key that unseals it lives outside it.
+    let kek_path = args
+        .ca_kek_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("ca.kek"));
+    let (kek, kek_source) = fleet_examples::datadir::key_encryption_key(&kek_path)?;
+    let mut builder = Fleet::builder(store.clone())
+        .policy(policy)
+        .key_encryption_key(kek);
     if args.store == StoreKind::Postgres {
         // Replicas: the sweeper records only once the others' heartbeats (flushed every second,
         // followed every second) have had time to reach it.
         builder = builder.sweep_lag(Duration::from_secs(3));
     }
-    // With PostgreSQL the CA lives in the database, shared by every replica: files in the data
-    // dir (say, from an earlier sled run) must not give this replica a different one.
-    if args.store == StoreKind::Sled && ca_pem.exists() && ca_key.exists() {
-        let ca = CertificateAuthority::from_pem(
-            &std::fs::read_to_string(&ca_pem)?,
-            &std::fs::read_to_string(&ca_key)?,
-        )
-        .with_context(|| format!("loading the CA from {}", args.data_dir.display()))?;
-        builder = builder.ca(ca);
+    let legacy_key = args.data_dir.join("ca-key.pem");
+    if legacy_key.exists() {
+        tracing::warn!(path = %legacy_key.display(), "this file holds the CA key in the clear, written by an earlier version; the CA is now kept sealed in the store and this file is not read: move it to offline storage or delete it");
     }
     let started = std::time::Instant::now();
-    let fleet = builder.open().await.context("rebuilding the fleet view")?;
+    let fleet = builder
+        .open()
+        .await
+        .with_context(|| format!("opening the fleet (key-encryption key from {kek_source})"))?;
     tracing::info!(
         instances = fleet.view().len(),
         elapsed_ms = started.elapsed().as_millis() as u64,
         "fleet loaded"
     );
-    match args.store {
-        StoreKind::Sled if !ca_pem.exists() => {
-            let material = fleet.ca().to_material();
-            std::fs::write(&ca_pem, &material.cert_pem)?;
-            write_private(&ca_key, &material.key_pem)?;
-            tracing::info!(path = %ca_pem.display(), "wrote the CA certificate (ca-key.pem is 0600)");
-        }
-        StoreKind::Postgres => {
-            // Only the certificate, for clients to trust; the key stays in the database.
-            std::fs::write(&ca_pem, &fleet.ca().to_material().cert_pem)?;
-        }
-        StoreKind::Sled => {}
-    }
+    // The CA certificates, for clients to trust (public).
+    let ca_pem = args.data_dir.join("ca.pem");
+    std::fs::write(&ca_pem, fleet.ca_set().bundle_pem())
+        .with_context(|| format!("writing {}", ca_pem.display()))?;
     let token_path = args.data_dir.join("operator-token");
     if !token_path.exists() {
         write_private(&token_path, TokenSecret::random()?.expose())?;

@@ -63,7 +63,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut rng = Rng(seed | 1);
 
     let store = SledStore::open(&dir).await?;
-    let fleet = Fleet::builder(store).open().await?;
+    let fleet = Fleet::builder(store)
+        .key_encryption_key(fleet_core::testing::kek())
+        .open()
+        .await?;
     say("READY");
     let token = fleet
         .create_token(
