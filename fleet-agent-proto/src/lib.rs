@@ -110,3 +110,6 @@ pub const DEFAULT_TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle time after which a server closes a keep-alive connection: longer than two
 /// heartbeat intervals, so agents keep their connections.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Default time a server gives a request from its headers to its answer, the whole body
+/// included.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

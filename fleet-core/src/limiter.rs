@@ -89,7 +89,7 @@ impl AttemptLimit {
 }
 
 /// Where attempts come from: an IPv4 address, or the /64 of an IPv6 address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Source(u128);
 
 impl Source {

@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 pub struct Harness {
     pub fleet: Fleet<Arc<MemoryStore>>,
@@ -59,7 +59,11 @@ impl Harness {
             .unwrap();
         let tls = tls_config(fleet.ca().cert_der(), &server_cert).unwrap();
         let server = Arc::new(AgentServer::new(fleet.clone(), tls, config));
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // The backlog the control panel listens with: a flood's burst of connections waits
+        // there for the accept loop instead of having its SYNs dropped.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(4096).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let served = Arc::clone(&server);
