@@ -209,6 +209,7 @@ impl From<&RenewError> for ErrorCode {
         match e {
             RenewError::Auth(a) => a.into(),
             RenewError::Csr(_) => Self::InvalidCsr,
+            RenewError::RateLimited { .. } => Self::RateLimited,
             RenewError::Store(s) => store_code(s),
             _ => Self::Internal,
         }

@@ -313,3 +313,58 @@ async fn refusals_reach_curl_over_http2_and_http1() {
     assert_eq!(h.fleet.view().len(), 0, "no refusal enrolled anything");
     h.stop().await;
 }
+
+/// Renewals used to be unlimited: a holder of one valid certificate could make the CA sign in a
+/// loop. Now an instance renews at most `renewals_per_hour` times an hour; more are answered 429
+/// `rate_limited` with `Retry-After`, and sign nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_are_capped_per_instance_per_hour() {
+    let h = Harness::start(ServerConfig::default()).await;
+    let per_hour = fleet_core::EnrollmentPolicy::default().renewals_per_hour;
+    let token = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    let (agent, _) = enroll(&h, &token.presented.to_string(), "renewer").await;
+    let renew = || serde_json::json!({"csr_pem": csr().1});
+    for i in 0..per_hour {
+        let (status, reply) = post(&h, Some(&agent), "/v1/renew", renew()).await;
+        assert_eq!(status, 200, "renewal {i}: {reply}");
+    }
+    let (status, headers, reply) = post_full(
+        h.addr,
+        &h.ca_der,
+        Some(&agent),
+        "/v1/renew",
+        serde_json::to_vec(&renew()).unwrap(),
+    )
+    .await
+    .unwrap();
+    let reply: serde_json::Value = serde_json::from_slice(&reply).unwrap();
+    assert_eq!(
+        (status, code(&reply)),
+        (429, ErrorCode::RateLimited),
+        "{reply}"
+    );
+    let after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((3000..=3600).contains(&after), "Retry-After {after}");
+    // Another instance is not affected.
+    let (other, _) = enroll(
+        &h,
+        &h.fleet
+            .create_token(&TenantScope::All, NewToken::default())
+            .await
+            .unwrap()
+            .presented
+            .to_string(),
+        "other",
+    )
+    .await;
+    assert_eq!(post(&h, Some(&other), "/v1/renew", renew()).await.0, 200);
+    // An hour later the instance renews again.
+    h.clock.advance(Duration::from_secs(3601));
+    let (status, reply) = post(&h, Some(&agent), "/v1/renew", renew()).await;
+    assert_eq!(status, 200, "{reply}");
+    h.stop().await;
+}

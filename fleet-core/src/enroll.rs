@@ -78,6 +78,10 @@ pub struct EnrollmentPolicy {
     /// Failed attempts per source before wrong tokens are answered "rate limited" (see
     /// [`crate::limiter`]: a correct token is never refused by it).
     pub failed_attempts: AttemptLimit,
+    /// Certificate renewals one instance may make per hour (default 6; an agent renews once per
+    /// two-thirds of its certificate's lifetime). More are refused with
+    /// [`RenewError::RateLimited`]. Counted per control-plane process.
+    pub renewals_per_hour: u32,
 }
 
 impl Default for EnrollmentPolicy {
@@ -86,6 +90,7 @@ impl Default for EnrollmentPolicy {
             retry_window: Duration::from_secs(600),
             issuance: IssuancePolicy::default(),
             failed_attempts: AttemptLimit::default(),
+            renewals_per_hour: 6,
         }
     }
 }
@@ -101,6 +106,13 @@ impl EnrollmentPolicy {
             ));
         }
         self.failed_attempts.validate()?;
+        if self.renewals_per_hour == 0 {
+            return Err(ValidationError::new(
+                "renewals_per_hour",
+                "0",
+                "must be at least 1 (agents must be able to renew)",
+            ));
+        }
         self.issuance.validate()
     }
 }
@@ -208,6 +220,12 @@ pub enum RenewError {
     /// The store failed.
     #[error("store error")]
     Store(#[from] StoreError),
+    /// The instance renewed [`EnrollmentPolicy::renewals_per_hour`] times within the hour.
+    #[error("too many renewals for this instance; retry in {}s", retry_after.as_secs())]
+    RateLimited {
+        /// When the next renewal is allowed.
+        retry_after: Duration,
+    },
 }
 
 /// Compared against when the token id is unknown, so both paths do the same work.
@@ -737,6 +755,10 @@ impl<S: FleetStore> Fleet<S> {
         csr_pem: &str,
     ) -> Result<IssuedCertificate, RenewError> {
         self.authenticate(identity).await?;
+        self.inner
+            .renewals
+            .check(identity.instance, self.now())
+            .map_err(|retry_after| RenewError::RateLimited { retry_after })?;
         let csr = validate_csr(csr_pem)?;
         self.issue_and_apply(
             &csr,

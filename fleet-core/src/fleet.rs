@@ -248,6 +248,7 @@ impl<S: FleetStore> FleetBuilder<S> {
                 kek: Mutex::new(kek),
                 explicit_ca,
                 attempts: crate::limiter::AttemptLimiter::new(self.enrollment.failed_attempts),
+                renewals: crate::limiter::RenewalLimiter::new(self.enrollment.renewals_per_hour),
                 ledger: crate::ledger::LedgerWriter::default(),
                 enrollment: self.enrollment,
                 view: RwLock::new(view),
@@ -317,6 +318,8 @@ pub(crate) struct Inner<S> {
     pub(crate) enrollment: EnrollmentPolicy,
     /// Failed enrollment attempts per source (see [`crate::limiter`]).
     pub(crate) attempts: crate::limiter::AttemptLimiter,
+    /// Renewals per instance per hour.
+    pub(crate) renewals: crate::limiter::RenewalLimiter,
     /// Ledger rows written off the response path (see [`crate::ledger`]).
     pub(crate) ledger: crate::ledger::LedgerWriter,
     view: RwLock<LiveView>,

@@ -256,6 +256,56 @@ impl AttemptLimiter {
     }
 }
 
+/// Renewals per instance in a sliding hour: a holder of a valid certificate cannot make the CA
+/// sign in a loop (each renewal is a signature, a store write and, on the next heartbeat, a
+/// retired serial). Keyed by the instance of the authenticated certificate — never by anything a
+/// client chooses — so the table is bounded by the fleet's size, and entries older than the
+/// window are swept as the table grows. Per process: with several control-plane replicas each
+/// counts its own.
+#[derive(Debug)]
+pub(crate) struct RenewalLimiter {
+    per_hour: u32,
+    table: Mutex<FxHashMap<crate::InstanceId, (Timestamp, u32)>>,
+}
+
+/// The renewal window.
+const RENEWAL_WINDOW: Duration = Duration::from_secs(3600);
+
+impl RenewalLimiter {
+    pub(crate) fn new(per_hour: u32) -> Self {
+        Self {
+            per_hour,
+            table: Mutex::new(FxHashMap::default()),
+        }
+    }
+
+    /// Counts a renewal of `instance` at `now`, or says when the next one is allowed.
+    pub(crate) fn check(
+        &self,
+        instance: crate::InstanceId,
+        now: Timestamp,
+    ) -> Result<(), Duration> {
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if table.len() >= 1024 && table.len().is_power_of_two() {
+            // Amortized: a sweep each time the table doubles.
+            table.retain(|_, (start, _)| now.duration_since(*start) < RENEWAL_WINDOW);
+        }
+        let entry = table.entry(instance).or_insert((now, 0));
+        if now.duration_since(entry.0) >= RENEWAL_WINDOW {
+            *entry = (now, 0);
+        }
+        if entry.1 >= self.per_hour {
+            let retry = RENEWAL_WINDOW.saturating_sub(now.duration_since(entry.0));
+            return Err(retry.max(Duration::from_secs(1)));
+        }
+        entry.1 += 1;
+        Ok(())
+    }
+}
+
 impl Default for AttemptLimiter {
     fn default() -> Self {
         Self::new(AttemptLimit::default())

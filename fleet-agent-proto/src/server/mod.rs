@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use fleet_core::ca::ServerCertificate;
 use fleet_core::store::FleetStore;
-use fleet_core::{EnrollError, Fleet, FleetError, Heartbeat, InstanceIdentity, ValidationError};
+use fleet_core::{
+    EnrollError, Fleet, FleetError, Heartbeat, InstanceIdentity, RenewError, ValidationError,
+};
 use http::header::CONTENT_TYPE;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
@@ -457,7 +459,16 @@ impl<S: FleetStore> AgentServer<S> {
                     certificate_pem: cert.pem,
                 },
             ),
-            Err(e) => fleet_error(&e, None),
+            Err(e) => {
+                let mut resp = fleet_error(&e, None);
+                if let RenewError::RateLimited { retry_after } = e {
+                    resp.headers_mut().insert(
+                        http::header::RETRY_AFTER,
+                        http::HeaderValue::from(retry_after.as_secs().max(1)),
+                    );
+                }
+                resp
+            }
         }
     }
 
