@@ -39,7 +39,8 @@ pub struct AgentIdentity {
     pub key_pem: String,
     /// Its client certificate, PEM.
     pub certificate_pem: String,
-    /// The fleet CA certificate, PEM.
+    /// The fleet CA certificates the agent trusts, PEM: the one it pinned at enrollment, or the
+    /// set a heartbeat reply announced during a CA rotation (the signing one first).
     pub ca_pem: String,
 }
 
@@ -148,6 +149,32 @@ impl ServerCertVerifier for PinnedCa {
     }
 }
 
+/// Every certificate of a PEM bundle (DER), at least one.
+fn pem_ders(pem: &str) -> Result<Vec<Vec<u8>>, ClientError> {
+    let mut out = Vec::new();
+    for block in x509_parser::pem::Pem::iter_from_buffer(pem.as_bytes()) {
+        let block = block.map_err(|_| ClientError::Credentials("CA bundle: not PEM".into()))?;
+        if block.label != "CERTIFICATE" {
+            return Err(ClientError::Credentials(format!(
+                "CA bundle: a {} block where certificates belong",
+                block.label
+            )));
+        }
+        out.push(block.contents);
+    }
+    if out.is_empty() {
+        return Err(ClientError::Credentials("CA bundle: no certificate".into()));
+    }
+    Ok(out)
+}
+
+/// The [`fleet_core::ca::set_id`] of a PEM bundle.
+fn trusted_set_id(pem: &str) -> Result<String, ClientError> {
+    Ok(fleet_core::ca::set_id(
+        pem_ders(pem)?.iter().map(|d| Fingerprint::of(d)),
+    ))
+}
+
 fn pem_der(pem: &str) -> Result<Vec<u8>, ClientError> {
     x509_parser::pem::parse_x509_pem(pem.as_bytes())
         .map(|(_, p)| p.contents)
@@ -222,15 +249,18 @@ async fn send<Resp: DeserializeOwned>(
     endpoint: &Endpoint,
     path: &str,
     json: Bytes,
+    ca_set: Option<&str>,
 ) -> Result<Result<Resp, ClientError>, Unanswered> {
     let not_sent = |e: &dyn std::fmt::Display| Unanswered::NotSent(transport(e));
     let lost = |e: &dyn std::fmt::Display| Unanswered::Lost(transport(e));
     sender.ready().await.map_err(|e| not_sent(&e))?;
-    let req = http::Request::post(path)
+    let mut req = http::Request::post(path)
         .header(http::header::HOST, endpoint.server_name.as_str())
-        .header(http::header::CONTENT_TYPE, crate::CONTENT_TYPE)
-        .body(Full::new(json))
-        .map_err(|e| not_sent(&e))?;
+        .header(http::header::CONTENT_TYPE, crate::CONTENT_TYPE);
+    if let Some(id) = ca_set {
+        req = req.header(crate::CA_SET_HEADER, id);
+    }
+    let req = req.body(Full::new(json)).map_err(|e| not_sent(&e))?;
     let resp = match sender.try_send_request(req).await {
         Ok(resp) => resp,
         // hyper hands the request back when it never reached the connection.
@@ -271,8 +301,9 @@ async fn send_within<Resp: DeserializeOwned>(
     endpoint: &Endpoint,
     path: &str,
     json: Bytes,
+    ca_set: Option<&str>,
 ) -> Result<Result<Resp, ClientError>, Unanswered> {
-    tokio::time::timeout(REQUEST_TIMEOUT, send(sender, endpoint, path, json))
+    tokio::time::timeout(REQUEST_TIMEOUT, send(sender, endpoint, path, json, ca_set))
         .await
         .unwrap_or_else(|_| {
             Err(Unanswered::Lost(ClientError::Transport(format!(
@@ -291,7 +322,7 @@ async fn exchange<Req: Serialize, Resp: DeserializeOwned>(
 ) -> Result<Resp, ClientError> {
     let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
     let mut sender = connect(endpoint, tls).await?;
-    send_within(&mut sender, endpoint, path, json)
+    send_within(&mut sender, endpoint, path, json, None)
         .await
         .map_err(Unanswered::into_error)?
 }
@@ -355,6 +386,8 @@ pub struct AgentClient {
     endpoint: Endpoint,
     identity: AgentIdentity,
     tls: Arc<rustls::ClientConfig>,
+    /// The id of the trusted CA set (sent with each request).
+    ca_set: String,
     conn: Arc<tokio::sync::Mutex<Option<Sender>>>,
 }
 
@@ -371,10 +404,12 @@ impl AgentClient {
     /// A client that trusts the identity's CA and presents its certificate.
     pub fn new(endpoint: Endpoint, identity: AgentIdentity) -> Result<Self, ClientError> {
         let tls = Self::tls(&identity)?;
+        let ca_set = trusted_set_id(&identity.ca_pem)?;
         Ok(Self {
             endpoint,
             identity,
             tls,
+            ca_set,
             conn: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
@@ -390,8 +425,9 @@ impl AgentClient {
     ) -> Result<Resp, ClientError> {
         let json = Bytes::from(serde_json::to_vec(body).map_err(|e| transport(&e))?);
         let mut slot = self.conn.lock().await;
+        let ca_set = Some(self.ca_set.as_str());
         if let Some(sender) = slot.as_mut() {
-            match send_within(sender, &self.endpoint, path, json.clone()).await {
+            match send_within(sender, &self.endpoint, path, json.clone(), ca_set).await {
                 Ok(answer) => return answer,
                 Err(Unanswered::NotSent(_)) => *slot = None,
                 Err(Unanswered::Lost(e)) => {
@@ -401,7 +437,7 @@ impl AgentClient {
             }
         }
         let mut sender = connect(&self.endpoint, Arc::clone(&self.tls)).await?;
-        let answer = send_within(&mut sender, &self.endpoint, path, json)
+        let answer = send_within(&mut sender, &self.endpoint, path, json, ca_set)
             .await
             .map_err(Unanswered::into_error)?;
         *slot = Some(sender);
@@ -410,9 +446,11 @@ impl AgentClient {
 
     fn tls(identity: &AgentIdentity) -> Result<Arc<rustls::ClientConfig>, ClientError> {
         let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from(pem_der(&identity.ca_pem)?))
-            .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        for ca in pem_ders(&identity.ca_pem)? {
+            roots
+                .add(CertificateDer::from(ca))
+                .map_err(|e| ClientError::Credentials(e.to_string()))?;
+        }
         let key = rcgen::KeyPair::from_pem(&identity.key_pem)
             .map_err(|e| ClientError::Credentials(e.to_string()))?;
         let cfg = rustls::ClientConfig::builder_with_provider(provider())
@@ -436,6 +474,29 @@ impl AgentClient {
     /// The identity in use.
     pub fn identity(&self) -> &AgentIdentity {
         &self.identity
+    }
+
+    /// Trusts `bundle_pem` — the CA certificates a heartbeat reply announced in
+    /// [`HeartbeatResponse::ca_bundle_pem`] — from now on, in place of the identity's: the
+    /// server is checked against them on the next connection (the kept one stays), and
+    /// [`identity`](Self::identity) holds them, for the caller to keep. The bundle came over a
+    /// connection the previous roots authenticated. Refused (nothing changes) unless it holds
+    /// at least one certificate and every block parses.
+    pub fn trust_ca_bundle(&mut self, bundle_pem: &str) -> Result<(), ClientError> {
+        let identity = AgentIdentity {
+            ca_pem: bundle_pem.to_string(),
+            ..self.identity.clone()
+        };
+        let tls = Self::tls(&identity)?;
+        self.ca_set = trusted_set_id(&identity.ca_pem)?;
+        self.tls = tls;
+        self.identity = identity;
+        Ok(())
+    }
+
+    /// The id of the CA set this client trusts, sent in [`crate::CA_SET_HEADER`].
+    pub fn trusted_ca_set(&self) -> &str {
+        &self.ca_set
     }
 
     /// Sends one heartbeat.

@@ -18,7 +18,12 @@
 //! // `{}` is a valid, liveness-only heartbeat.
 //! let hb: HeartbeatRequest = serde_json::from_str("{}")?;
 //! assert!(hb.metrics.is_none());
-//! let reply = HeartbeatResponse { commands: vec![], next_heartbeat_secs: 15 };
+//! let reply = HeartbeatResponse {
+//!     commands: vec![],
+//!     next_heartbeat_secs: 15,
+//!     ca_bundle_pem: None,
+//!     renew_now: false,
+//! };
 //! assert_eq!(serde_json::to_string(&reply)?, r#"{"commands":[],"next_heartbeat_secs":15}"#);
 //! # Ok::<(), serde_json::Error>(())
 //! ```
@@ -93,6 +98,10 @@ pub const ENROLL_PATH: &str = "/v1/enroll";
 pub const HEARTBEAT_PATH: &str = "/v1/heartbeat";
 /// Path of the renewal route.
 pub const RENEW_PATH: &str = "/v1/renew";
+/// The request header in which an agent names the set of CAs it trusts ([`fleet_core::ca::set_id`]
+/// of its bundle); the heartbeat reply carries the current bundle when the set differs. A header,
+/// not a body field, so that servers from before rotation ignore it.
+pub const CA_SET_HEADER: &str = "fleet-ca-set";
 /// The one accepted request content type.
 pub const CONTENT_TYPE: &str = "application/json";
 

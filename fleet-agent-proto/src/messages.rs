@@ -61,6 +61,17 @@ pub struct HeartbeatResponse {
     pub commands: Vec<AgentCommand>,
     /// Seconds until the next heartbeat.
     pub next_heartbeat_secs: u64,
+    /// The CA certificates to trust from now on (PEM, the signing one first), sent when the
+    /// request's [`CA_SET_HEADER`](crate::CA_SET_HEADER) names another set: a CA rotation began,
+    /// was promoted or ended. The agent replaces the roots it checks the server against with
+    /// these (the reply came over a connection the old roots authenticated) and keeps them
+    /// ([`client::AgentClient::trust_ca_bundle`](crate::client::AgentClient::trust_ca_bundle)).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle_pem: Option<String>,
+    /// The agent's certificate was signed by a CA that no longer signs: renew now rather than
+    /// at the usual point of its lifetime, before that CA is retired.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub renew_now: bool,
 }
 
 /// `POST /v1/renew`.

@@ -140,9 +140,9 @@ proptest! {
     }
 
     #[test]
-    fn heartbeat_response(cmds in prop::collection::vec((any::<u128>(), text(), json_value()), 0..3), secs in any::<u64>()) {
+    fn heartbeat_response(cmds in prop::collection::vec((any::<u128>(), text(), json_value()), 0..3), secs in any::<u64>(), bundle in prop::option::of(text()), renew_now in any::<bool>()) {
         let commands = cmds.into_iter().map(|(id, kind, payload)| AgentCommand { id: CommandId::from_u128(id), kind, payload }).collect();
-        round_trip(&HeartbeatResponse { commands, next_heartbeat_secs: secs })?;
+        round_trip(&HeartbeatResponse { commands, next_heartbeat_secs: secs, ca_bundle_pem: bundle, renew_now })?;
     }
 
     #[test]

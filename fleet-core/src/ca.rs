@@ -149,6 +149,20 @@ pub struct CaSet {
     cas: Vec<Arc<CertificateAuthority>>,
 }
 
+/// The id of a trusted set of CAs, from their certificate fingerprints in order (signing CA
+/// first): the first 8 bytes of the SHA-256 of the fingerprints, hex. What [`CaSet::id`] says,
+/// and what an agent computes from the bundle it trusts.
+pub fn set_id(fingerprints: impl IntoIterator<Item = Fingerprint>) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for f in fingerprints {
+        ctx.update(f.as_bytes());
+    }
+    ctx.finish().as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl CaSet {
     /// A set of one CA.
     pub fn single(ca: CertificateAuthority) -> Self {
@@ -186,14 +200,7 @@ impl CaSet {
     /// order, hex): agents send the id of the set they trust, and the heartbeat reply carries the
     /// bundle only when it changed.
     pub fn id(&self) -> String {
-        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-        for c in &self.cas {
-            ctx.update(c.fingerprint().as_bytes());
-        }
-        ctx.finish().as_ref()[..8]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        set_id(self.cas.iter().map(|c| c.fingerprint()))
     }
 
     /// The set with `next` added as trusted, not signing (a rotation begins).

@@ -204,6 +204,8 @@ async fn main() -> Result<()> {
     let mut interval = Duration::from_secs(15);
     let mut failures = 0;
     let mut sequence = 0;
+    // The server said this certificate's CA no longer signs (a CA rotation): renew now.
+    let mut renew_now = false;
     loop {
         let now = SystemClock.now();
         let (not_before, not_after) = client::validity(&identity.certificate_pem)?;
@@ -213,11 +215,12 @@ async fn main() -> Result<()> {
             save(&state, &identity)?;
         }
         let mut agent = AgentClient::new(endpoint.clone(), identity.clone())?;
-        if now >= renewal_due(not_before, not_after, 0.7 + 0.2 * noise()) {
+        if renew_now || now >= renewal_due(not_before, not_after, 0.7 + 0.2 * noise()) {
             match agent.renew().await {
                 Ok(()) => {
                     identity = agent.identity().clone();
                     save(&state, &identity)?;
+                    renew_now = false;
                     eprintln!("certificate renewed");
                 }
                 Err(e) => eprintln!("renewal failed ({e}); will retry"),
@@ -233,6 +236,18 @@ async fn main() -> Result<()> {
         let wait = match agent.heartbeat(&req).await {
             Ok(reply) => {
                 failures = 0;
+                if let Some(bundle) = &reply.ca_bundle_pem {
+                    // A CA rotation step: trust the set the server announced, and keep it.
+                    match agent.trust_ca_bundle(bundle) {
+                        Ok(()) => {
+                            identity = agent.identity().clone();
+                            save(&state, &identity)?;
+                            eprintln!("now trusting CA set {}", agent.trusted_ca_set());
+                        }
+                        Err(e) => eprintln!("ignoring the announced CA bundle: {e}"),
+                    }
+                }
+                renew_now |= reply.renew_now;
                 interval = Duration::from_secs(reply.next_heartbeat_secs.max(1));
                 runner.acknowledge(req.command_results.len());
                 for c in &reply.commands {

@@ -22,7 +22,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use fleet_agent_proto::client::Endpoint;
-use fleet_agent_proto::server::{AgentServer, ServerConfig, tls_config};
+use fleet_agent_proto::server::{AgentServer, ServerConfig};
 use fleet_core::FleetStore;
 use fleet_core::token::TokenSecret;
 use fleet_core::{
@@ -234,14 +234,10 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         tenant_tokens.push((id, read_token(&path)?));
     }
 
-    // The agent listener's certificate, signed by the fleet CA.
+    // The agent listener issues its own certificate from the fleet's signing CA, and a new one
+    // when a CA rotation step changes the set (here or on another replica).
     let mut names = vec!["localhost".to_string(), "127.0.0.1".to_string()];
     names.extend(args.server_names.iter().cloned());
-    let server_cert =
-        fleet
-            .ca()
-            .issue_server(&names, fleet.now(), Duration::from_secs(365 * 86_400))?;
-    let tls = tls_config(fleet.ca().cert_der(), &server_cert)?;
     let agent_listener = bind(&args.agent_listen).await?;
     let agent_addr = agent_listener.local_addr()?;
     let operator_listener = bind(&args.operator_listen).await?;
@@ -251,11 +247,11 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.changed().await;
     };
-    let agent_server = Arc::new(AgentServer::new(
+    let agent_server = Arc::new(AgentServer::issuing(
         fleet.clone(),
-        tls,
+        names,
         ServerConfig::default(),
-    ));
+    )?);
     let agent_task = tokio::spawn(agent_server.serve(agent_listener, stopped(stop_rx.clone())));
     let api = tenant_tokens.iter().fold(
         OperatorApi::new(fleet.clone(), &operator_token),

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use fleet_core::store::FleetStore;
-use fleet_core::{InstanceId, InstanceIdentity};
+use fleet_core::{Fingerprint, InstanceId, InstanceIdentity};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
@@ -126,6 +126,19 @@ async fn watchdog(conn: &Conn, cfg: &ServerConfig) {
 }
 
 impl<S: FleetStore> AgentServer<S> {
+    /// Which CA of the fleet's set signed `leaf` (a certificate the handshake verified). With one
+    /// CA there is nothing to check; during a rotation, one signature check per connection.
+    fn issuer_of(&self, leaf: &[u8]) -> Option<Fingerprint> {
+        let set = self.fleet.ca_set();
+        match set.all() {
+            [only] => Some(only.fingerprint()),
+            all => all
+                .iter()
+                .find(|ca| ca.verify_issued_ignoring_time(leaf).is_some())
+                .map(|ca| ca.fingerprint()),
+        }
+    }
+
     /// Serves one accepted connection until it ends, its deadline passes or it is shed.
     pub(super) async fn connection(
         self: Arc<Self>,
@@ -139,7 +152,7 @@ impl<S: FleetStore> AgentServer<S> {
         // Replies are written whole; Nagle would only hold them back.
         let _ = tcp.set_nodelay(true);
         let cfg = &self.config;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::clone(&self.tls));
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.tls());
         let tls = tokio::select! {
             accepted = tokio::time::timeout(cfg.tls_handshake_timeout, acceptor.accept(tcp)) => {
                 match accepted {
@@ -150,14 +163,22 @@ impl<S: FleetStore> AgentServer<S> {
             _ = &mut shed => return,
         };
         self.handshakes.fetch_add(1, Relaxed);
-        let identity = tls
+        let leaf = tls
             .get_ref()
             .1
             .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|leaf| InstanceIdentity::from_certificate_der(leaf).ok());
+            .and_then(|chain| chain.first());
+        let identity = leaf.and_then(|leaf| InstanceIdentity::from_certificate_der(leaf).ok());
+        let issuer = match (&identity, leaf) {
+            (Some(_), Some(leaf)) => self.issuer_of(leaf),
+            _ => None,
+        };
         let identity_known = identity.is_some();
-        let peer = Arc::new(Peer { addr, identity });
+        let peer = Arc::new(Peer {
+            addr,
+            identity,
+            issuer,
+        });
         let conn = Arc::new(Conn::new(ticket, accepted));
         // The first request's deadline counts from the end of the handshake.
         conn.progress();

@@ -22,7 +22,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_core::ca::ServerCertificate;
+use fleet_core::ca::{CaSet, ServerCertificate};
+use fleet_core::identity::Fingerprint;
 use fleet_core::store::FleetStore;
 use fleet_core::{
     EnrollError, Fleet, FleetError, Heartbeat, InstanceIdentity, RenewError, ValidationError,
@@ -34,6 +35,7 @@ use hyper::body::{Bytes, Incoming};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use serde::Serialize;
+use std::sync::PoisonError;
 use tokio::net::TcpListener;
 
 mod admission;
@@ -47,10 +49,11 @@ use body::read_json;
 use conn::Conn;
 
 use crate::{
-    AgentCommand, CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
-    DEFAULT_REQUEST_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT, ENROLL_PATH, EnrollRequest,
-    EnrollResponse, ErrorBody, ErrorCode, HEARTBEAT_PATH, HeartbeatRequest, HeartbeatResponse,
-    MAX_ENROLL_BODY, MAX_HEARTBEAT_BODY, MAX_RENEW_BODY, RENEW_PATH, RenewRequest, RenewResponse,
+    AgentCommand, CA_SET_HEADER, CONTENT_TYPE as JSON, DEFAULT_HEADER_READ_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_TLS_HANDSHAKE_TIMEOUT, ENROLL_PATH,
+    EnrollRequest, EnrollResponse, ErrorBody, ErrorCode, HEARTBEAT_PATH, HeartbeatRequest,
+    HeartbeatResponse, MAX_ENROLL_BODY, MAX_HEARTBEAT_BODY, MAX_RENEW_BODY, RENEW_PATH,
+    RenewRequest, RenewResponse,
 };
 
 /// Server limits and deadlines. Every field has a default that holds against the attacks
@@ -144,6 +147,9 @@ pub enum ServerError {
     /// Accepting connections failed.
     #[error("listener")]
     Io(#[from] std::io::Error),
+    /// The server certificate could not be issued.
+    #[error("issuing the server certificate")]
+    Certificate(#[source] fleet_core::ca::CaError),
 }
 
 /// Builds the rustls server configuration: the server certificate and key, client certificates
@@ -153,9 +159,29 @@ pub fn tls_config(
     ca_der: &[u8],
     server: &ServerCertificate,
 ) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    tls_config_trusting(&[ca_der], ca_der, server)
+}
+
+/// [`tls_config`] for a set of CAs: client certificates of any CA of `set` pass the handshake
+/// (during a rotation, both the old and the new), and the signing CA follows the leaf.
+pub fn tls_config_for_set(
+    set: &CaSet,
+    server: &ServerCertificate,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
+    let trusted: Vec<&[u8]> = set.all().iter().map(|c| c.cert_der()).collect();
+    tls_config_trusting(&trusted, set.active().cert_der(), server)
+}
+
+fn tls_config_trusting(
+    trusted: &[&[u8]],
+    chain_ca: &[u8],
+    server: &ServerCertificate,
+) -> Result<Arc<rustls::ServerConfig>, ServerError> {
     let provider = crate::crypto_provider();
     let mut roots = rustls::RootCertStore::empty();
-    roots.add(CertificateDer::from(ca_der.to_vec()))?;
+    for ca in trusted {
+        roots.add(CertificateDer::from(ca.to_vec()))?;
+    }
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
             .allow_unauthenticated()
@@ -168,7 +194,7 @@ pub fn tls_config(
         .with_single_cert(
             vec![
                 CertificateDer::from(server.cert_der.clone()),
-                CertificateDer::from(ca_der.to_vec()),
+                CertificateDer::from(chain_ca.to_vec()),
             ],
             key,
         )?;
@@ -178,11 +204,34 @@ pub fn tls_config(
     Ok(Arc::new(cfg))
 }
 
+/// Validity of the server certificates [`AgentServer::issuing`] makes.
+pub const SERVER_CERTIFICATE_VALIDITY: Duration = Duration::from_secs(90 * 86_400);
+
+/// Where the server's TLS configuration comes from.
+#[derive(Debug)]
+enum TlsSource {
+    /// Given by the embedder, used as is.
+    Fixed(Arc<rustls::ServerConfig>),
+    /// Issued from the fleet's signing CA for these names, and issued again when the fleet's CA
+    /// set changes or the certificate is two-thirds through its life.
+    Issuing {
+        names: Vec<String>,
+        current: std::sync::RwLock<IssuedTls>,
+    },
+}
+
+#[derive(Debug)]
+struct IssuedTls {
+    generation: u64,
+    renew_at: fleet_core::Timestamp,
+    config: Arc<rustls::ServerConfig>,
+}
+
 /// The agent server over a [`Fleet`].
 #[derive(Debug)]
 pub struct AgentServer<S> {
     fleet: Fleet<S>,
-    tls: Arc<rustls::ServerConfig>,
+    tls: TlsSource,
     config: ServerConfig,
     admission: Arc<Admission>,
     handshakes: std::sync::atomic::AtomicU64,
@@ -195,6 +244,9 @@ pub struct Peer {
     pub addr: SocketAddr,
     /// The identity of a verified client certificate, if one was presented.
     pub identity: Option<InstanceIdentity>,
+    /// The fingerprint of the CA that signed that certificate, when known: a heartbeat reply
+    /// tells an agent whose CA no longer signs to renew at once.
+    pub issuer: Option<Fingerprint>,
 }
 
 type Body = Full<Bytes>;
@@ -240,8 +292,78 @@ where
 }
 
 impl<S: FleetStore> AgentServer<S> {
-    /// A server for `fleet` with TLS configuration `tls` (see [`tls_config`]).
+    /// A server for `fleet` with TLS configuration `tls` (see [`tls_config`]), used as is: a CA
+    /// rotation needs a new configuration, which [`AgentServer::issuing`] makes by itself.
     pub fn new(fleet: Fleet<S>, tls: Arc<rustls::ServerConfig>, config: ServerConfig) -> Self {
+        Self::with_source(fleet, TlsSource::Fixed(tls), config)
+    }
+
+    /// A server that issues its own certificate for `names` (DNS names or IP addresses) from the
+    /// fleet's signing CA, valid [`SERVER_CERTIFICATE_VALIDITY`], and issues a new one — trusting
+    /// the fleet's current CA set for client certificates — when that set changes (a CA rotation
+    /// step, here or on another replica) or the certificate is two-thirds through its life.
+    pub fn issuing(
+        fleet: Fleet<S>,
+        names: Vec<String>,
+        config: ServerConfig,
+    ) -> Result<Self, ServerError> {
+        let current = Self::issue(&fleet, &names)?;
+        Ok(Self::with_source(
+            fleet,
+            TlsSource::Issuing {
+                names,
+                current: std::sync::RwLock::new(current),
+            },
+            config,
+        ))
+    }
+
+    fn issue(fleet: &Fleet<S>, names: &[String]) -> Result<IssuedTls, ServerError> {
+        // The generation first: a change racing with this issue is seen next time.
+        let generation = fleet.ca_generation();
+        let set = fleet.ca_set();
+        let now = fleet.now();
+        let cert = set
+            .active()
+            .issue_server(names, now, SERVER_CERTIFICATE_VALIDITY)
+            .map_err(ServerError::Certificate)?;
+        Ok(IssuedTls {
+            generation,
+            renew_at: now.saturating_add(SERVER_CERTIFICATE_VALIDITY * 2 / 3),
+            config: tls_config_for_set(&set, &cert)?,
+        })
+    }
+
+    /// The TLS configuration for the next connection.
+    fn tls(&self) -> Arc<rustls::ServerConfig> {
+        match &self.tls {
+            TlsSource::Fixed(c) => Arc::clone(c),
+            TlsSource::Issuing { names, current } => {
+                let read = current.read().unwrap_or_else(PoisonError::into_inner);
+                let fresh = read.generation == self.fleet.ca_generation()
+                    && self.fleet.now() < read.renew_at;
+                let config = Arc::clone(&read.config);
+                drop(read);
+                if fresh {
+                    return config;
+                }
+                match Self::issue(&self.fleet, names) {
+                    Ok(issued) => {
+                        let config = Arc::clone(&issued.config);
+                        *current.write().unwrap_or_else(PoisonError::into_inner) = issued;
+                        config
+                    }
+                    // Keep serving with the certificate we have; the next connection retries.
+                    Err(e) => {
+                        tracing::warn!(error = %e, source = ?std::error::Error::source(&e), "could not issue a new agent-listener certificate; keeping the current one");
+                        config
+                    }
+                }
+            }
+        }
+    }
+
+    fn with_source(fleet: Fleet<S>, tls: TlsSource, config: ServerConfig) -> Self {
         let admission = Arc::new(Admission::new(Budgets {
             pending: config.max_pending_connections,
             pending_per_source: config.max_pending_per_source,
@@ -420,13 +542,18 @@ impl<S: FleetStore> AgentServer<S> {
             )
             .await
         {
-            Ok(ex) => json_response(
-                StatusCode::OK,
-                &HeartbeatResponse {
-                    commands: ex.commands.iter().map(AgentCommand::from).collect(),
-                    next_heartbeat_secs: ex.ack.next_heartbeat.as_secs(),
-                },
-            ),
+            Ok(ex) => {
+                let (ca_bundle_pem, renew_now) = self.rotation_news(parts, peer);
+                json_response(
+                    StatusCode::OK,
+                    &HeartbeatResponse {
+                        commands: ex.commands.iter().map(AgentCommand::from).collect(),
+                        next_heartbeat_secs: ex.ack.next_heartbeat.as_secs(),
+                        ca_bundle_pem,
+                        renew_now,
+                    },
+                )
+            }
             Err(e) => {
                 let invalid = match &e {
                     FleetError::Invalid(v) => Some(v),
@@ -435,6 +562,23 @@ impl<S: FleetStore> AgentServer<S> {
                 fleet_error(&e, invalid)
             }
         }
+    }
+
+    /// What a heartbeat reply says about the CA set: the bundle, when the agent trusts another
+    /// set (it names its set in [`CA_SET_HEADER`]; agents from before rotation send nothing and
+    /// get nothing), and whether the agent's certificate comes from a CA that no longer signs.
+    fn rotation_news(&self, parts: &http::request::Parts, peer: &Peer) -> (Option<String>, bool) {
+        let set = self.fleet.ca_set();
+        let bundle = parts
+            .headers
+            .get(CA_SET_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|trusted| *trusted != set.id())
+            .map(|_| set.bundle_pem());
+        let renew_now = peer
+            .issuer
+            .is_some_and(|issuer| issuer != set.active().fingerprint());
+        (bundle, renew_now)
     }
 
     async fn renew(
