@@ -218,16 +218,6 @@ async fn a_flood_of_endless_logins_stops_neither_listener() {
         }));
     }
 
-    // At the cap a new connection is answered at once, not left waiting.
-    let mut probe = TcpStream::connect(local(port)).await.unwrap();
-    let asked = Instant::now();
-    let busy = until_closed(&mut probe, asked, Duration::from_secs(5))
-        .await
-        .expect("a connection over the cap is closed at once");
-    assert_eq!(busy.status(), Some(503), "{}", busy.text());
-    assert_eq!(busy.code().as_deref(), Some("busy"), "{}", busy.text());
-    assert!(busy.at < Duration::from_secs(2), "{:?}", busy.at);
-
     // The agent listener is not starved: an agent enrolls and heartbeats over mutual TLS.
     let endpoint = Endpoint {
         server_name: "localhost".into(),
@@ -263,6 +253,16 @@ async fn a_flood_of_endless_logins_stops_neither_listener() {
         (CAP - 8..=CAP).contains(&held),
         "{held} endless logins held: the operator listener holds its cap, no more"
     );
+
+    // At the cap a new connection is answered at once, not left waiting.
+    let mut probe = TcpStream::connect(local(port)).await.unwrap();
+    let asked = Instant::now();
+    let busy = until_closed(&mut probe, asked, Duration::from_secs(5))
+        .await
+        .expect("a connection over the cap is closed at once");
+    assert_eq!(busy.status(), Some(503), "{}", busy.text());
+    assert_eq!(busy.code().as_deref(), Some("busy"), "{}", busy.text());
+    assert!(busy.at < Duration::from_secs(2), "{:?}", busy.at);
 
     // Every held login is answered 408 at its deadline and closed; the others were refused at
     // once.
