@@ -171,7 +171,8 @@ impl std::str::FromStr for Secs {
             .trim()
             .parse()
             .map_err(|_| format!("{s:?} is not a number of seconds"))?;
-        if !(secs > 0.0) {
+        // NaN is not above zero either.
+        if secs.is_nan() || secs <= 0.0 {
             return Err(format!("{s:?}: must be above zero"));
         }
         Duration::try_from_secs_f64(secs)

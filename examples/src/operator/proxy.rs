@@ -161,8 +161,7 @@ impl TrustedProxies {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
                 .map(str::trim)
-                .filter(|v| !v.is_empty())
-                .last()
+                .rfind(|v| !v.is_empty())
         };
         let scheme = match last_value("x-forwarded-proto") {
             Some(p) if p.eq_ignore_ascii_case("https") => Scheme::Https,
