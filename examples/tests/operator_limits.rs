@@ -138,7 +138,8 @@ impl Body for Endless {
 /// listener's cap (48 of the 256 descriptors); every other one is refused at once. Meanwhile an
 /// agent enrolls and heartbeats over mutual TLS on the agent listener, and once the body
 /// deadline has passed every held login has been answered 408 and the operator listener serves
-/// again.
+/// again. The other way round, 300 silent connections to the agent listener do not stop the
+/// operator listener either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_endless_logins_stops_neither_listener() {
     const FLOOD: usize = 300;
@@ -297,6 +298,29 @@ async fn a_flood_of_endless_logins_stops_neither_listener() {
     assert_eq!(timed_out + refused, FLOOD);
     let (status, _, _) = send(port, "GET", "/login", &[], "").await.unwrap();
     assert_eq!(status, 200, "the operator listener serves again");
+
+    // The other way round: 300 connections to the agent listener that never begin their TLS
+    // handshake take at most its cap (144 here); the rest wait in the kernel's backlog, holding
+    // no descriptor of the process, and the operator listener keeps answering.
+    let agent_addr: SocketAddr = agent_listen.parse().unwrap();
+    let mut silent = Vec::with_capacity(FLOOD);
+    for _ in 0..FLOOD {
+        silent.push(TcpStream::connect(agent_addr).await.unwrap());
+    }
+    // Time for the agent listener to take what it will.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let answered =
+        tokio::time::timeout(Duration::from_secs(5), send(port, "GET", "/login", &[], ""))
+            .await
+            .ok()
+            .flatten()
+            .map(|(status, _, _)| status);
+    assert_eq!(
+        answered,
+        Some(200),
+        "the operator listener answers during a flood of the agent listener"
+    );
+    drop(silent);
     stop(child).await;
 }
 

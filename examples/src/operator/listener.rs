@@ -19,7 +19,9 @@
 //! - **Headers**: a new connection must deliver its first request's headers within
 //!   [`header_read_timeout`](ListenerConfig::header_read_timeout) (HTTP/1.1 and HTTP/2 alike,
 //!   the HTTP/2 preface included), else it is closed. On HTTP/1.1 hyper also times each later
-//!   request head with it, from the end of the previous response.
+//!   request head with it, from the end of the previous response. On HTTP/2 a later request's
+//!   headers arrive while nothing else may be in flight, so the idle deadline below bounds them;
+//!   their size is bounded by [`max_header_bytes`](ListenerConfig::max_header_bytes).
 //! - **Body**: from the moment a request's headers have arrived, its whole body must arrive within
 //!   [`body_timeout`](ListenerConfig::body_timeout). The request body is a [`RequestBody`], which
 //!   fails with [`BodyError::Timeout`] once that deadline passes: the operator API answers `408
