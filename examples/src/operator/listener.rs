@@ -20,8 +20,9 @@
 //!   [`header_read_timeout`](ListenerConfig::header_read_timeout) (HTTP/1.1 and HTTP/2 alike,
 //!   the HTTP/2 preface included), else it is closed. On HTTP/1.1 hyper also times each later
 //!   request head with it, from the end of the previous response. On HTTP/2 a later request's
-//!   headers arrive while nothing else may be in flight, so the idle deadline below bounds them;
-//!   their size is bounded by [`max_header_bytes`](ListenerConfig::max_header_bytes).
+//!   headers are bounded in size by [`max_header_bytes`](ListenerConfig::max_header_bytes) and
+//!   in time by the idle deadline below once nothing else of the connection is in flight (a
+//!   header block's frames come back to back, so a slow one holds up the whole connection).
 //! - **Body**: from the moment a request's headers have arrived, its whole body must arrive within
 //!   [`body_timeout`](ListenerConfig::body_timeout). The request body is a [`RequestBody`], which
 //!   fails with [`BodyError::Timeout`] once that deadline passes: the operator API answers `408
