@@ -326,8 +326,9 @@ async fn a_flood_of_endless_logins_stops_neither_listener() {
 
 /// A body that does not finish within `--operator-body-timeout` is answered 408
 /// `request_timeout` at the deadline — on HTTP/1.1 (then the connection is closed) and on
-/// HTTP/2 (prior knowledge; the reply arrives while the client is still sending) — and a
-/// connection that sends nothing, or half a head, is closed at the header deadline.
+/// HTTP/2 (prior knowledge; the reply arrives while the client is still sending) — a head over
+/// `--operator-max-header-bytes` is answered 431 on both, and a connection that sends nothing,
+/// or half a head, is closed at the header deadline.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_request_is_cut_at_its_deadline_on_http1_and_http2() {
     let deadline = Duration::from_secs(2);
@@ -343,6 +344,8 @@ async fn a_slow_request_is_cut_at_its_deadline_on_http1_and_http2() {
             "2",
             "--operator-body-timeout",
             "2",
+            "--operator-max-header-bytes",
+            "16384",
         ],
     );
     wait_up(port, &mut child).await;
@@ -401,6 +404,37 @@ async fn a_slow_request_is_cut_at_its_deadline_on_http1_and_http2() {
         assert_eq!(v["error"]["code"], "request_timeout", "{v}");
         assert!(within(at), "HTTP/2 {path} cut at {at:?}");
     }
+    drop(sender);
+    conn.abort();
+
+    // A head over `--operator-max-header-bytes` is refused with 431 on both protocols.
+    let big = "a".repeat(20_000);
+    let mut tcp = TcpStream::connect(local(port)).await.unwrap();
+    let t0 = Instant::now();
+    tcp.write_all(
+        format!("GET /login HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: {big}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let ended = until_closed(&mut tcp, t0, SLACK)
+        .await
+        .expect("refused and closed");
+    assert_eq!(ended.status(), Some(431), "HTTP/1.1: {}", ended.text());
+    let tcp = TcpStream::connect(local(port)).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!("http://127.0.0.1:{port}/login"))
+        .header("x-big", big.as_str())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = tokio::time::timeout(SLACK, sender.send_request(req))
+        .await
+        .expect("HTTP/2: an answer")
+        .unwrap();
+    assert_eq!(resp.status(), 431, "HTTP/2");
     drop(sender);
     conn.abort();
 
