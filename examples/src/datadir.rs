@@ -10,8 +10,10 @@
 //!   `FLEET_CA_KEK` (hex; for replicas sharing a database) or from a 0600 file, `ca.kek` in the
 //!   data directory by default, made on first start. It is not in the store: a copy of the
 //!   store (`data/db`) or a `pg_dump` alone cannot sign.
-//! - The soft limit on open files is raised to the hard limit, so that thousands of agent
-//!   connections do not starve the operator listener of file descriptors.
+//! - The soft limit on open files is raised to the hard limit, and the two listeners' connection
+//!   caps are fitted under it ([`connection_budget`]), so that neither listener can take the
+//!   file descriptors the other needs: thousands of agents do not starve the operator listener,
+//!   and a flood of operator connections does not stop agents from reaching theirs.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -41,6 +43,58 @@ pub fn raise_fd_limit() -> Option<u64> {
         }
     }
     limit.current
+}
+
+/// File descriptors kept out of the listeners' caps for everything else: the store's files, a
+/// database pool, the log, the listening sockets and the one a refused operator connection
+/// needs for a moment.
+pub const RESERVED_FDS: u64 = 64;
+
+/// The connection caps of the two listeners, fitted under the limit on open files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionBudget {
+    /// The operator listener's cap.
+    pub operator: usize,
+    /// The agent listener's cap.
+    pub agent: usize,
+    /// Whether a cap had to be lowered from what was asked.
+    pub lowered: bool,
+}
+
+/// Fits the caps asked for under `fd_limit` (`None`: no limit) less [`RESERVED_FDS`] and
+/// `extra` (descriptors the process needs besides, such as the client side of demo agents). When
+/// both do not fit, the operator listener gets at most a quarter of what is left — a few hundred
+/// connections are plenty for operators, and it refuses what is over its cap at once — and the
+/// agent listener the rest. Each keeps at least one connection.
+pub fn connection_budget(
+    fd_limit: Option<u64>,
+    extra: u64,
+    operator: usize,
+    agent: usize,
+) -> ConnectionBudget {
+    let Some(limit) = fd_limit else {
+        return ConnectionBudget {
+            operator,
+            agent,
+            lowered: false,
+        };
+    };
+    let available =
+        usize::try_from(limit.saturating_sub(RESERVED_FDS + extra)).unwrap_or(usize::MAX);
+    if operator.saturating_add(agent) <= available {
+        return ConnectionBudget {
+            operator,
+            agent,
+            lowered: false,
+        };
+    }
+    let op = operator.min(available / 4).max(1);
+    let ag = agent.min(available.saturating_sub(op)).max(1);
+    ConnectionBudget {
+        operator: op,
+        agent: ag,
+        lowered: true,
+    }
 }
 
 fn mode_of(path: &Path) -> Result<u32> {
@@ -178,6 +232,28 @@ mod tests {
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
         let err = prepare(&open, false).unwrap_err().to_string();
         assert!(err.contains("db/db is mode 644"), "{err}");
+    }
+
+    #[test]
+    fn the_listeners_caps_fit_under_the_file_limit() {
+        let fits = connection_budget(Some(1 << 20), 0, 1024, 10_000);
+        assert_eq!(
+            (fits.operator, fits.agent, fits.lowered),
+            (1024, 10_000, false)
+        );
+        assert!(!connection_budget(None, 0, 1024, 10_000).lowered);
+        // `ulimit -n 256`: 192 left, a quarter of it for operators.
+        let low = connection_budget(Some(256), 0, 1024, 10_000);
+        assert_eq!((low.operator, low.agent, low.lowered), (48, 144, true));
+        assert!(low.operator + low.agent + RESERVED_FDS as usize <= 256);
+        // Demo agents' client sockets are kept out too.
+        let demo = connection_budget(Some(256), 32, 1024, 10_000);
+        assert_eq!(demo.operator + demo.agent, 256 - 64 - 32);
+        // Small caps asked for are kept.
+        let small = connection_budget(Some(256), 0, 10, 10_000);
+        assert_eq!((small.operator, small.agent), (10, 182));
+        let tiny = connection_budget(Some(16), 0, 1024, 10_000);
+        assert_eq!((tiny.operator, tiny.agent), (1, 1));
     }
 
     #[test]

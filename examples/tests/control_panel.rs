@@ -4,93 +4,15 @@
 
 #[path = "support/http.rs"]
 mod http;
+#[path = "support/panel.rs"]
+mod panel;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::time::Duration;
 
-use hyper::body::Bytes;
+use panel::{free_port, send, start, stop, wait_up};
 use serde_json::Value;
-use tokio::process::Command;
-
-/// A port nothing listens on right now (the control panel binds it a moment later).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `(status, headers, body)` of one request, or `None` while nothing listens.
-async fn send(
-    port: u16,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Option<(u16, hyper::HeaderMap, Bytes)> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let r = http::try_send(addr, method, path, headers, body.to_owned()).await?;
-    Some((r.status, r.headers, r.body))
-}
-
-/// Starts `control-panel serve` on `data`, its log in `log` (outside the data directory, whose
-/// files must be private).
-fn start(
-    data: &std::path::Path,
-    log: &std::path::Path,
-    operator_port: u16,
-    extra: &[&str],
-) -> tokio::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_control-panel"))
-        .args(["serve", "--data-dir"])
-        .arg(data)
-        .args(["--agent-listen", "127.0.0.1:0"])
-        .args(["--operator-listen", &format!("127.0.0.1:{operator_port}")])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .env_remove("FLEET_CA_KEK")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        // Its log, for a look when a test fails.
-        .stderr(std::fs::File::create(log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap()
-}
-
-/// Waits (bounded) until the login page, which is public, answers.
-async fn wait_up(operator_port: u16, child: &mut tokio::process::Child) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some((200, _, body)) = send(operator_port, "GET", "/login", &[], "").await {
-            assert!(String::from_utf8_lossy(&body).contains("Operator token"));
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the control panel did not come up"
-        );
-        assert!(child.try_wait().unwrap().is_none(), "it exited early");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// SIGTERM, and a clean exit within a bounded time.
-async fn stop(mut child: tokio::process::Child) {
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("stopped within 30 s")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
-}
 
 /// Every path under `dir`, with its metadata.
 fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, std::fs::Metadata)>) {

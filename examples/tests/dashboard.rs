@@ -727,3 +727,89 @@ async fn a_tenant_operator_sees_only_its_tenant() {
     b.close().await.unwrap();
     server.shutdown().await;
 }
+
+/// Text an instance reports is shown as it is, except for characters that are invisible or
+/// change how the text around them reads (issue 16, finding 15): a hostname with U+202E RIGHT-TO-
+/// LEFT OVERRIDE (which would show `web` U+202E `gpj.exe` as `webexe.jpg`) and an app name with U+200B ZERO
+/// WIDTH SPACE are drawn with the escape `\u{202E}` / `\u{200B}` in its own style, in the fleet
+/// table, the detail page's heading and system table, and the apps list; the raw characters are
+/// in no visible text of the page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_characters_from_instances_are_shown_escaped() {
+    let _turn = ONE_BROWSER.lock().await;
+    let server = Server::start().await;
+    let host = "web\u{202E}gpj.exe";
+    let id = server.enroll(host, &[("env", "prod")], &[], None).await;
+    server
+        .fleet
+        .heartbeat(
+            id,
+            Heartbeat {
+                metrics: None,
+                apps: Some(vec![App {
+                    name: "ng\u{200B}inx".into(),
+                    version: Some("1.22".into()),
+                }]),
+            },
+        )
+        .unwrap();
+    let shown = "web\\u{202E}gpj.exe";
+
+    let b = Browser::start().await.unwrap();
+    login(&b, &server, OPERATOR).await;
+    wait_rows(&b, &[shown]).await;
+    // The escape is one element of its own, styled apart from the text around it.
+    let esc = b
+        .execute(
+            "const a = document.querySelector('#instances a.hostname');
+             const e = a.querySelector('span.esc');
+             const r = e.getBoundingClientRect();
+             return {text: e.textContent, width: r.width,
+                     background: getComputedStyle(e).backgroundColor,
+                     around: getComputedStyle(a).backgroundColor};",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(esc["text"], "\\u{202E}", "{esc}");
+    assert!(esc["width"].as_f64().unwrap() > 0.0, "{esc}");
+    assert_ne!(esc["background"], esc["around"], "a distinct style: {esc}");
+    let body = b
+        .execute("return document.body.innerText", vec![])
+        .await
+        .unwrap();
+    let body = body.as_str().unwrap();
+    assert!(body.contains(shown), "{body}");
+    assert!(
+        !body.contains('\u{202E}'),
+        "the raw override is shown: {body:?}"
+    );
+
+    b.goto(&server.url(&format!("/instances/{id}")))
+        .await
+        .unwrap();
+    on_page(&b, "detail").await;
+    assert_eq!(b.text("#detail-hostname").await.unwrap(), shown);
+    let system = b.text("#system").await.unwrap();
+    assert!(system.contains(shown), "{system}");
+    let apps = b.text("#apps").await.unwrap();
+    assert!(apps.contains("ng\\u{200B}inx"), "{apps}");
+    let body = b
+        .execute("return document.body.innerText", vec![])
+        .await
+        .unwrap();
+    let body = body.as_str().unwrap();
+    for raw in ['\u{202E}', '\u{200B}'] {
+        assert!(
+            !body.contains(raw),
+            "U+{:04X} is shown raw: {body:?}",
+            raw as u32
+        );
+    }
+    b.screenshot(screenshot_path("hidden-characters.png"))
+        .await
+        .unwrap();
+
+    b.close().await.unwrap();
+    server.shutdown().await;
+}

@@ -14,6 +14,13 @@
 //! `--operator-listen` (loopback by default; open `http://127.0.0.1:8080/` and log in with the
 //! operator token). `--tenant-token acme` adds an operator token limited to tenant `acme`.
 //! SIGINT/SIGTERM flush batched heartbeats and close the store before exiting.
+//!
+//! At start the soft limit on open files is raised to the hard limit and both listeners'
+//! connection caps are fitted under it, so that a flood on one listener never stops the other.
+//! The operator listener's cap, request deadlines and HTTP/2 limits are the `--operator-…` flags
+//! (see `fleet_examples::operator::listener`); `--trusted-proxy` names the reverse proxies whose
+//! `X-Forwarded-Proto` and `X-Forwarded-For` count; `--login-max-failures` and `--login-window`
+//! limit wrong operator tokens per address.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,12 +31,16 @@ use clap::{Parser, Subcommand};
 use fleet_agent_proto::client::Endpoint;
 use fleet_agent_proto::server::{AgentServer, ServerConfig};
 use fleet_core::FleetStore;
+use fleet_core::limiter::AttemptLimit;
 use fleet_core::token::TokenSecret;
 use fleet_core::{
     Fleet, MaintenanceConfig, MaintenanceEvent, MaxUses, NewToken, StalenessPolicy, TenantId,
     TenantScope,
 };
+use fleet_examples::datadir::connection_budget;
 use fleet_examples::operator::OperatorApi;
+use fleet_examples::operator::listener::{self, ListenerConfig};
+use fleet_examples::operator::proxy::{Cidr, TrustedProxies};
 use fleet_examples::{listen, write_private};
 use fleet_store_postgres::PgStore;
 use fleet_store_sled::SledStore;
@@ -101,6 +112,80 @@ struct Serve {
     /// 0600; made on first start). `FLEET_CA_KEK` takes precedence. Default: `<data-dir>/ca.kek`.
     #[arg(long)]
     ca_kek_file: Option<PathBuf>,
+    /// Operator connections served at once; one more is answered 503 `busy` and closed at once.
+    /// Lowered, with `--agent-max-connections`, to fit the limit on open files.
+    #[arg(long, value_name = "N", default_value_t = listener::DEFAULT_MAX_CONNECTIONS)]
+    operator_max_connections: usize,
+    /// Seconds an operator client has to send a request's headers: on a new connection, and on
+    /// HTTP/1.1 after each response (which also bounds its keep-alive).
+    #[arg(long, value_name = "SECS", default_value_t = Secs(listener::DEFAULT_HEADER_READ_TIMEOUT))]
+    operator_header_timeout: Secs,
+    /// Seconds an operator client has to send a request's whole body once its headers are in;
+    /// later it is answered 408 `request_timeout`. Responses are not timed.
+    #[arg(long, value_name = "SECS", default_value_t = Secs(listener::DEFAULT_BODY_TIMEOUT))]
+    operator_body_timeout: Secs,
+    /// Seconds an operator connection with no request in flight is kept open.
+    #[arg(long, value_name = "SECS", default_value_t = Secs(listener::DEFAULT_IDLE_TIMEOUT))]
+    operator_idle_timeout: Secs,
+    /// HTTP/2 streams one operator connection may have open at once.
+    #[arg(long, value_name = "N", default_value_t = listener::DEFAULT_H2_MAX_CONCURRENT_STREAMS)]
+    operator_h2_max_streams: u32,
+    /// Largest request head on the operator listener, in bytes (HTTP/1.1 headers, HTTP/2 header
+    /// list).
+    #[arg(long, value_name = "BYTES", default_value_t = listener::DEFAULT_MAX_HEADER_BYTES)]
+    operator_max_header_bytes: u32,
+    /// Seconds between HTTP/2 keep-alive PINGs on the operator listener.
+    #[arg(long, value_name = "SECS", default_value_t = Secs(listener::DEFAULT_H2_KEEP_ALIVE_INTERVAL))]
+    operator_h2_ping_interval: Secs,
+    /// Seconds an HTTP/2 PING may go unanswered before the connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = Secs(listener::DEFAULT_H2_KEEP_ALIVE_TIMEOUT))]
+    operator_h2_ping_timeout: Secs,
+    /// Agent-listener connections held at once, unauthenticated (pending) and verified together;
+    /// lowered to fit the limit on open files. A quarter at most (1,024 by default) is the
+    /// pending budget, the rest is for verified agents (see `ServerConfig`).
+    #[arg(long, value_name = "N", default_value_t = ServerConfig::default().max_connections + ServerConfig::default().max_pending_connections)]
+    agent_max_connections: usize,
+    /// A reverse proxy in front of the operator listener whose `X-Forwarded-Proto` and
+    /// `X-Forwarded-For` are believed: an address or a CIDR block (`10.0.0.0/8`); repeat for
+    /// several. From any other peer those headers are ignored.
+    #[arg(long = "trusted-proxy", value_name = "ADDR")]
+    trusted_proxies: Vec<Cidr>,
+    /// Wrong operator tokens (at the login page or as a bearer) one address — for IPv6 its /64 —
+    /// may present per window; further wrong ones are answered 429 until the window ends, while a
+    /// correct token is always accepted.
+    #[arg(long, value_name = "N", default_value_t = AttemptLimit::default().max_failures)]
+    login_max_failures: u32,
+    /// The login limiter's window, in seconds from a source's first failure.
+    #[arg(long, value_name = "SECS", default_value_t = Secs(AttemptLimit::default().window))]
+    login_window: Secs,
+}
+
+/// A duration given in seconds on the command line (fractions allowed: `0.5`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Secs(Duration);
+
+impl std::str::FromStr for Secs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let secs: f64 = s
+            .trim()
+            .parse()
+            .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+        // NaN is not above zero either.
+        if secs.is_nan() || secs <= 0.0 {
+            return Err(format!("{s:?}: must be above zero"));
+        }
+        Duration::try_from_secs_f64(secs)
+            .map(Self)
+            .map_err(|e| format!("{s:?}: {e}"))
+    }
+}
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0.as_secs_f64())
+    }
 }
 
 /// Listens on the first address `addr` (`host:port`) resolves to that can be bound, as
@@ -142,7 +227,7 @@ async fn serve(args: Serve) -> Result<()> {
             let store = SledStore::open(args.data_dir.join("db"))
                 .await
                 .context("opening the store")?;
-            run(args, store.clone()).await?;
+            run(args, store.clone(), fds).await?;
             store.close().await.context("closing the store")
         }
         StoreKind::Postgres => {
@@ -155,14 +240,63 @@ async fn serve(args: Serve) -> Result<()> {
                 .context("connecting to PostgreSQL")?;
             store.migrate().await.context("migrating the database")?;
             tracing::info!("database schema up to date");
-            run(args, store.clone()).await?;
+            run(args, store.clone(), fds).await?;
             store.pool().close().await;
             Ok(())
         }
     }
 }
 
-async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
+/// The agent listener's budgets within `total` connections: the pending budget is a quarter at
+/// most (its default, 1,024, when there is room), the verified budget the rest.
+fn agent_config(total: usize) -> ServerConfig {
+    let defaults = ServerConfig::default();
+    let pending = defaults.max_pending_connections.min(total / 4).max(1);
+    ServerConfig {
+        max_pending_connections: pending,
+        max_pending_per_source: defaults.max_pending_per_source.min(pending),
+        max_connections: total.saturating_sub(pending).max(1),
+        ..defaults
+    }
+}
+
+async fn run<S: FleetStore + Clone>(args: Serve, store: S, fds: Option<u64>) -> Result<()> {
+    // Neither listener may hold the descriptors the other needs.
+    let budget = connection_budget(
+        fds,
+        u64::try_from(args.demo_agents).unwrap_or(u64::MAX),
+        args.operator_max_connections,
+        args.agent_max_connections,
+    );
+    if budget.lowered {
+        tracing::warn!(
+            open_files = ?fds,
+            operator_connections = budget.operator,
+            agent_connections = budget.agent,
+            "connection caps lowered to fit the limit on open files (raise the hard limit, `ulimit -Hn`, for more)"
+        );
+    }
+    let listener_config = ListenerConfig {
+        max_connections: budget.operator,
+        header_read_timeout: args.operator_header_timeout.0,
+        body_timeout: args.operator_body_timeout.0,
+        idle_timeout: args.operator_idle_timeout.0,
+        h2_max_concurrent_streams: args.operator_h2_max_streams,
+        max_header_bytes: args.operator_max_header_bytes,
+        h2_keep_alive_interval: args.operator_h2_ping_interval.0,
+        h2_keep_alive_timeout: args.operator_h2_ping_timeout.0,
+    };
+    listener_config
+        .validate()
+        .context("the operator listener's limits")?;
+    let login_limit = AttemptLimit {
+        max_failures: args.login_max_failures,
+        window: args.login_window.0,
+        ..AttemptLimit::default()
+    };
+    login_limit
+        .validate()
+        .context("--login-max-failures/--login-window")?;
     let policy = StalenessPolicy::new(
         Duration::from_secs(args.warning_after),
         Duration::from_secs(args.offline_after),
@@ -250,13 +384,18 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
     let agent_server = Arc::new(AgentServer::issuing(
         fleet.clone(),
         names,
-        ServerConfig::default(),
+        agent_config(budget.agent),
     )?);
     let agent_task = tokio::spawn(agent_server.serve(agent_listener, stopped(stop_rx.clone())));
-    let api = tenant_tokens.iter().fold(
-        OperatorApi::new(fleet.clone(), &operator_token),
-        |api, (t, token)| api.tenant_token(t.clone(), token),
-    );
+    let api = tenant_tokens
+        .iter()
+        .fold(
+            OperatorApi::new(fleet.clone(), &operator_token),
+            |api, (t, token)| api.tenant_token(t.clone(), token),
+        )
+        .listener_config(listener_config)
+        .trusted_proxies(TrustedProxies::new(args.trusted_proxies.iter().copied()))
+        .login_limit(login_limit);
     let api = Arc::new(api);
     let api_task = tokio::spawn(api.serve(operator_listener, stopped(stop_rx.clone())));
     let upkeep = fleet.spawn_maintenance(MaintenanceConfig::default(), |event| match event {
@@ -277,7 +416,7 @@ async fn run<S: FleetStore + Clone>(args: Serve, store: S) -> Result<()> {
         MaintenanceEvent::LeaseFailed(e) => tracing::warn!(error = %e, "claiming the sweeper lease failed; this replica records no status changes until it holds it again"),
         other => tracing::debug!(?other, "maintenance"),
     });
-    tracing::info!(%agent_addr, dashboard = %format!("http://{operator_addr}/"), token_file = %token_path.display(), "control panel running");
+    tracing::info!(%agent_addr, open_files = ?fds, operator_connections = budget.operator, agent_connections = budget.agent, dashboard = %format!("http://{operator_addr}/"), token_file = %token_path.display(), "control panel running");
 
     let demo = if args.demo_agents > 0 {
         let token = fleet

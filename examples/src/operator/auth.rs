@@ -12,8 +12,11 @@
 //! fleet's clock; each token holds at most [`MAX_SESSIONS_PER_TOKEN`].
 //!
 //! Behind a TLS-terminating reverse proxy, pass the browser's `Host` through (nginx:
-//! `proxy_set_header Host $host;`) so that the `Origin` check compares like with like, and set
-//! `X-Forwarded-Proto: https` so that the session cookie is marked `Secure`.
+//! `proxy_set_header Host $host;`) so that the `Origin` check compares like with like, set
+//! `X-Forwarded-Proto: https` (nginx: `proxy_set_header X-Forwarded-Proto $scheme;`), and name
+//! the proxy with `--trusted-proxy`: only then is the session cookie marked `Secure` and an
+//! `https://` origin taken for this site's. The header is ignored from any other peer
+//! ([`super::proxy`]), and the `Origin` check compares scheme and host.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -23,7 +26,9 @@ use fleet_core::RandomError;
 use fleet_core::token::TokenSecret;
 use fleet_core::{Fingerprint, TenantId, TenantScope, Timestamp};
 use hyper::header::{AUTHORIZATION, COOKIE, HOST, ORIGIN};
-use hyper::{HeaderMap, Method};
+use hyper::{HeaderMap, Method, Uri};
+
+use super::proxy::Scheme;
 use subtle::ConstantTimeEq;
 
 /// The session cookie's name.
@@ -249,16 +254,43 @@ impl Auth {
     }
 }
 
+/// This site as a browser names it in `Origin`: the scheme the client used (from a trusted
+/// proxy's `X-Forwarded-Proto`, else `http`; see [`super::proxy`]) and the host it asked for
+/// (`Host`, or the `:authority` of an HTTP/2 request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Site<'a> {
+    /// The scheme the client used.
+    pub scheme: Scheme,
+    /// The host (and port) the request was sent to, if it says.
+    pub host: Option<&'a str>,
+}
+
+impl<'a> Site<'a> {
+    /// The site a request with `headers` and `uri` was sent to, over `scheme`.
+    pub fn of(scheme: Scheme, headers: &'a HeaderMap, uri: &'a Uri) -> Self {
+        let host = headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| uri.authority().map(|a| a.as_str()));
+        Self { scheme, host }
+    }
+}
+
 /// Checks a write made with the session cookie: the CSRF header must match and an `Origin`, when
-/// the browser sends one, must be this server's. Reads and bearer callers pass.
-pub fn check_csrf(caller: &Caller, method: &Method, headers: &HeaderMap) -> Result<(), CsrfError> {
+/// the browser sends one, must be `site`. Reads and bearer callers pass.
+pub fn check_csrf(
+    caller: &Caller,
+    method: &Method,
+    headers: &HeaderMap,
+    site: Site<'_>,
+) -> Result<(), CsrfError> {
     let Via::Session { csrf, .. } = &caller.via else {
         return Ok(());
     };
     if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
         return Ok(());
     }
-    same_origin(headers)?;
+    same_origin(headers, site)?;
     let presented = headers
         .get(CSRF_HEADER)
         .and_then(|v| v.to_str().ok())
@@ -270,17 +302,20 @@ pub fn check_csrf(caller: &Caller, method: &Method, headers: &HeaderMap) -> Resu
     }
 }
 
-/// An `Origin` header, when present, must name the host the request was sent to.
-pub fn same_origin(headers: &HeaderMap) -> Result<(), CsrfError> {
+/// An `Origin` header, when present, must be `site`: the same scheme and the same host. A page
+/// served over `http://` is another origin than this site behind an HTTPS proxy, and the other
+/// way round (an `http://` page could be anyone's on the network path).
+pub fn same_origin(headers: &HeaderMap, site: Site<'_>) -> Result<(), CsrfError> {
     let Some(origin) = headers.get(ORIGIN) else {
         return Ok(());
     };
-    let host = headers.get(HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin.to_str().ok().and_then(|o| {
-        o.strip_prefix("http://")
-            .or_else(|| o.strip_prefix("https://"))
-    });
-    match (origin_host, host) {
+    let origin_host = origin
+        .to_str()
+        .ok()
+        .and_then(|o| o.split_once("://"))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(site.scheme.as_str()))
+        .map(|(_, host)| host);
+    match (origin_host, site.host) {
         (Some(o), Some(h)) if o.eq_ignore_ascii_case(h) => Ok(()),
         _ => Err(CsrfError::Origin),
     }
@@ -396,27 +431,61 @@ mod tests {
             panic!("a login makes a session");
         };
         let mut h = with_cookie(&id);
-        assert_eq!(check_csrf(&caller, &Method::GET, &h), Ok(()));
+        let uri = Uri::from_static("/api/v1/tokens");
+        let http = |_: &HeaderMap| Site {
+            scheme: Scheme::Http,
+            host: Some("127.0.0.1:8080"),
+        };
+        assert_eq!(check_csrf(&caller, &Method::GET, &h, http(&h)), Ok(()));
         assert_eq!(
-            check_csrf(&caller, &Method::POST, &h),
+            check_csrf(&caller, &Method::POST, &h, http(&h)),
             Err(CsrfError::Token)
         );
         h.insert(CSRF_HEADER, HeaderValue::from_str(csrf).unwrap());
         h.insert(HOST, HeaderValue::from_static("127.0.0.1:8080"));
-        assert_eq!(check_csrf(&caller, &Method::POST, &h), Ok(()));
+        assert_eq!(check_csrf(&caller, &Method::POST, &h, http(&h)), Ok(()));
         h.insert(ORIGIN, HeaderValue::from_static("http://evil.example"));
         assert_eq!(
-            check_csrf(&caller, &Method::DELETE, &h),
+            check_csrf(&caller, &Method::DELETE, &h, http(&h)),
             Err(CsrfError::Origin)
         );
         h.insert(ORIGIN, HeaderValue::from_static("http://127.0.0.1:8080"));
-        assert_eq!(check_csrf(&caller, &Method::PUT, &h), Ok(()));
+        assert_eq!(check_csrf(&caller, &Method::PUT, &h, http(&h)), Ok(()));
+        // The scheme counts: the same host over the other scheme is another origin.
+        let https = Site {
+            scheme: Scheme::Https,
+            host: Some("127.0.0.1:8080"),
+        };
+        assert_eq!(Site::of(Scheme::Https, &h, &uri), https);
+        assert_eq!(
+            check_csrf(&caller, &Method::PUT, &h, https),
+            Err(CsrfError::Origin)
+        );
+        h.insert(ORIGIN, HeaderValue::from_static("https://127.0.0.1:8080"));
+        assert_eq!(check_csrf(&caller, &Method::PUT, &h, https), Ok(()));
+        assert_eq!(
+            check_csrf(&caller, &Method::PUT, &h, http(&h)),
+            Err(CsrfError::Origin)
+        );
+        // HTTP/2 has no Host header: the authority of the request's URI is the host.
+        let mut h2 = h.clone();
+        h2.remove(HOST);
+        let uri2 = Uri::from_static("https://127.0.0.1:8080/api/v1/tokens");
+        assert_eq!(
+            check_csrf(
+                &caller,
+                &Method::PUT,
+                &h2,
+                Site::of(Scheme::Https, &h2, &uri2)
+            ),
+            Ok(())
+        );
         let bearer = Caller {
             scope: TenantScope::All,
             via: Via::Bearer,
         };
         assert_eq!(
-            check_csrf(&bearer, &Method::POST, &HeaderMap::new()),
+            check_csrf(&bearer, &Method::POST, &HeaderMap::new(), http(&h)),
             Ok(())
         );
     }

@@ -47,14 +47,21 @@
 //! server time).
 //!
 //! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
-//! position of the mistake.
+//! position of the mistake. A body that does not arrive within the listener's body deadline
+//! answers 408 `request_timeout`, a connection over the cap 503 `busy` ([`listener`]), and a
+//! wrong operator token — at `/login` or as a bearer — from a source over its budget 429
+//! `rate_limited` with `Retry-After` (a correct token is never refused by it).
+//!
+//! `X-Forwarded-Proto` and `X-Forwarded-For` count only from a configured proxy ([`proxy`]);
+//! the `Origin` check compares scheme and host.
 
 pub mod auth;
 pub mod dashboard;
+pub mod listener;
 pub mod metrics;
+pub mod proxy;
 
 use std::collections::BTreeMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,13 +74,15 @@ use fleet_core::{
     Timestamp, TokenId,
 };
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
+use hyper::body::Bytes;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
-use auth::{Auth, Via, check_csrf};
+use auth::{Auth, Site, Via, check_csrf};
+use fleet_core::limiter::{Attempt, AttemptLimit, AttemptLimiter};
+use listener::{BodyError, ListenerConfig, PeerAddr, RequestBody};
+use proxy::{Client, Scheme, TrustedProxies};
 
 /// Every route of the operator API as `(method, path template)`, the list the OpenAPI document
 /// (`GET /api/v1/openapi.json`) is checked against. `{id}` / `{name}` are path parameters.
@@ -219,28 +228,79 @@ struct CreateToken {
 pub struct OperatorApi<S> {
     fleet: Fleet<S>,
     auth: Auth,
+    listener: ListenerConfig,
+    proxies: TrustedProxies,
+    /// Wrong operator tokens per source, at `POST /login` and in `Authorization: Bearer`.
+    limiter: AttemptLimiter,
 }
 
-fn query(req: &Request<Incoming>) -> BTreeMap<String, String> {
+fn query(req: &Request<RequestBody>) -> BTreeMap<String, String> {
     req.uri()
         .query()
         .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
         .unwrap_or_default()
 }
 
-async fn body_bytes(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+/// The whole body, read under the body deadline of the listener ([`RequestBody`]): 413 past
+/// 256 KiB, 408 when it does not arrive in time (and, on HTTP/1.1, the connection is closed
+/// after the reply: the rest of the body is never read).
+async fn body_bytes(req: Request<RequestBody>) -> Result<Bytes, Response<Body>> {
+    let http1 = req.version() <= hyper::Version::HTTP_11;
     match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(c) => Ok(c.to_bytes()),
-        Err(_) => Err(error(
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
             "the body limit is 256 KiB",
         )),
+        Err(e) => {
+            let (status, code) = match e.downcast_ref::<BodyError>() {
+                Some(BodyError::Timeout(_)) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
+                _ => (StatusCode::BAD_REQUEST, "body_incomplete"),
+            };
+            let mut r = error(status, code, e.to_string());
+            if http1 {
+                r.headers_mut().insert(
+                    hyper::header::CONNECTION,
+                    hyper::header::HeaderValue::from_static("close"),
+                );
+            }
+            Err(r)
+        }
     }
 }
 
+/// 429 `rate_limited` with `Retry-After` (whole seconds, rounded up).
+fn rate_limited(retry_after: Duration) -> Response<Body> {
+    let secs = (retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)).max(1);
+    let mut r = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limited",
+        format!(
+            "too many wrong operator tokens from this address; a correct one is still accepted, \
+             others are refused for {secs} s"
+        ),
+    );
+    r.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from(secs),
+    );
+    r
+}
+
+/// The verdict on a presented operator token, under the failed-attempt limiter.
+#[derive(Debug)]
+enum Checked<T> {
+    /// The token is right.
+    Right(T),
+    /// The token is wrong (and counted).
+    Wrong,
+    /// The token is wrong and its source is over budget: answer 429.
+    Limited(Duration),
+}
+
 async fn body_json<T: serde::de::DeserializeOwned>(
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> Result<T, Response<Body>> {
     let bytes = body_bytes(req).await?;
     serde_json::from_slice(&bytes).map_err(|e| {
@@ -279,6 +339,58 @@ impl<S: FleetStore> OperatorApi<S> {
         Self {
             fleet,
             auth: Auth::new(operator_token),
+            listener: ListenerConfig::default(),
+            proxies: TrustedProxies::default(),
+            limiter: AttemptLimiter::default(),
+        }
+    }
+
+    /// Serves with `config`'s connection cap and deadlines (default: [`ListenerConfig::default`]).
+    #[must_use]
+    pub fn listener_config(mut self, config: ListenerConfig) -> Self {
+        self.listener = config;
+        self
+    }
+
+    /// Believes `X-Forwarded-Proto` and `X-Forwarded-For` from these peers only (default: from
+    /// none); see [`proxy`].
+    #[must_use]
+    pub fn trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.proxies = proxies;
+        self
+    }
+
+    /// Limits wrong operator tokens per source — at `POST /login` and as bearer tokens — as
+    /// [`fleet_core::limiter`] does for enrollment (default: [`AttemptLimit::default`], 20 a
+    /// minute). Over the budget a wrong token is answered 429 `rate_limited` with `Retry-After`;
+    /// a correct one is never refused because of others' failures.
+    #[must_use]
+    pub fn login_limit(mut self, limit: AttemptLimit) -> Self {
+        self.limiter = AttemptLimiter::new(limit);
+        self
+    }
+
+    /// Checks a presented token with `check` under the limiter: the attempt is reserved before
+    /// the token is looked at (so concurrent guesses cannot overrun the budget) and given back
+    /// when the token is right.
+    fn guarded<T>(
+        &self,
+        client: &Client,
+        now: Timestamp,
+        check: impl FnOnce() -> Option<T>,
+    ) -> Checked<T> {
+        match self.limiter.begin(client.ip, now) {
+            Attempt::Counted(reservation) => match check() {
+                Some(t) => {
+                    reservation.succeeded();
+                    Checked::Right(t)
+                }
+                None => Checked::Wrong,
+            },
+            Attempt::OverBudget { retry_after } => match check() {
+                Some(t) => Checked::Right(t),
+                None => Checked::Limited(retry_after),
+            },
         }
     }
 
@@ -298,15 +410,17 @@ impl<S: FleetStore> OperatorApi<S> {
 
     /// Handles one request: the dashboard's pages and assets, login and logout, `/metrics` and
     /// the JSON API.
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(&self, req: Request<RequestBody>) -> Response<Body> {
         let now = self.fleet.now();
         let path = req.uri().path().to_owned();
+        let peer = req.extensions().get::<PeerAddr>().map(|p| p.0);
+        let client = self.proxies.client(peer, req.headers());
         match (req.method().clone(), path.as_str()) {
             (Method::GET, "/login") => {
                 return dashboard::login_page(StatusCode::OK, None, &query(&req));
             }
-            (Method::POST, "/login") => return self.login(req, now).await,
-            (Method::POST, "/logout") => return self.logout(&req, now),
+            (Method::POST, "/login") => return self.login(req, now, &client).await,
+            (Method::POST, "/logout") => return self.logout(&req, now, &client),
             (Method::GET, p) if p.starts_with("/assets/") => return dashboard::asset(p),
             (Method::GET, p) if dashboard::is_page(p) => {
                 return match self.auth.session(req.headers(), now) {
@@ -316,14 +430,25 @@ impl<S: FleetStore> OperatorApi<S> {
             }
             _ => {}
         }
-        let Some(caller) = self.auth.caller(req.headers(), now) else {
+        // A bearer token is a guess like a login: counted, and limited, the same way.
+        let caller = if req.headers().contains_key(hyper::header::AUTHORIZATION) {
+            match self.guarded(&client, now, || self.auth.caller(req.headers(), now)) {
+                Checked::Right(c) => Some(c),
+                Checked::Wrong => None,
+                Checked::Limited(retry_after) => return rate_limited(retry_after),
+            }
+        } else {
+            self.auth.caller(req.headers(), now)
+        };
+        let Some(caller) = caller else {
             return error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
                 "send Authorization: Bearer <operator token>, or log in at /login",
             );
         };
-        if let Err(e) = check_csrf(&caller, req.method(), req.headers()) {
+        let site = Site::of(client.scheme, req.headers(), req.uri());
+        if let Err(e) = check_csrf(&caller, req.method(), req.headers(), site) {
             return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
         }
         let global = caller.scope == TenantScope::All;
@@ -600,8 +725,14 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
-    async fn login(&self, req: Request<Incoming>, now: Timestamp) -> Response<Body> {
-        if let Err(e) = auth::same_origin(req.headers()) {
+    async fn login(
+        &self,
+        req: Request<RequestBody>,
+        now: Timestamp,
+        client: &Client,
+    ) -> Response<Body> {
+        let site = Site::of(client.scheme, req.headers(), req.uri());
+        if let Err(e) = auth::same_origin(req.headers(), site) {
             return dashboard::login_page(
                 StatusCode::FORBIDDEN,
                 Some(&e.to_string()),
@@ -615,13 +746,22 @@ impl<S: FleetStore> OperatorApi<S> {
         };
         let form: BTreeMap<String, String> = form_urlencoded::parse(&bytes).into_owned().collect();
         let token = form.get("token").map_or("", |t| t.trim());
+        match self.guarded(client, now, || self.auth.token_scope(token)) {
+            Checked::Right(_) => {}
+            Checked::Wrong => {
+                return dashboard::login_page(
+                    StatusCode::UNAUTHORIZED,
+                    Some("That is not an operator token."),
+                    &form,
+                );
+            }
+            Checked::Limited(retry_after) => return rate_limited(retry_after),
+        }
         match self.auth.login(token, &headers, now) {
             Ok(Some((id, _))) => {
                 let next = dashboard::safe_next(form.get("next").map(String::as_str));
-                // Behind a TLS-terminating proxy that says so, the cookie is HTTPS-only.
-                let secure = headers
-                    .get("x-forwarded-proto")
-                    .is_some_and(|p| p.as_bytes().eq_ignore_ascii_case(b"https"));
+                // Behind a trusted TLS-terminating proxy that says so, the cookie is HTTPS-only.
+                let secure = client.scheme == Scheme::Https;
                 let mut r = Response::new(Full::new(Bytes::new()));
                 *r.status_mut() = StatusCode::SEE_OTHER;
                 if let (Ok(loc), Ok(cookie)) = (
@@ -649,14 +789,20 @@ impl<S: FleetStore> OperatorApi<S> {
     /// Ends the caller's session. Only a live session with its CSRF token clears the cookie: a
     /// cross-site form cannot log an operator out (the browser would accept the clearing
     /// `Set-Cookie` of a top-level navigation even though it did not send the cookie).
-    fn logout(&self, req: &Request<Incoming>, now: Timestamp) -> Response<Body> {
-        if let Err(e) = auth::same_origin(req.headers()) {
+    fn logout(
+        &self,
+        req: &Request<RequestBody>,
+        now: Timestamp,
+        client: &Client,
+    ) -> Response<Body> {
+        let site = Site::of(client.scheme, req.headers(), req.uri());
+        if let Err(e) = auth::same_origin(req.headers(), site) {
             return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
         }
         let mut r = Response::new(Full::new(Bytes::new()));
         *r.status_mut() = StatusCode::NO_CONTENT;
         if let Some(caller) = self.auth.session(req.headers(), now) {
-            if let Err(e) = check_csrf(&caller, req.method(), req.headers()) {
+            if let Err(e) = check_csrf(&caller, req.method(), req.headers(), site) {
                 return error(StatusCode::FORBIDDEN, "csrf_failed", e.to_string());
             }
             self.auth.logout(req.headers());
@@ -667,7 +813,7 @@ impl<S: FleetStore> OperatorApi<S> {
         r
     }
 
-    async fn alerts(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
+    async fn alerts(&self, req: &Request<RequestBody>, scope: &TenantScope) -> Response<Body> {
         let q = query(req);
         let instance = match q.get("instance").map(|i| i.parse::<InstanceId>()) {
             None => None,
@@ -740,7 +886,7 @@ impl<S: FleetStore> OperatorApi<S> {
         )
     }
 
-    async fn trends(&self, req: &Request<Incoming>) -> Response<Body> {
+    async fn trends(&self, req: &Request<RequestBody>) -> Response<Body> {
         let q = query(req);
         let now = self.fleet.now();
         let (from, to) = match (time_param(&q, "from"), time_param(&q, "to")) {
@@ -758,7 +904,7 @@ impl<S: FleetStore> OperatorApi<S> {
 
     async fn commands(
         &self,
-        req: &Request<Incoming>,
+        req: &Request<RequestBody>,
         scope: &TenantScope,
         instance: Option<InstanceId>,
     ) -> Response<Body> {
@@ -816,7 +962,7 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
-    fn list(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
+    fn list(&self, req: &Request<RequestBody>, scope: &TenantScope) -> Response<Body> {
         let q = query(req);
         let filter = match Filter::parse(q.get("filter").map_or("", String::as_str)) {
             Ok(f) => f,
@@ -844,7 +990,7 @@ impl<S: FleetStore> OperatorApi<S> {
         )
     }
 
-    async fn create_token(&self, req: Request<Incoming>, scope: &TenantScope) -> Response<Body> {
+    async fn create_token(&self, req: Request<RequestBody>, scope: &TenantScope) -> Response<Body> {
         let input: CreateToken = match body_json(req).await {
             Ok(i) => i,
             Err(r) => return r,
@@ -886,57 +1032,27 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
-    /// Serves plain HTTP on `listener` (bind it to loopback) until `shutdown` completes.
+    /// Serves plain HTTP/1.1 and HTTP/2 on `listener` (bind it to loopback) until `shutdown`
+    /// completes, with the connection cap and deadlines of [`listener`].
     pub async fn serve(
         self: Arc<Self>,
         listener: TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> std::io::Result<()> {
-        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-        let mut shutdown = std::pin::pin!(shutdown);
-        loop {
-            let (tcp, _) = tokio::select! {
-                () = &mut shutdown => break,
-                r = listener.accept() => match r {
-                    Ok(a) => a,
-                    Err(_) => {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
+        let config = self.listener.clone();
+        listener::serve(listener, &config, shutdown, move |req| {
             let api = Arc::clone(&self);
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let _ = tcp.set_nodelay(true);
-                let service = hyper::service::service_fn(move |req| {
-                    let api = Arc::clone(&api);
-                    async move {
-                        let started = std::time::Instant::now();
-                        let mut resp = api.handle(req).await;
-                        // The server's own time, for clients that measure us (fleet-bench).
-                        let ms = started.elapsed().as_secs_f64() * 1000.0;
-                        if let Ok(v) =
-                            hyper::header::HeaderValue::from_str(&format!("app;dur={ms:.3}"))
-                        {
-                            resp.headers_mut().insert("server-timing", v);
-                        }
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(Duration::from_secs(10));
-                let conn = builder
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .into_owned();
-                let _ = watcher.watch(conn).await;
-            });
-        }
-        let _ = tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await;
-        Ok(())
+            async move {
+                let started = std::time::Instant::now();
+                let mut resp = api.handle(req).await;
+                // The server's own time, for clients that measure us (fleet-bench).
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("app;dur={ms:.3}")) {
+                    resp.headers_mut().insert("server-timing", v);
+                }
+                resp
+            }
+        })
+        .await
     }
 }

@@ -1,7 +1,9 @@
 // fleet dashboard. Plain browser JavaScript, no framework, no build step, no external assets.
 // Every figure comes from the operator JSON API (/api/v1/...) with the session cookie; writes
 // carry the session's CSRF token from <meta name="fleet-csrf">. Text is always set through
-// textContent (never innerHTML), so nothing an agent reports can inject markup.
+// textContent (never innerHTML), so nothing an agent reports can inject markup, and every text
+// the page shows passes through visible(), so nothing an agent reports can hide or reorder
+// what is shown either.
 "use strict";
 
 const CSRF = document.querySelector('meta[name="fleet-csrf"]').content;
@@ -43,6 +45,41 @@ async function api(method, path, body) {
   return data;
 }
 
+// Characters that are not shown, or change how the text around them is shown: controls (Cc),
+// format characters (Cf: the bidirectional overrides and isolates U+202A–U+202E and
+// U+2066–U+2069, the zero-width U+200B–U+200F, U+FEFF and the rest) and the line and paragraph
+// separators. A hostname with U+202E would otherwise read backwards, and one with U+200B look
+// like another machine's.
+const HIDDEN = /[\p{Cc}\p{Cf}\p{Zl}\p{Zp}]/gu;
+
+function codePoint(ch) {
+  return ch.codePointAt(0).toString(16).toUpperCase().padStart(4, "0");
+}
+
+// `text` as nodes to show: its ordinary runs as text, each hidden character as a visible escape
+// (`\u{202E}`) in a distinct style.
+function visible(text) {
+  const out = [];
+  let last = 0;
+  for (const m of text.matchAll(HIDDEN)) {
+    if (m.index > last) out.push(text.slice(last, m.index));
+    const cp = codePoint(m[0]);
+    const e = document.createElement("span");
+    e.className = "esc";
+    e.title = "U+" + cp + ": an invisible or control character in this text";
+    e.textContent = "\\u{" + cp + "}";
+    out.push(e);
+    last = m.index + m[0].length;
+  }
+  if (last < text.length) out.push(text.slice(last));
+  return out;
+}
+
+// The same for places that take a plain string (tooltips).
+function visibleText(text) {
+  return String(text).replace(HIDDEN, (ch) => "\\u{" + codePoint(ch) + "}");
+}
+
 // el("div", {class: "x", onclick: f}, child, "text", [more children])
 function el(tag, attrs, ...children) {
   const e = document.createElement(tag);
@@ -52,6 +89,7 @@ function el(tag, attrs, ...children) {
     else if (k === "class") e.className = v;
     else if (k === "dataset") Object.assign(e.dataset, v);
     else if (k === "value") e.value = v;
+    else if (k === "title") e.title = visibleText(v);
     else e.setAttribute(k, v === true ? "" : v);
   }
   append(e, children);
@@ -61,7 +99,8 @@ function el(tag, attrs, ...children) {
 function append(parent, children) {
   for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
-    parent.append(c instanceof Node ? c : document.createTextNode(String(c)));
+    if (c instanceof Node) parent.append(c);
+    else parent.append(...visible(String(c)));
   }
   return parent;
 }
@@ -173,7 +212,7 @@ function live(fn) {
         dot.className = "live on";
       } catch (e) {
         dot.className = "live err";
-        dot.title = "Update failed: " + e.message;
+        dot.title = visibleText("Update failed: " + e.message);
       } finally {
         busy = false;
       }
