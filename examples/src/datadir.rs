@@ -165,6 +165,27 @@ fn collect_open(path: &Path, depth: u32, open: &mut Vec<(PathBuf, u32)>) -> Resu
     Ok(())
 }
 
+/// The key-encryption key in the file at `path` (never the environment), made (0600) when
+/// missing: the new key of a rotation.
+pub fn key_file(path: &Path) -> Result<KeyEncryptionKey> {
+    if path.exists() {
+        let mode = mode_of(path)?;
+        if mode & 0o077 != 0 {
+            anyhow::bail!(
+                "{} is readable by group or others (mode {:o}); it must be 0600",
+                path.display(),
+                mode & 0o777
+            );
+        }
+        let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+        return KeyEncryptionKey::parse(&text).with_context(|| path.display().to_string());
+    }
+    let kek = KeyEncryptionKey::generate()?;
+    crate::write_private(path, &format!("{}\n", kek.expose_hex()))?;
+    tracing::info!(path = %path.display(), id = %kek.id(), "created a new key-encryption key (0600)");
+    Ok(kek)
+}
+
 /// The key-encryption key: `FLEET_CA_KEK` if set, else the file at `path`, made (0600) on first
 /// start. Returns the key and where it came from, for the log.
 pub fn key_encryption_key(path: &Path) -> Result<(KeyEncryptionKey, String)> {

@@ -253,3 +253,86 @@ async fn control_panel_serves_agents_the_dashboard_and_metrics() {
     // SIGTERM: a clean exit within a bounded time.
     stop(child).await;
 }
+
+/// Rotating the key-encryption key (`control-panel reseal-ca`): afterwards the store opens with
+/// the new key only — the old one, which may have been copied with the store, unseals nothing —
+/// and the CA, the instances and the agents' certificates are the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reseal_ca_rotates_the_key_encryption_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let log = tmp.path().join("control-panel.log");
+    let port = free_port();
+    let mut child = start(&data, &log, port, &[]);
+    wait_up(port, &mut child).await;
+    stop(child).await;
+    let ca_before = std::fs::read_to_string(data.join("ca.pem")).unwrap();
+    let new_key = tmp.path().join("new.kek");
+    let reseal = |key: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
+            .args(["reseal-ca", "--data-dir"])
+            .arg(&data)
+            .arg("--new-ca-kek-file")
+            .arg(key)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .env_remove("FLEET_CA_KEK")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = reseal(&new_key);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::metadata(&new_key).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the new key is private"
+    );
+    // The old key (still the default `ca.kek`) no longer opens the store, and says why.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
+        .args(["serve", "--data-dir"])
+        .arg(&data)
+        .args(["--agent-listen", "127.0.0.1:0"])
+        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .env_remove("FLEET_CA_KEK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the old key must not unseal the CA");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sealed with key-encryption key"), "{err}");
+    // The new one does, with the same CA.
+    let port = free_port();
+    let key_arg = new_key.to_str().unwrap().to_owned();
+    let mut child = start(&data, &log, port, &["--ca-kek-file", &key_arg]);
+    wait_up(port, &mut child).await;
+    stop(child).await;
+    assert_eq!(
+        std::fs::read_to_string(data.join("ca.pem")).unwrap(),
+        ca_before,
+        "the same CA"
+    );
+    // Resealing under the key in use is refused.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
+        .args(["reseal-ca", "--data-dir"])
+        .arg(&data)
+        .arg("--ca-kek-file")
+        .arg(&new_key)
+        .arg("--new-ca-kek-file")
+        .arg(&new_key)
+        .env_remove("FLEET_CA_KEK")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "a rotation to the same key is refused"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is the current one"), "{err}");
+}

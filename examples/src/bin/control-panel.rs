@@ -59,7 +59,36 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the control panel.
-    Serve(Serve),
+    Serve(Box<Serve>),
+    /// Seal the stored CA keys under a new key-encryption key (stop the control panel first;
+    /// with PostgreSQL, then give every replica the new key and restart them).
+    ResealCa(ResealCa),
+}
+
+/// `control-panel reseal-ca`: rotates the key-encryption key that seals the CA in the store.
+#[derive(clap::Args, Debug)]
+struct ResealCa {
+    /// The control panel's data directory (the sled store lives in `db` there).
+    #[arg(long, default_value = "./fleet-data")]
+    data_dir: PathBuf,
+    /// The store.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sled)]
+    store: StoreKind,
+    /// PostgreSQL URL for `--store postgres`.
+    #[arg(long, env = "FLEET_DATABASE_URL")]
+    database_url: Option<String>,
+    /// The key the CA is sealed with now (`FLEET_CA_KEK` takes precedence). Default:
+    /// `<data-dir>/ca.kek`.
+    #[arg(long)]
+    ca_kek_file: Option<PathBuf>,
+    /// Where the new key goes: made (0600) if missing, read if present. After success, point
+    /// `--ca-kek-file` (or `FLEET_CA_KEK`) of every replica at it; the old key no longer opens
+    /// the store.
+    #[arg(long)]
+    new_ca_kek_file: PathBuf,
+    /// Proceed even if group or others can read the data directory.
+    #[arg(long)]
+    insecure_permissions: bool,
 }
 
 /// Which store keeps the fleet.
@@ -245,6 +274,72 @@ async fn serve(args: Serve) -> Result<()> {
             Ok(())
         }
     }
+}
+
+async fn reseal_ca(args: ResealCa) -> Result<()> {
+    fleet_examples::datadir::private_umask();
+    fleet_examples::datadir::prepare(&args.data_dir, args.insecure_permissions)?;
+    let old_path = args
+        .ca_kek_file
+        .clone()
+        .unwrap_or_else(|| args.data_dir.join("ca.kek"));
+    if !old_path.exists() && std::env::var_os(fleet_examples::datadir::KEK_ENV).is_none() {
+        anyhow::bail!(
+            "no current key-encryption key at {} (and {} is not set)",
+            old_path.display(),
+            fleet_examples::datadir::KEK_ENV
+        );
+    }
+    let (old, old_source) = fleet_examples::datadir::key_encryption_key(&old_path)?;
+    let new = fleet_examples::datadir::key_file(&args.new_ca_kek_file)?;
+    if new.id() == old.id() {
+        anyhow::bail!(
+            "the new key-encryption key is the current one ({})",
+            old.id()
+        );
+    }
+    match args.store {
+        StoreKind::Sled => {
+            let store = SledStore::open(args.data_dir.join("db"))
+                .await
+                .context("opening the store (is the control panel still running?)")?;
+            reseal(store.clone(), old, &old_source, new).await?;
+            store.close().await.context("closing the store")
+        }
+        StoreKind::Postgres => {
+            let url = args
+                .database_url
+                .clone()
+                .context("--store postgres needs --database-url (or FLEET_DATABASE_URL)")?;
+            let store = PgStore::connect(&url)
+                .await
+                .context("connecting to PostgreSQL")?;
+            reseal(store.clone(), old, &old_source, new).await?;
+            store.pool().close().await;
+            Ok(())
+        }
+    }
+}
+
+async fn reseal<S: FleetStore + Clone>(
+    store: S,
+    old: fleet_core::seal::KeyEncryptionKey,
+    old_source: &str,
+    new: fleet_core::seal::KeyEncryptionKey,
+) -> Result<()> {
+    let new_id = new.id();
+    let fleet = Fleet::builder(store)
+        .key_encryption_key(old)
+        .open()
+        .await
+        .with_context(|| format!("opening the fleet (key-encryption key from {old_source})"))?;
+    fleet
+        .reseal_ca(new)
+        .await
+        .context("sealing the CA under the new key")?;
+    fleet.flush_heartbeats().await.context("flushing")?;
+    tracing::info!(new_key = %new_id, "the CA is sealed under the new key-encryption key; start every control panel with it and keep the old one only until then");
+    Ok(())
 }
 
 /// The agent listener's budgets within `total` connections: the pending budget is a quarter at
@@ -470,6 +565,7 @@ async fn main() -> Result<()> {
         )
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
+        Command::ResealCa(args) => reseal_ca(args).await,
     }
 }
