@@ -638,10 +638,12 @@ impl<S: FleetStore> AgentServer<S> {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
                     Ok(a) => a,
-                    // Out of file descriptors (or another transient error): free one held by
-                    // the heaviest unauthenticated source and try again shortly.
-                    Err(_) => {
-                        self.admission.shed_heaviest();
+                    // Out of file descriptors (EMFILE, ENFILE): free one held by the heaviest
+                    // unauthenticated source. Any accept error is transient: try again shortly.
+                    Err(e) => {
+                        if matches!(e.raw_os_error(), Some(23 | 24)) {
+                            self.admission.shed_heaviest();
+                        }
                         tokio::time::sleep(Duration::from_millis(10)).await;
                         continue;
                     }
