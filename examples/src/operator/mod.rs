@@ -46,8 +46,10 @@
 //! `Server-Timing: app;dur=MS`, the time the handler took (what `fleet-bench query` reports as
 //! server time).
 //!
-//! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
-//! position of the mistake.
+//! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400
+//! `invalid_filter` with `field: "filter"` and the `position` of the mistake, and a filter beyond
+//! one of the limits of [`fleet_core::filter`] 400 `filter_too_large`, also naming the limit
+//! (`limit`, e.g. `max_total_values`) and its value (`max`).
 
 pub mod auth;
 pub mod dashboard;
@@ -160,14 +162,7 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
             format!("{kind} {id} already exists"),
         ),
         FleetError::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
-        FleetError::Filter(f) => {
-            let mut r = json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": {"code": "invalid_filter", "message": f.to_string(), "position": f.position}}),
-            );
-            *r.status_mut() = StatusCode::BAD_REQUEST;
-            r
-        }
+        FleetError::Filter(f) => filter_error(f),
         e if e.is_unavailable() => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -175,6 +170,29 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
         ),
         e => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
+}
+
+/// A filter refused: 400 `invalid_filter` for a syntax error, 400 `filter_too_large` naming the
+/// limit (`limit`: its name, `max`: its value; see [`fleet_core::FilterLimit`]) for one beyond a
+/// limit. Both carry `field: "filter"` and the 0-based character `position`.
+fn filter_error(f: &fleet_core::FilterParseError) -> Response<Body> {
+    let body = match f.limit {
+        None => serde_json::json!({"error": {
+            "code": "invalid_filter",
+            "message": f.to_string(),
+            "field": "filter",
+            "position": f.position,
+        }}),
+        Some(limit) => serde_json::json!({"error": {
+            "code": "filter_too_large",
+            "message": f.to_string(),
+            "field": "filter",
+            "position": f.position,
+            "limit": limit.name(),
+            "max": limit.max(),
+        }}),
+    };
+    json(StatusCode::BAD_REQUEST, &body)
 }
 
 /// An optional RFC 3339 time parameter; the error is the message for a 400 reply.
@@ -249,6 +267,33 @@ async fn body_json<T: serde::de::DeserializeOwned>(
             "malformed_request",
             format!("invalid JSON: {e}"),
         )
+    })
+}
+
+/// Like [`body_json`], but when the body does not decode because the filter at `pointer` (a JSON
+/// pointer) is refused, the reply is that filter's error (`invalid_filter` or `filter_too_large`
+/// naming the limit), as for a `filter` query parameter, rather than `malformed_request`.
+async fn body_json_with_filter<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    pointer: &str,
+) -> Result<T, Response<Body>> {
+    let bytes = body_bytes(req).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let refused = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                v.pointer(pointer)
+                    .and_then(|f| f.as_str())
+                    .map(Filter::parse)
+            });
+        match refused {
+            Some(Err(f)) => filter_error(&f),
+            _ => error(
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                format!("invalid JSON: {e}"),
+            ),
+        }
     })
 }
 
@@ -495,7 +540,7 @@ impl<S: FleetStore> OperatorApi<S> {
                 }
             }
             (Method::POST, ["api", "v1", "commands"]) => {
-                let new: NewCommand = match body_json(req).await {
+                let new: NewCommand = match body_json_with_filter(req, "/target/filter").await {
                     Ok(n) => n,
                     Err(r) => return r,
                 };
@@ -536,7 +581,7 @@ impl<S: FleetStore> OperatorApi<S> {
                 if !global {
                     return forbidden("a policy");
                 }
-                let new: NewPolicy = match body_json(req).await {
+                let new: NewPolicy = match body_json_with_filter(req, "/filter").await {
                     Ok(n) => n,
                     Err(r) => return r,
                 };
