@@ -52,7 +52,7 @@
 //!
 //! Values are counted as written, before duplicates are removed. A filter built in code
 //! ([`Filter::and`] and friends) is trusted and not limited; the live view bounds the work it does
-//! per lock hold for any filter (see `live::query`).
+//! per lock hold for any filter (see [`crate::live::query`]).
 //!
 //! # Errors
 //!

@@ -1,13 +1,98 @@
-//! The free-text index: every instance's lowercased hostname and IP addresses in one arena.
+//! The free-text index: every instance's lowercased hostname and IP addresses in one arena, and
+//! the matcher that searches it for a `text:` term's values.
 //!
-//! Searching is one `memmem` pass over a contiguous buffer (tens of megabytes at a million
-//! instances) instead of a million pointer chases. Entries are separated by `\n`; a needle can
-//! contain neither `\n` nor NUL, so a match never spans two entries, and removed entries are
-//! overwritten with NUL so they never match. The arena is compacted when more than half of it is
-//! dead.
+//! An unscoped search is a pass over a contiguous buffer (tens of megabytes at a million
+//! instances) instead of a million pointer chases, done a bounded range of entries at a time
+//! ([`TextIndex::scan`]) so that no pass holds the view's lock for long; a search among a few
+//! instances (one tenant's) reads just their entries ([`TextIndex::bytes`]). Entries are
+//! separated by `\n`; a needle can contain neither `\n` nor NUL, so a match never spans two
+//! entries, and removed entries are overwritten with NUL so they never match. The arena is
+//! compacted when more than half of it is dead; each compaction moves every entry and bumps
+//! [`TextIndex::generation`], so that a scan spread over several lock holds notices.
 
+use aho_corasick::AhoCorasick;
 use memchr::memmem;
-use roaring::RoaringBitmap;
+
+/// What a `text:` term looks for: any of its values as a substring. One value is a `memmem`
+/// search; several are one Aho-Corasick automaton, so a term of 64 values costs one pass over the
+/// text, not 64.
+#[derive(Debug)]
+pub(crate) enum TextMatcher {
+    /// No value can match (none left after dropping empty values and values with `\n` or NUL).
+    Never,
+    /// One value (boxed: a finder is ~300 bytes).
+    One(Box<memmem::Finder<'static>>),
+    /// Several values.
+    Many(AhoCorasick),
+    /// Several values, when the automaton could not be built (beyond its size limits: not
+    /// reachable with parsed filters, which are limited).
+    Each(Vec<memmem::Finder<'static>>),
+}
+
+impl TextMatcher {
+    /// The matcher for these (lowercased) values.
+    pub(crate) fn new(needles: &[String]) -> Self {
+        let valid: Vec<&[u8]> = needles
+            .iter()
+            .map(|n| n.as_bytes())
+            .filter(|n| !n.is_empty() && !n.iter().any(|&b| b == b'\n' || b == 0))
+            .collect();
+        match valid.as_slice() {
+            [] => Self::Never,
+            [one] => Self::One(Box::new(memmem::Finder::new(one).into_owned())),
+            many => AhoCorasick::new(many).map_or_else(
+                |_| {
+                    Self::Each(
+                        many.iter()
+                            .map(|n| memmem::Finder::new(n).into_owned())
+                            .collect(),
+                    )
+                },
+                Self::Many,
+            ),
+        }
+    }
+
+    /// Whether no text can match.
+    pub(crate) fn never(&self) -> bool {
+        matches!(self, Self::Never)
+    }
+
+    /// Whether `text` contains any of the values.
+    pub(crate) fn is_match(&self, text: &[u8]) -> bool {
+        match self {
+            Self::Never => false,
+            Self::One(f) => f.find(text).is_some(),
+            Self::Many(ac) => ac.is_match(text),
+            Self::Each(fs) => fs.iter().any(|f| f.find(text).is_some()),
+        }
+    }
+
+    /// Calls `hit` with the start of matches in `hay`, in ascending order: at least one in every
+    /// entry that contains a value (not necessarily every match).
+    fn for_each_match(&self, hay: &[u8], mut hit: impl FnMut(usize)) {
+        match self {
+            Self::Never => {}
+            Self::One(f) => f.find_iter(hay).for_each(hit),
+            Self::Many(ac) => ac.find_iter(hay).for_each(|m| hit(m.start())),
+            Self::Each(fs) => {
+                let mut starts: Vec<usize> = fs.iter().flat_map(|f| f.find_iter(hay)).collect();
+                starts.sort_unstable();
+                starts.into_iter().for_each(hit);
+            }
+        }
+    }
+
+    /// Rough cost of searching 1 KiB of text, in the units of `live::query` (≈ ns).
+    pub(crate) fn cost_per_kib(&self) -> u64 {
+        match self {
+            Self::Never => 0,
+            Self::One(_) => 100,
+            Self::Many(_) => 1_000,
+            Self::Each(fs) => 100 * fs.len() as u64,
+        }
+    }
+}
 
 /// Where one slot's text lives in the arena.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +114,17 @@ pub(crate) struct TextIndex {
     /// (offset, slot) of every entry ever appended since the last compaction, ascending offset.
     owners: Vec<(u32, u32)>,
     dead: usize,
+    /// Compactions so far: entry numbers and offsets of one generation mean nothing in another.
+    generation: u64,
+}
+
+/// How far a [`TextIndex::scan`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scanned {
+    /// The entry to continue from ([`TextIndex::entries`] when the arena is done).
+    pub(crate) next: usize,
+    /// Entries passed over (live or dead).
+    pub(crate) entries: usize,
 }
 
 /// Arena size above which dead space triggers compaction.
@@ -45,6 +141,32 @@ impl TextIndex {
             .get(start..start + r.len as usize)
             .and_then(|b| std::str::from_utf8(b).ok())
             .unwrap_or("")
+    }
+
+    /// The text of `r`, as bytes (no UTF-8 check: what a matcher reads).
+    pub(crate) fn bytes(&self, r: TextRef) -> &[u8] {
+        if r == TextRef::NONE {
+            return &[];
+        }
+        let start = r.offset as usize;
+        self.arena
+            .get(start..start + r.len as usize)
+            .unwrap_or_default()
+    }
+
+    /// Entries appended since the last compaction (live or dead).
+    pub(crate) fn entries(&self) -> usize {
+        self.owners.len()
+    }
+
+    /// Bytes of the arena.
+    pub(crate) fn len(&self) -> usize {
+        self.arena.len()
+    }
+
+    /// Compactions so far.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// Appends `text` for `slot`. Returns `None` if the arena would exceed 4 GiB, in which case the
@@ -82,6 +204,7 @@ impl TextIndex {
         let old = std::mem::take(&mut self.arena);
         self.owners.clear();
         self.dead = 0;
+        self.generation += 1;
         for (slot, r) in refs {
             if *r == TextRef::NONE {
                 continue;
@@ -93,30 +216,51 @@ impl TextIndex {
         }
     }
 
-    /// Slots whose text contains `needle` (already lowercased). `current` says whether an entry
-    /// at an offset is still the slot's live text.
-    pub(crate) fn search(&self, needle: &str, current: impl Fn(u32, u32) -> bool) -> RoaringBitmap {
-        let mut out = RoaringBitmap::new();
-        if needle.is_empty() || needle.bytes().any(|b| b == b'\n' || b == 0) {
-            return out;
-        }
-        let finder = memmem::Finder::new(needle.as_bytes());
-        let mut last_entry = usize::MAX;
-        for pos in finder.find_iter(&self.arena) {
-            let idx = self.owners.partition_point(|&(off, _)| off as usize <= pos);
-            let Some(entry) = idx.checked_sub(1) else {
-                continue;
+    /// Searches the entries from number `from` on, about `max_bytes` of arena (at least one
+    /// entry), calling `hit(slot, offset)` once for each entry that contains a match of `m`.
+    /// `offset` is the entry's: the caller checks it is still the slot's live text.
+    pub(crate) fn scan(
+        &self,
+        m: &TextMatcher,
+        from: usize,
+        max_bytes: usize,
+        mut hit: impl FnMut(u32, u32),
+    ) -> Scanned {
+        let Some(&(start, _)) = self.owners.get(from) else {
+            return Scanned {
+                next: self.owners.len(),
+                entries: 0,
             };
-            if entry == last_entry {
-                continue;
+        };
+        let start = start as usize;
+        let rest = &self.owners[from..];
+        let n = rest
+            .partition_point(|&(off, _)| (off as usize) < start.saturating_add(max_bytes))
+            .max(1);
+        let end = rest
+            .get(n)
+            .map_or(self.arena.len(), |&(off, _)| off as usize);
+        let entries = &rest[..n];
+        let hay = self.arena.get(start..end).unwrap_or_default();
+        let mut last = usize::MAX;
+        m.for_each_match(hay, |pos| {
+            let at = start + pos;
+            let Some(entry) = entries
+                .partition_point(|&(off, _)| off as usize <= at)
+                .checked_sub(1)
+            else {
+                return;
+            };
+            if entry != last {
+                last = entry;
+                let (off, slot) = entries[entry];
+                hit(slot, off);
             }
-            last_entry = entry;
-            let (off, slot) = self.owners[entry];
-            if current(slot, off) {
-                out.insert(slot);
-            }
+        });
+        Scanned {
+            next: from + n,
+            entries: n,
         }
-        out
     }
 
     /// Bytes of the arena plus the owner table.
@@ -135,6 +279,25 @@ impl TextRef {
 mod tests {
     use super::*;
 
+    /// Every slot the whole arena matches, scanning `chunk` bytes at a time.
+    fn search(t: &TextIndex, needles: &[&str], chunk: usize, refs: &[TextRef]) -> Vec<u32> {
+        let m = TextMatcher::new(&needles.iter().map(|n| n.to_string()).collect::<Vec<_>>());
+        let mut hits = Vec::new();
+        let mut from = 0;
+        while from < t.entries() {
+            let s = t.scan(&m, from, chunk, |slot, off| {
+                if refs[slot as usize].offset() == off {
+                    hits.push(slot);
+                }
+            });
+            assert!(s.entries >= 1);
+            from = s.next;
+        }
+        hits.sort_unstable();
+        hits.dedup();
+        hits
+    }
+
     #[test]
     fn search_insert_remove_compact() {
         let mut t = TextIndex::default();
@@ -143,21 +306,46 @@ mod tests {
             t.insert(1, "db-01\n10.0.0.2").unwrap(),
             t.insert(2, "web-02").unwrap(),
         ];
-        let live = |refs: &[TextRef; 3]| {
-            let refs = *refs;
-            move |slot: u32, off: u32| refs[slot as usize].offset() == off
-        };
-        let hits: Vec<u32> = t.search("web", live(&refs)).iter().collect();
-        assert_eq!(hits, vec![0, 2]);
-        // Separator: "01\n10" never matches across the newline.
-        assert!(t.search("0110", live(&refs)).is_empty());
+        for chunk in [1, 5, 16, 1 << 20] {
+            assert_eq!(search(&t, &["web"], chunk, &refs), vec![0, 2]);
+            assert_eq!(search(&t, &["zzz", "db-"], chunk, &refs), vec![1]);
+            assert_eq!(search(&t, &["0.0.0.", "02"], chunk, &refs), vec![0, 1, 2]);
+            // Separator: "01\n10" never matches across the newline.
+            assert!(search(&t, &["0110"], chunk, &refs).is_empty());
+            assert!(search(&t, &["01\n10"], chunk, &refs).is_empty());
+        }
+        assert_eq!(t.generation(), 0);
         t.remove(refs[0]);
         refs[0] = TextRef::NONE;
-        let hits: Vec<u32> = t.search("web", live(&refs)).iter().collect();
-        assert_eq!(hits, vec![2]);
+        assert_eq!(search(&t, &["web"], 4, &refs), vec![2]);
         t.compact(refs.iter_mut().enumerate().map(|(i, r)| (i as u32, r)));
+        assert_eq!(t.generation(), 1);
         assert_eq!(t.get(refs[1]), "db-01\n10.0.0.2");
-        let hits: Vec<u32> = t.search("10.0.0", live(&refs)).iter().collect();
-        assert_eq!(hits, vec![1]);
+        assert_eq!(t.bytes(refs[1]), b"db-01\n10.0.0.2");
+        assert_eq!(search(&t, &["10.0.0"], 3, &refs), vec![1]);
+    }
+
+    #[test]
+    fn matcher_kinds_agree() {
+        let texts = ["web-01\n10.0.0.1", "db-01", "", "cache\nfe80::1"];
+        let sets: [&[&str]; 5] = [&[], &[""], &["web"], &["zz", "::1", "db"], &["\n", "b-"]];
+        for set in sets {
+            let needles: Vec<String> = set.iter().map(|n| n.to_string()).collect();
+            let m = TextMatcher::new(&needles);
+            let each = TextMatcher::Each(
+                set.iter()
+                    .filter(|n| !n.is_empty() && !n.contains('\n'))
+                    .map(|n| memmem::Finder::new(n.as_bytes()).into_owned())
+                    .collect(),
+            );
+            for text in texts {
+                let want = set
+                    .iter()
+                    .any(|n| !n.is_empty() && !n.contains('\n') && text.contains(n));
+                assert_eq!(m.is_match(text.as_bytes()), want, "{set:?} in {text:?}");
+                assert_eq!(each.is_match(text.as_bytes()), want, "{set:?} in {text:?}");
+            }
+        }
+        assert!(TextMatcher::new(&[String::new()]).never());
     }
 }

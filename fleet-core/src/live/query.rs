@@ -1,0 +1,1093 @@
+//! Filter evaluation over the live view, a bounded step at a time.
+//!
+//! Heartbeats take the view's lock for writing; a summary, list or selection takes it for
+//! reading. A query therefore never evaluates the whole fleet under one lock hold: it advances a
+//! step at a time, each step doing a budget of work estimated at ≈ 100 µs (a few hundred to a
+//! thousand instances, fewer for a heavier filter, each step visiting at least one), and
+//! [`Fleet`](crate::Fleet) releases the lock between steps, so a heartbeat waits for at most one
+//! step. (The lock prefers writers: a waiting heartbeat gets it before the query's next step.)
+//!
+//! # Which instances a query touches
+//!
+//! A query walks one **driver** posting in slot order, from a continuation slot: the scope's
+//! tenant posting, or the smallest posting a term names (`env=prod`, `group:db`, `status:online`,
+//! a tag key), or every instance. A tenant-scoped query only evaluates instances of its tenant:
+//! its driver is the tenant's posting, or a smaller posting whose slots are first checked against
+//! the tenant's posting — a bitmap lookup, without reading the other instance. Each visited
+//! instance is evaluated against the compiled filter (interned ids, a bitmask for statuses, one
+//! matcher per `text:` term: `memmem` for one value, Aho-Corasick for several) with the cheapest
+//! checks first.
+//!
+//! An **unscoped** query with a `text:` term may instead search the text arena first, a range of
+//! entries per step (one `memmem` or Aho-Corasick pass over contiguous bytes, much cheaper per
+//! instance than reading each instance's text), when that is estimated to cost less than visiting
+//! the driver's instances; the instances found are then evaluated like any other. Scoped queries
+//! never do this: the arena holds every tenant's text.
+//!
+//! [`LiveView::query_stats`] counts instances evaluated and texts searched ([`QueryStats`]), which
+//! is how the tests show that a tenant's query touches its own instances only.
+//!
+//! # What a query evaluated in steps answers
+//!
+//! Between two steps the view may change, so a query sees each instance at one moment — under
+//! the lock, in the step that reaches its slot — and different instances at different moments,
+//! as a list read page by page always has. What holds:
+//!
+//! - **No instance twice.** Slots are visited in ascending order, each once, and an instance keeps
+//!   its slot for as long as it exists.
+//! - **Exact for what does not change.** An instance that exists and keeps its labels for the
+//!   whole query is answered if and only if it matches the filter at the moment its slot is
+//!   reached, with its state of that moment (a summary counts its status then).
+//! - **Order and cursors.** Lists are in slot order; a page's cursor is the slot of its last row,
+//!   and the next page starts after it, exactly as before.
+//! - **Changes during the query** (a registration, a removal, a relabelling) are seen or not, as
+//!   if they had happened just before or just after: an instance relabelled between the arena
+//!   search and its evaluation may be missed, one registered into a slot already passed is not
+//!   answered, and one removed before its slot is reached is not answered.
+//!
+//! A copy-on-write snapshot would answer for a single moment, but every heartbeat would then pay
+//! for copying what a reader holds, and each instance would carry a reference count on top of its
+//! ≤ 512 bytes; the guarantees above are the ones a paged list already documents, and all that a
+//! summary of a fleet that changes every second can mean.
+
+use std::ops::ControlFlow;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{PoisonError, RwLock};
+
+use roaring::RoaringBitmap;
+use serde::Serialize;
+
+use super::text::TextMatcher;
+use super::{Cursor, InstanceView, LiveView, NO_ID, Page, Slot};
+use crate::filter::{Filter, TagSelector, Term};
+use crate::summary::{Accumulator, FleetSummary};
+use crate::{InstanceId, TenantScope};
+
+/// Work one step may do, in rough nanoseconds of one core (100 µs), so that an estimate off by a
+/// factor of ten still keeps a step, and a heartbeat's wait, near 1 ms.
+pub(crate) const STEP_BUDGET: u64 = 100_000;
+
+/// How queries are stepped: the budget of a step and, in tests, when the arena is searched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Tuning {
+    /// Work per step ([`STEP_BUDGET`]).
+    pub(crate) budget: u64,
+    /// When an unscoped text query searches the arena.
+    pub(crate) arena: ArenaMode,
+}
+
+impl Tuning {
+    /// What the view and `Fleet` use.
+    pub(crate) const DEFAULT: Self = Self {
+        budget: STEP_BUDGET,
+        arena: ArenaMode::Auto,
+    };
+}
+/// Visiting one slot of the driver (iterating, the scope's membership test).
+const VISIT_COST: u64 = 5;
+/// A match that becomes a list row (strings, tags and groups copied).
+const ROW_COST: u64 = 1_000;
+/// A match that is added to a summary or an id list.
+pub(crate) const COUNT_COST: u64 = 10;
+/// Evaluating one instance's text with one `text:` term (on top of its per-KiB cost).
+const TEXT_COST: u64 = 20;
+/// Compactions of the text arena after which an arena search gives up and the query evaluates
+/// instance by instance instead (each compaction moves every entry; it needs half the arena to
+/// have died, so this is never reached in practice).
+const MAX_RESTARTS: u32 = 2;
+
+/// Work done by queries since the view was created (cumulative; see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct QueryStats {
+    /// Steps taken, each one hold of the view's lock.
+    pub steps: u64,
+    /// Instances evaluated against a filter.
+    pub evaluated: u64,
+    /// Instance texts searched by an arena search (evaluated instances' texts are not counted
+    /// here).
+    pub texts_scanned: u64,
+}
+
+/// The counters behind [`QueryStats`]; queries hold the view shared, hence atomics.
+#[derive(Debug, Default)]
+pub(crate) struct QueryCounters {
+    steps: AtomicU64,
+    evaluated: AtomicU64,
+    texts_scanned: AtomicU64,
+}
+
+impl LiveView {
+    /// Work done by queries so far.
+    pub fn query_stats(&self) -> QueryStats {
+        let c = &self.query_counters;
+        QueryStats {
+            steps: c.steps.load(Ordering::Relaxed),
+            evaluated: c.evaluated.load(Ordering::Relaxed),
+            texts_scanned: c.texts_scanned.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// One term, compiled against the view's interned names. A name the view never interned is
+/// `None` (no instance has it); value and group lists are sorted ids.
+#[derive(Debug)]
+enum Check {
+    /// Bit `Status::index()` set for each wanted status.
+    Status(u8),
+    Groups(Box<[u32]>),
+    Tenants(Box<[u32]>),
+    /// Index into the query's text matchers.
+    Text(usize),
+    Has(Option<u32>),
+    Lacks(Option<u32>),
+    In(Option<u32>, Box<[u32]>),
+    NotIn(Option<u32>, Box<[u32]>),
+}
+
+fn log2(n: usize) -> u64 {
+    u64::from(usize::BITS - n.leading_zeros())
+}
+
+impl Check {
+    fn never(&self, texts: &[TextMatcher]) -> bool {
+        match self {
+            Self::Status(m) => *m == 0,
+            Self::Groups(g) | Self::Tenants(g) => g.is_empty(),
+            Self::Text(i) => texts.get(*i).is_none_or(TextMatcher::never),
+            Self::Has(k) => k.is_none(),
+            Self::In(k, v) => k.is_none() || v.is_empty(),
+            Self::Lacks(_) | Self::NotIn(..) => false,
+        }
+    }
+
+    fn always(&self) -> bool {
+        match self {
+            Self::Status(m) => *m == 0b111,
+            Self::Lacks(k) => k.is_none(),
+            Self::NotIn(k, v) => k.is_none() || v.is_empty(),
+            _ => false,
+        }
+    }
+
+    /// Rough cost of evaluating it on one instance (≈ ns).
+    fn cost(&self, texts: &[TextMatcher]) -> u64 {
+        match self {
+            Self::Status(_) => 2,
+            Self::Groups(g) | Self::Tenants(g) => 4 + 2 * log2(g.len()),
+            Self::Has(_) | Self::Lacks(_) => 6,
+            Self::In(_, v) | Self::NotIn(_, v) => 8 + 2 * log2(v.len()),
+            // An instance's text is ~30 bytes.
+            Self::Text(i) => TEXT_COST + texts.get(*i).map_or(0, |m| m.cost_per_kib() / 32),
+        }
+    }
+
+    fn eval(&self, view: &LiveView, texts: &[TextMatcher], s: u32, slot: &Slot) -> bool {
+        let tag_in = |k: &Option<u32>, vals: &[u32]| {
+            k.is_some_and(|k| {
+                slot.tags
+                    .iter()
+                    .any(|&(kk, vv)| kk == k && vals.binary_search(&vv).is_ok())
+            })
+        };
+        let has = |k: &Option<u32>| k.is_some_and(|k| slot.tags.iter().any(|&(kk, _)| kk == k));
+        match self {
+            Self::Status(mask) => view
+                .states
+                .get(s as usize)
+                .is_some_and(|st| mask & (1 << st.status.index()) != 0),
+            Self::Groups(ids) => slot.groups.iter().any(|g| ids.binary_search(g).is_ok()),
+            Self::Tenants(ids) => slot.tenant != NO_ID && ids.binary_search(&slot.tenant).is_ok(),
+            Self::Text(i) => texts
+                .get(*i)
+                .is_some_and(|m| m.is_match(view.text.bytes(slot.text))),
+            Self::Has(k) => has(k),
+            Self::Lacks(k) => !has(k),
+            Self::In(k, vals) => tag_in(k, vals),
+            Self::NotIn(k, vals) => !tag_in(k, vals),
+        }
+    }
+}
+
+/// The posting a query walks (see the module docs). Postings are looked up again at every step,
+/// so the walk always follows the current view.
+#[derive(Debug)]
+enum Driver {
+    Nothing,
+    Live,
+    Status(usize),
+    Key(u32),
+    Value(u32, u32),
+    Group(u32),
+    Tenant(u32),
+    /// Instances an arena search found (the query's own bitmap).
+    Found(RoaringBitmap),
+}
+
+impl Driver {
+    fn bitmap<'a>(&'a self, v: &'a LiveView) -> Option<&'a RoaringBitmap> {
+        match self {
+            Self::Nothing => None,
+            Self::Live => Some(&v.live),
+            Self::Status(i) => v.by_status.get(*i),
+            Self::Key(k) => v.tag_keys.get(*k as usize),
+            Self::Value(k, val) => v.tag_values.get(&(*k, *val)),
+            Self::Group(g) => v.groups.get(*g as usize),
+            Self::Tenant(t) => v.tenants.get(*t as usize),
+            Self::Found(b) => Some(b),
+        }
+    }
+
+    fn len(&self, v: &LiveView) -> u64 {
+        self.bitmap(v).map_or(0, RoaringBitmap::len)
+    }
+}
+
+/// An arena search in progress.
+#[derive(Debug)]
+struct ArenaSearch {
+    /// Which text matcher.
+    text: usize,
+    /// Next entry of the arena.
+    entry: usize,
+    /// The arena's generation the entry numbers belong to.
+    generation: u64,
+    restarts: u32,
+    found: RoaringBitmap,
+    /// The check the driver stood for, evaluated again once the driver is `found`.
+    implied: Option<Check>,
+}
+
+/// The filter compiled against the view, on the query's first step.
+#[derive(Debug)]
+struct Plan {
+    /// Cheapest first.
+    checks: Vec<Check>,
+    /// Σ cost of the checks.
+    weight: u64,
+    driver: Driver,
+    /// The tenant posting a visited slot must be in, when the driver is not that posting.
+    scope: Option<u32>,
+    search: Option<ArenaSearch>,
+}
+
+/// Whether an unscoped query with a `text:` term searches the arena first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ArenaMode {
+    /// When estimated cheaper than visiting the driver's instances.
+    Auto,
+    /// Never (tests).
+    #[cfg(test)]
+    Never,
+    /// Whenever allowed (tests).
+    #[cfg(test)]
+    Always,
+}
+
+/// A query in progress: a filter within a scope, from a slot on; see the module docs.
+#[derive(Debug)]
+pub(crate) struct Query<'f> {
+    filter: &'f Filter,
+    scope: &'f TenantScope,
+    /// One per `text:` term, in filter order (built before the first step, outside any lock).
+    texts: Vec<TextMatcher>,
+    plan: Option<Plan>,
+    /// Next slot to visit; `None` once finished.
+    next: Option<u32>,
+    /// Budget cost of one match.
+    match_cost: u64,
+    budget: u64,
+    arena: ArenaMode,
+}
+
+impl<'f> Query<'f> {
+    /// A query over slots `from..`, each match costing `match_cost` of a step's budget.
+    pub(crate) fn new(
+        filter: &'f Filter,
+        scope: &'f TenantScope,
+        from: u32,
+        match_cost: u64,
+        tuning: Tuning,
+    ) -> Self {
+        let texts = filter
+            .terms()
+            .iter()
+            .filter_map(|t| match t {
+                Term::Text(needles) => Some(TextMatcher::new(needles)),
+                _ => None,
+            })
+            .collect();
+        Self {
+            filter,
+            scope,
+            texts,
+            plan: None,
+            next: Some(from),
+            match_cost,
+            budget: tuning.budget.max(1),
+            arena: tuning.arena,
+        }
+    }
+
+    fn compile(&self, view: &LiveView) -> Plan {
+        let ids = |names: &mut dyn Iterator<Item = Option<u32>>| -> Box<[u32]> {
+            let mut v: Vec<u32> = names.flatten().collect();
+            v.sort_unstable();
+            v.dedup();
+            v.into()
+        };
+        let mut checks = Vec::new();
+        let mut text = 0;
+        for term in self.filter.terms() {
+            checks.push(match term {
+                Term::Status(st) => Check::Status(st.iter().fold(0, |m, s| m | (1 << s.index()))),
+                Term::Group(g) => {
+                    Check::Groups(ids(&mut g.iter().map(|g| view.group_names.get(g.as_str()))))
+                }
+                Term::Tenant(t) => Check::Tenants(ids(&mut t
+                    .iter()
+                    .map(|t| view.tenant_names.get(t.as_str())))),
+                Term::Text(_) => {
+                    text += 1;
+                    Check::Text(text - 1)
+                }
+                Term::Tag(sel) => {
+                    let k = view.key_names.get(sel.key().as_str());
+                    let vals = |vs: &[crate::TagValue]| {
+                        ids(&mut vs.iter().map(|v| view.value_names.get(v.as_str())))
+                    };
+                    match sel {
+                        TagSelector::Exists(_) => Check::Has(k),
+                        TagSelector::Absent(_) => Check::Lacks(k),
+                        TagSelector::Eq(_, v) => Check::In(k, vals(std::slice::from_ref(v))),
+                        TagSelector::NotEq(_, v) => Check::NotIn(k, vals(std::slice::from_ref(v))),
+                        TagSelector::In(_, vs) => Check::In(k, vals(vs)),
+                        TagSelector::NotIn(_, vs) => Check::NotIn(k, vals(vs)),
+                    }
+                }
+            });
+        }
+        let scope = match self.scope {
+            TenantScope::All => None,
+            TenantScope::Tenant(t) => Some(view.tenant_names.get(t.as_str())),
+        };
+        let nothing = Plan {
+            checks: Vec::new(),
+            weight: 0,
+            driver: Driver::Nothing,
+            scope: None,
+            search: None,
+        };
+        if matches!(scope, Some(None)) || checks.iter().any(|c| c.never(&self.texts)) {
+            return nothing;
+        }
+        checks.retain(|c| !c.always());
+
+        // The driver: the smallest posting the scope or a term names.
+        let mut driver = Driver::Live;
+        let mut driver_len = view.live.len();
+        let mut implied = None;
+        let mut consider = |d: Driver, from: Option<usize>| {
+            let n = d.len(view);
+            if n < driver_len || (n == driver_len && from.is_none()) {
+                driver_len = n;
+                driver = d;
+                implied = from;
+            }
+        };
+        if let Some(Some(t)) = scope {
+            consider(Driver::Tenant(t), None);
+        }
+        for (i, c) in checks.iter().enumerate() {
+            let d = match c {
+                Check::Status(m) if m.count_ones() == 1 => {
+                    Driver::Status(m.trailing_zeros() as usize)
+                }
+                Check::Groups(g) if g.len() == 1 => Driver::Group(g[0]),
+                Check::Tenants(t) if t.len() == 1 => Driver::Tenant(t[0]),
+                Check::Has(Some(k)) => Driver::Key(*k),
+                Check::In(Some(k), v) if v.len() == 1 => Driver::Value(*k, v[0]),
+                _ => continue,
+            };
+            consider(d, Some(i));
+        }
+        // A slot in the driver satisfies the check the driver stands for.
+        let implied = implied.map(|i| checks.remove(i));
+        let scope = match (scope, &driver, &implied) {
+            (Some(Some(t)), Driver::Tenant(d), None) if *d == t => None,
+            (scope, _, _) => scope.flatten(),
+        };
+        checks.sort_by_key(|c| c.cost(&self.texts));
+        let weight = checks.iter().map(|c| c.cost(&self.texts)).sum();
+
+        // An unscoped text search may go through the arena first.
+        let text = checks.iter().find_map(|c| match c {
+            Check::Text(i) => Some(*i),
+            _ => None,
+        });
+        let search = match (self.scope, text) {
+            (TenantScope::All, Some(i)) => {
+                let per_kib = self.texts.get(i).map_or(0, TextMatcher::cost_per_kib);
+                let arena =
+                    (view.text.len() as u64 / 1024) * per_kib + view.text.entries() as u64 / 16;
+                let visits = driver_len * (VISIT_COST + weight);
+                let wanted = match self.arena {
+                    ArenaMode::Auto => arena < visits,
+                    #[cfg(test)]
+                    ArenaMode::Never => false,
+                    #[cfg(test)]
+                    ArenaMode::Always => true,
+                };
+                wanted.then(|| ArenaSearch {
+                    text: i,
+                    entry: 0,
+                    generation: view.text.generation(),
+                    restarts: 0,
+                    found: RoaringBitmap::new(),
+                    implied: None,
+                })
+            }
+            _ => None,
+        };
+        let (checks, search) = match search {
+            Some(mut s) => {
+                s.implied = implied;
+                (checks, Some(s))
+            }
+            None => (checks, None),
+        };
+        Plan {
+            checks,
+            weight,
+            driver,
+            scope,
+            search,
+        }
+    }
+
+    /// Does one step of the query on `view`, calling `sink` with each matching slot in ascending
+    /// order; `sink` may stop the query. Returns whether the query is finished.
+    pub(crate) fn step<F>(&mut self, view: &LiveView, sink: &mut F) -> bool
+    where
+        F: FnMut(&LiveView, u32) -> ControlFlow<()>,
+    {
+        let Some(from) = self.next else {
+            return true;
+        };
+        if self.plan.is_none() {
+            self.plan = Some(self.compile(view));
+        }
+        let Some(plan) = self.plan.as_mut() else {
+            return true;
+        };
+        let counters = &view.query_counters;
+        counters.steps.fetch_add(1, Ordering::Relaxed);
+
+        if let Some(search) = &mut plan.search {
+            if search.generation != view.text.generation() {
+                // The arena was compacted since the last step: its entries moved.
+                search.generation = view.text.generation();
+                search.entry = 0;
+                search.restarts += 1;
+            }
+            if search.restarts > MAX_RESTARTS {
+                // Evaluate instance by instance after all; the driver still stands for its check.
+                plan.search = None;
+                return false;
+            }
+            let Some(m) = self.texts.get(search.text) else {
+                plan.search = None;
+                return false;
+            };
+            let per_kib = m.cost_per_kib().max(1);
+            let max_bytes =
+                usize::try_from(self.budget.saturating_mul(1024) / per_kib).unwrap_or(usize::MAX);
+            let found = &mut search.found;
+            let scanned = view.text.scan(m, search.entry, max_bytes, |slot, off| {
+                if view.slot(slot).is_some_and(|s| s.text.offset() == off) {
+                    found.insert(slot);
+                }
+            });
+            counters
+                .texts_scanned
+                .fetch_add(scanned.entries as u64, Ordering::Relaxed);
+            search.entry = scanned.next;
+            if scanned.next >= view.text.entries() {
+                let found = std::mem::take(&mut search.found);
+                if let Some(c) = search.implied.take() {
+                    // The instances found are not in the driver's posting by construction.
+                    plan.weight += c.cost(&self.texts);
+                    plan.checks.insert(0, c);
+                }
+                plan.driver = Driver::Found(found);
+                plan.search = None;
+            }
+            return false;
+        }
+
+        let Some(bits) = plan.driver.bitmap(view) else {
+            self.next = None;
+            return true;
+        };
+        let scope = plan.scope.map(|t| view.tenants.get(t as usize));
+        let mut it = bits.iter();
+        it.advance_to(from);
+        let (mut spent, mut evaluated) = (0u64, 0u64);
+        let mut finished = true;
+        for s in it {
+            if spent >= self.budget {
+                self.next = Some(s);
+                finished = false;
+                break;
+            }
+            spent += VISIT_COST;
+            if let Some(t) = scope
+                && !t.is_some_and(|t| t.contains(s))
+            {
+                continue;
+            }
+            let Some(slot) = view.slot(s) else {
+                continue;
+            };
+            evaluated += 1;
+            spent += plan.weight;
+            if plan
+                .checks
+                .iter()
+                .all(|c| c.eval(view, &self.texts, s, slot))
+            {
+                spent += self.match_cost;
+                if sink(view, s).is_break() {
+                    break;
+                }
+            }
+        }
+        counters.evaluated.fetch_add(evaluated, Ordering::Relaxed);
+        if finished {
+            self.next = None;
+        }
+        finished
+    }
+}
+
+/// Where a query reads the view: a view itself (held throughout, for callers that already hold
+/// it) or the lock around it (taken for each step, released in between).
+pub(crate) trait ViewLock {
+    /// Runs `f` with the view.
+    fn with_view<R>(&self, f: impl FnOnce(&LiveView) -> R) -> R;
+}
+
+impl ViewLock for LiveView {
+    fn with_view<R>(&self, f: impl FnOnce(&Self) -> R) -> R {
+        f(self)
+    }
+}
+
+impl ViewLock for RwLock<LiveView> {
+    fn with_view<R>(&self, f: impl FnOnce(&LiveView) -> R) -> R {
+        // The view is only mutated by methods that cannot panic midway through an update of its
+        // invariants, so a poisoned lock still guards a consistent view.
+        f(&self.read().unwrap_or_else(PoisonError::into_inner))
+    }
+}
+
+/// Runs `q` to the end (or until `sink` stops it), one step per lock hold.
+pub(crate) fn run<L, F>(lock: &L, mut q: Query<'_>, mut sink: F)
+where
+    L: ViewLock + ?Sized,
+    F: FnMut(&LiveView, u32) -> ControlFlow<()>,
+{
+    while !lock.with_view(|v| q.step(v, &mut sink)) {}
+}
+
+/// Summary of the instances `filter` selects within `scope`; unfiltered and unscoped O(1).
+pub(crate) fn summary<L: ViewLock + ?Sized>(
+    lock: &L,
+    filter: &Filter,
+    scope: &TenantScope,
+    tuning: Tuning,
+) -> FleetSummary {
+    if filter.is_all() && *scope == TenantScope::All {
+        return lock.with_view(|v| v.totals.summary());
+    }
+    let mut acc = Accumulator::default();
+    run(
+        lock,
+        Query::new(filter, scope, 0, COUNT_COST, tuning),
+        |v, s| {
+            if let Some(c) = v.contrib.get(s as usize) {
+                acc.add(c);
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    acc.finish()
+}
+
+/// Ids of the instances `filter` selects within `scope`, in list order.
+pub(crate) fn matching<L: ViewLock + ?Sized>(
+    lock: &L,
+    filter: &Filter,
+    scope: &TenantScope,
+    tuning: Tuning,
+) -> Vec<InstanceId> {
+    let mut ids = Vec::new();
+    run(
+        lock,
+        Query::new(filter, scope, 0, COUNT_COST, tuning),
+        |v, s| {
+            if let Some(slot) = v.slot(s) {
+                ids.push(slot.id);
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    ids
+}
+
+/// A page of at most `limit` instances `filter` selects within `scope`, after `after`.
+pub(crate) fn list<L: ViewLock + ?Sized>(
+    lock: &L,
+    filter: &Filter,
+    scope: &TenantScope,
+    after: Option<Cursor>,
+    limit: usize,
+    tuning: Tuning,
+) -> Page<InstanceView> {
+    let empty = Page {
+        items: Vec::new(),
+        next_cursor: None,
+    };
+    let from = match after {
+        None => Some(0),
+        Some(Cursor(c)) => c.checked_add(1),
+    };
+    let Some(from) = from else {
+        return empty;
+    };
+    if limit == 0 {
+        return empty;
+    }
+    let mut items = Vec::with_capacity(limit.min(1000));
+    let mut last = None;
+    let mut more = false;
+    run(
+        lock,
+        Query::new(filter, scope, from, ROW_COST, tuning),
+        |v, s| {
+            if items.len() == limit {
+                more = true;
+                return ControlFlow::Break(());
+            }
+            if let Some(row) = v.view_of(s) {
+                items.push(row);
+                last = Some(s);
+            }
+            ControlFlow::Continue(())
+        },
+    );
+    Page {
+        items,
+        next_cursor: if more { last.map(Cursor) } else { None },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::sync::RwLock;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{
+        Groups, Instance, InstanceId, StalenessPolicy, Status, SystemInfo, Tags, TenantId,
+        Timestamp,
+    };
+
+    const T0: Timestamp = Timestamp::from_unix_secs(1_700_000_000);
+
+    fn inst(n: u32, tenant: Option<&str>, host: &str, tags: &[(&str, &str)]) -> Instance {
+        Instance {
+            id: InstanceId::random(),
+            tenant: tenant.map(|t| TenantId::new(t).unwrap()),
+            system: SystemInfo {
+                hostname: host.to_owned(),
+                ip_addresses: vec![std::net::IpAddr::from([10, 9, (n >> 8) as u8, n as u8])],
+                ..SystemInfo::default()
+            },
+            tags: Tags::from_pairs(tags.iter().copied()).unwrap(),
+            groups: Groups::default(),
+            registered_at: T0,
+            last_seen: T0,
+            metrics: None,
+            apps: Vec::new(),
+            certificate: None,
+            next_certificate: None,
+        }
+    }
+
+    fn view() -> LiveView {
+        LiveView::new(StalenessPolicy::default()).unwrap()
+    }
+
+    fn delta(before: QueryStats, after: QueryStats) -> QueryStats {
+        QueryStats {
+            steps: after.steps - before.steps,
+            evaluated: after.evaluated - before.evaluated,
+            texts_scanned: after.texts_scanned - before.texts_scanned,
+        }
+    }
+
+    /// The heaviest filter a parse allows, in text: 4 terms of 64 four-letter values (256
+    /// values, 1,024 characters), each term with one value every hostname here contains, so
+    /// that every term is evaluated.
+    fn heaviest_text_filter() -> Filter {
+        let term = |t: usize| {
+            let mut v: Vec<String> = (0..63)
+                .map(|i| {
+                    let l = |n: usize| char::from(b'a' + (n % 26) as u8);
+                    format!("q{}{}{}", l(t), l(i / 26), l(i))
+                })
+                .collect();
+            v.push(".net".into());
+            format!("text:{}", v.join("|"))
+        };
+        let text = (0..4).map(term).collect::<Vec<_>>().join(" ");
+        Filter::parse(&text).unwrap()
+    }
+
+    /// Tenant `small` has 10 instances, `big` 500, and 500 have no tenant; all hostnames match
+    /// the heaviest text filter.
+    fn tenants_view() -> (LiveView, Vec<InstanceId>) {
+        let mut v = view();
+        let mut small = Vec::new();
+        for n in 0..1010u32 {
+            let tenant = match n {
+                0..10 => Some("small"),
+                10..510 => Some("big"),
+                _ => None,
+            };
+            let tags: &[(&str, &str)] = if n % 200 == 5 {
+                &[("env", "rare")]
+            } else {
+                &[]
+            };
+            let i = inst(n, tenant, &format!("host-{n:04}.example.net"), tags);
+            if tenant == Some("small") {
+                small.push(i.id);
+            }
+            assert!(v.upsert(&i, 0, T0));
+        }
+        (v, small)
+    }
+
+    #[test]
+    fn a_tenant_scoped_query_evaluates_only_that_tenants_instances() {
+        let (v, small) = tenants_view();
+        let scope = TenantScope::Tenant(TenantId::new("small").unwrap());
+        let heavy = heaviest_text_filter();
+
+        let before = v.query_stats();
+        let s = v.summary(&heavy, &scope);
+        let d = delta(before, v.query_stats());
+        assert_eq!(s.total, 10);
+        assert_eq!(d.evaluated, 10, "only the tenant's 10 instances: {d:?}");
+        assert_eq!(
+            d.texts_scanned, 0,
+            "the shared text arena is never searched: {d:?}"
+        );
+
+        let before = v.query_stats();
+        let mut ids = v.matching(&heavy, &scope);
+        let page = v.list(&heavy, &scope, None, 1000);
+        let d = delta(before, v.query_stats());
+        assert_eq!((d.evaluated, d.texts_scanned), (20, 0), "{d:?}");
+        ids.sort();
+        let mut want = small.clone();
+        want.sort();
+        assert_eq!(ids, want);
+        assert_eq!(page.items.len(), 10);
+
+        // Driven by a smaller posting (`env=rare`: 5 instances, one of them the tenant's), the
+        // other tenants' slots are passed over by the tenant's bitmap, never evaluated.
+        let rare = Filter::parse("env=rare").unwrap().text([".net"]);
+        let before = v.query_stats();
+        assert_eq!(v.summary(&rare, &scope).total, 1);
+        let d = delta(before, v.query_stats());
+        assert_eq!((d.evaluated, d.texts_scanned), (1, 0), "{d:?}");
+
+        // Unscoped, the same filters do touch every instance (the counters count).
+        let before = v.query_stats();
+        assert_eq!(v.summary(&heavy, &TenantScope::All).total, 1010);
+        let d = delta(before, v.query_stats());
+        assert!(d.evaluated + d.texts_scanned >= 1010, "{d:?}");
+
+        // A tenant the view never saw: nothing is evaluated.
+        let before = v.query_stats();
+        let nobody = TenantScope::Tenant(TenantId::new("nobody").unwrap());
+        assert_eq!(v.summary(&heavy, &nobody).total, 0);
+        assert_eq!(delta(before, v.query_stats()).evaluated, 0);
+    }
+
+    #[test]
+    fn a_step_stays_within_its_budget() {
+        let mut v = view();
+        for n in 0..20_000u32 {
+            let tenant = (n % 2 == 0).then_some("acme");
+            assert!(v.upsert(
+                &inst(n, tenant, &format!("node-{n:05}.example.net"), &[]),
+                0,
+                T0
+            ));
+        }
+        let heavy = heaviest_text_filter();
+        let scope = TenantScope::Tenant(TenantId::new("acme").unwrap());
+        let mut q = Query::new(&heavy, &scope, 0, COUNT_COST, Tuning::DEFAULT);
+        let mut matched = 0u64;
+        let mut steps = 0u64;
+        let mut most = 0;
+        loop {
+            let before = v.query_stats().evaluated;
+            let done = q.step(&v, &mut |_, _| {
+                matched += 1;
+                ControlFlow::Continue(())
+            });
+            most = most.max(v.query_stats().evaluated - before);
+            steps += 1;
+            if done {
+                break;
+            }
+        }
+        assert_eq!(matched, 10_000);
+        let weight = q.plan.as_ref().map_or(0, |p| p.weight);
+        assert!(weight > 100, "four Aho-Corasick text checks: {weight}");
+        // A step ends once its budget is spent: at most one instance beyond it.
+        let per_instance = VISIT_COST + weight + COUNT_COST;
+        assert!(most <= STEP_BUDGET / per_instance + 1, "{most} in one step");
+        assert!(
+            steps >= 10_000 / (STEP_BUDGET / per_instance + 1),
+            "{steps} steps"
+        );
+    }
+
+    /// What a writer does between two steps.
+    type Writer<'a> = Box<dyn FnMut(&mut LiveView) + 'a>;
+
+    /// A view behind a lock that lets a writer in before every step, as heartbeats get in.
+    struct Interleaved<'a> {
+        lock: &'a RwLock<LiveView>,
+        between: std::cell::RefCell<Writer<'a>>,
+        steps: std::cell::Cell<usize>,
+    }
+
+    impl ViewLock for Interleaved<'_> {
+        fn with_view<R>(&self, f: impl FnOnce(&LiveView) -> R) -> R {
+            {
+                // Free between steps: a writer gets it at once.
+                let mut w = self
+                    .lock
+                    .try_write()
+                    .expect("the lock is free between steps");
+                (self.between.borrow_mut())(&mut w);
+            }
+            self.steps.set(self.steps.get() + 1);
+            self.lock.with_view(f)
+        }
+    }
+
+    #[test]
+    fn heartbeats_get_the_lock_between_steps() {
+        let (v, _) = tenants_view();
+        let ids = v.matching(&Filter::all(), &TenantScope::All);
+        let lock = RwLock::new(v);
+        let mut beats = 0;
+        let at = T0.saturating_add(std::time::Duration::from_secs(1));
+        let src = Interleaved {
+            lock: &lock,
+            between: std::cell::RefCell::new(Box::new(|v: &mut LiveView| {
+                let id = ids[beats % ids.len()];
+                assert!(v.heartbeat(id, at, None).is_some());
+                beats += 1;
+            })),
+            steps: std::cell::Cell::new(0),
+        };
+        let heavy = heaviest_text_filter();
+        let s = summary(&src, &heavy, &TenantScope::All, Tuning::DEFAULT);
+        assert_eq!(s.total, 1010);
+        assert!(src.steps.get() > 3, "{} steps", src.steps.get());
+    }
+
+    #[test]
+    fn an_arena_search_survives_a_compaction_between_steps() {
+        let mut v = view();
+        let mut keep = BTreeSet::new();
+        let mut drop = Vec::new();
+        // ~120 KiB of text: past the size at which the arena compacts.
+        for n in 0..3000u32 {
+            let host = if n % 3 == 0 {
+                format!("keep-{n:05}.long-domain-name.example.net")
+            } else {
+                format!("drop-{n:05}.long-domain-name.example.net")
+            };
+            let i = inst(n, None, &host, &[]);
+            if n % 3 == 0 {
+                keep.insert(i.id);
+            } else {
+                drop.push(i.id);
+            }
+            assert!(v.upsert(&i, 0, T0));
+        }
+        let f = Filter::parse("text:keep|long-domain").unwrap();
+        let scope = TenantScope::All;
+        let tuning = Tuning {
+            budget: 200,
+            arena: ArenaMode::Always,
+        };
+        let mut q = Query::new(&f, &scope, 0, COUNT_COST, tuning);
+        let mut found = BTreeSet::new();
+        let mut sink = |v: &LiveView, s: u32| {
+            let id = v.slot(s).map(|s| s.id);
+            assert!(found.insert(id), "answered twice");
+            ControlFlow::Continue(())
+        };
+        for _ in 0..3 {
+            assert!(!q.step(&v, &mut sink));
+        }
+        let generation = v.text.generation();
+        for id in &drop {
+            assert!(v.remove(*id, 0));
+        }
+        assert!(v.text.generation() > generation, "the arena was compacted");
+        while !q.step(&v, &mut sink) {}
+        let found: BTreeSet<InstanceId> = found.into_iter().flatten().collect();
+        assert_eq!(found, keep);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Change {
+        Add { tenant: u8, host: u8, env: u8 },
+        Remove(usize),
+        Relabel(usize, u8),
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        prop_oneof![
+            (0u8..3, 0u8..4, 0u8..3).prop_map(|(tenant, host, env)| Change::Add {
+                tenant,
+                host,
+                env
+            }),
+            any::<usize>().prop_map(Change::Remove),
+            (any::<usize>(), 0u8..3).prop_map(|(i, e)| Change::Relabel(i, e)),
+        ]
+    }
+
+    const HOSTS: [&str; 4] = ["web-01", "db-02", "web-db", "cache"];
+    const ENVS: [&str; 3] = ["prod", "dev", "x"];
+
+    fn labelled(n: u32, tenant: u8, host: u8, env: u8) -> Instance {
+        let tenant = ["t0", "t1"].get(tenant as usize).copied();
+        inst(
+            n,
+            tenant,
+            HOSTS[host as usize],
+            &[("env", ENVS[env as usize])],
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Changes between the steps of a query: nothing is answered twice, lists stay in slot
+        /// order, instances nobody touched are answered exactly, and a touched instance is only
+        /// answered if one of its versions matched.
+        #[test]
+        fn changes_between_steps_keep_the_guarantees(
+            start in prop::collection::vec((0u8..3, 0u8..4, 0u8..3), 0..40),
+            changes in prop::collection::vec(change(), 0..40),
+            filter in prop_oneof![
+                Just("text:web"), Just("env=prod"), Just("env=prod text:db|web"),
+                Just("env!=dev"), Just("text:0|b tenant:t1"), Just(""), Just("env in (prod,x)"),
+            ],
+            tenant in prop::option::of(0u8..2),
+            arena in prop_oneof![Just(ArenaMode::Never), Just(ArenaMode::Always), Just(ArenaMode::Auto)],
+        ) {
+            let mut v = view();
+            // Every version of every instance, and whether it was ever changed.
+            let mut versions: BTreeMap<InstanceId, Vec<Instance>> = BTreeMap::new();
+            let mut touched = BTreeSet::new();
+            let mut order = Vec::new();
+            for (n, &(t, h, e)) in start.iter().enumerate() {
+                let i = labelled(n as u32, t, h, e);
+                prop_assert!(v.upsert(&i, 0, T0));
+                order.push(i.id);
+                versions.insert(i.id, vec![i]);
+            }
+            let f = Filter::parse(filter).unwrap();
+            let scope = match tenant {
+                None => TenantScope::All,
+                Some(t) => TenantScope::Tenant(TenantId::new(format!("t{t}")).unwrap()),
+            };
+            let tuning = Tuning { budget: 1, arena };
+            let mut q = Query::new(&f, &scope, 0, COUNT_COST, tuning);
+            let mut answered: Vec<(u32, InstanceId)> = Vec::new();
+            let mut changes = changes.into_iter();
+            let mut n = start.len() as u32;
+            loop {
+                let done = q.step(&v, &mut |v, s| {
+                    if let Some(slot) = v.slot(s) {
+                        answered.push((s, slot.id));
+                    }
+                    ControlFlow::Continue(())
+                });
+                if done {
+                    break;
+                }
+                let Some(c) = changes.next() else { continue };
+                match c {
+                    Change::Add { tenant, host, env } => {
+                        let i = labelled(n, tenant, host, env);
+                        n += 1;
+                        v.upsert(&i, 0, T0);
+                        order.push(i.id);
+                        touched.insert(i.id);
+                        versions.insert(i.id, vec![i]);
+                    }
+                    Change::Remove(k) if !order.is_empty() => {
+                        let id = order.remove(k % order.len());
+                        v.remove(id, 0);
+                        touched.insert(id);
+                    }
+                    Change::Relabel(k, env) if !order.is_empty() => {
+                        let id = order[k % order.len()];
+                        let tags = Tags::from_pairs([("env", ENVS[env as usize])]).unwrap();
+                        v.set_labels(id, Some(&tags), None, 0);
+                        touched.insert(id);
+                        if let Some(vs) = versions.get_mut(&id) {
+                            let mut next = vs[vs.len() - 1].clone();
+                            next.tags = tags;
+                            vs.push(next);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            let slots: Vec<u32> = answered.iter().map(|a| a.0).collect();
+            prop_assert!(slots.windows(2).all(|w| w[0] < w[1]), "slot order: {:?}", slots);
+            let got: BTreeSet<InstanceId> = answered.iter().map(|a| a.1).collect();
+            prop_assert_eq!(got.len(), answered.len(), "an instance answered twice");
+            let matches = |i: &Instance| {
+                scope.allows(i.tenant.as_ref()) && f.matches(i, Status::Online)
+            };
+            for (id, vs) in &versions {
+                if touched.contains(id) {
+                    if got.contains(id) {
+                        prop_assert!(vs.iter().any(matches), "{} answered, never matched", id);
+                    }
+                } else {
+                    prop_assert_eq!(got.contains(id), matches(&vs[0]), "untouched {}", id);
+                }
+            }
+        }
+    }
+}
