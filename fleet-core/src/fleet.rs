@@ -1256,7 +1256,7 @@ impl<S: FleetStore> Fleet<S> {
     /// Summary of the instances `filter` selects within `scope` (from the live view).
     ///
     /// Evaluated a bounded step at a time, the view's lock released between steps, so heartbeats
-    /// never wait for more than one step (≈ 100 µs of work); a scoped summary evaluates only the
+    /// never wait for more than one step (≈ 50 µs of work); a scoped summary evaluates only the
     /// tenant's instances. Each instance is counted once, as of the step that reached it; see
     /// [`crate::live::query`] for what a query evaluated in steps answers.
     pub fn summary(&self, filter: &Filter, scope: &TenantScope) -> FleetSummary {
