@@ -440,11 +440,23 @@ impl<S: FleetStore> OperatorApi<S> {
             }
             (Method::GET, ["api", "v1", "summary"]) => {
                 match Filter::parse(query(&req).get("filter").map_or("", String::as_str)) {
-                    Ok(f) => json(StatusCode::OK, &self.fleet.summary(&f, &scope)),
+                    Ok(f) if f.is_all() && scope == TenantScope::All => {
+                        json(StatusCode::OK, &self.fleet.summary(&f, &scope))
+                    }
+                    Ok(f) => {
+                        let scope = scope.clone();
+                        match self
+                            .off_worker(move |fleet| fleet.summary(&f, &scope))
+                            .await
+                        {
+                            Ok(s) => json(StatusCode::OK, &s),
+                            Err(r) => r,
+                        }
+                    }
                     Err(e) => fleet_error(&FleetError::Filter(e)),
                 }
             }
-            (Method::GET, ["api", "v1", "instances"]) => self.list(&req, &scope),
+            (Method::GET, ["api", "v1", "instances"]) => self.list(&req, &scope).await,
             (Method::GET, ["api", "v1", "instances", id]) => {
                 let Ok(id) = id.parse::<InstanceId>() else {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
@@ -861,7 +873,20 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
-    fn list(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
+    /// Runs a query that evaluates a filter on a blocking thread, so that the async workers —
+    /// and the heartbeats they serve — are never stuck behind it: the query takes the view's lock
+    /// a step at a time ([`fleet_core::live::query`]), the operating system shares the CPU.
+    async fn off_worker<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Fleet<S>) -> T + Send + 'static,
+    ) -> Result<T, Response<Body>> {
+        let fleet = self.fleet.clone();
+        tokio::task::spawn_blocking(move || f(&fleet))
+            .await
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    }
+
+    async fn list(&self, req: &Request<Incoming>, scope: &TenantScope) -> Response<Body> {
         let q = query(req);
         let filter = match Filter::parse(q.get("filter").map_or("", String::as_str)) {
             Ok(f) => f,
@@ -883,10 +908,14 @@ impl<S: FleetStore> OperatorApi<S> {
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
         };
-        json(
-            StatusCode::OK,
-            &self.fleet.list(&filter, scope, cursor, limit),
-        )
+        let scope = scope.clone();
+        match self
+            .off_worker(move |fleet| fleet.list(&filter, &scope, cursor, limit))
+            .await
+        {
+            Ok(page) => json(StatusCode::OK, &page),
+            Err(r) => r,
+        }
     }
 
     async fn create_token(&self, req: Request<Incoming>, scope: &TenantScope) -> Response<Body> {
