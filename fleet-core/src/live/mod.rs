@@ -185,6 +185,11 @@ impl Interner {
         self.ids.get(s).copied()
     }
 
+    /// Names interned so far (they are never removed).
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+
     fn name(&self, id: u32) -> &str {
         self.names.get(id as usize).map_or("", |s| s)
     }

@@ -13,83 +13,102 @@
 use aho_corasick::AhoCorasick;
 use memchr::memmem;
 
-/// What a `text:` term looks for: any of its values as a substring. One value is a `memmem`
-/// search; several are one Aho-Corasick automaton, so a term of 64 values costs one pass over the
-/// text, not 64.
+/// What a `text:` term looks for: any of its values as a substring.
+///
+/// Two ways, chosen by the number of values and the length of the text (measured, one core of
+/// the build machine): on one instance's ~30 bytes, a `memmem` search per value costs ~15 ns
+/// each and one Aho-Corasick automaton ~40 ns for any number, so the automaton is used from
+/// [`AC_PER_INSTANCE`] values on; over the arena, a `memmem` pass costs ~45 ns per KiB per value
+/// and the automaton ~2.5 µs per KiB, so passes are used up to [`PASSES_OVER_ARENA`] values.
 #[derive(Debug)]
-pub(crate) enum TextMatcher {
-    /// No value can match (none left after dropping empty values and values with `\n` or NUL).
-    Never,
-    /// One value (boxed: a finder is ~300 bytes).
-    One(Box<memmem::Finder<'static>>),
-    /// Several values.
-    Many(AhoCorasick),
-    /// Several values, when the automaton could not be built (beyond its size limits: not
-    /// reachable with parsed filters, which are limited).
-    Each(Vec<memmem::Finder<'static>>),
+pub(crate) struct TextMatcher {
+    /// One per value (empty: nothing can match).
+    finders: Vec<memmem::Finder<'static>>,
+    /// Built from [`AC_PER_INSTANCE`] values on (`None` also if it could not be built, beyond
+    /// its size limits: not reachable with parsed filters, which are limited).
+    ac: Option<AhoCorasick>,
 }
 
+/// Values from which one instance's text is searched with the automaton.
+const AC_PER_INSTANCE: usize = 4;
+/// Values up to which the arena is searched a `memmem` pass per value.
+const PASSES_OVER_ARENA: usize = 48;
+
 impl TextMatcher {
-    /// The matcher for these (lowercased) values.
+    /// The matcher for these (lowercased) values; empty values and values with `\n` or NUL are
+    /// dropped (they never match).
     pub(crate) fn new(needles: &[String]) -> Self {
-        let valid: Vec<&[u8]> = needles
+        let mut valid: Vec<&[u8]> = needles
             .iter()
             .map(|n| n.as_bytes())
             .filter(|n| !n.is_empty() && !n.iter().any(|&b| b == b'\n' || b == 0))
             .collect();
-        match valid.as_slice() {
-            [] => Self::Never,
-            [one] => Self::One(Box::new(memmem::Finder::new(one).into_owned())),
-            many => AhoCorasick::new(many).map_or_else(
-                |_| {
-                    Self::Each(
-                        many.iter()
-                            .map(|n| memmem::Finder::new(n).into_owned())
-                            .collect(),
-                    )
-                },
-                Self::Many,
-            ),
+        valid.sort_unstable();
+        valid.dedup();
+        let ac = (valid.len() >= AC_PER_INSTANCE)
+            .then(|| AhoCorasick::new(&valid).ok())
+            .flatten();
+        Self {
+            finders: valid
+                .iter()
+                .map(|n| memmem::Finder::new(n).into_owned())
+                .collect(),
+            ac,
         }
     }
 
     /// Whether no text can match.
     pub(crate) fn never(&self) -> bool {
-        matches!(self, Self::Never)
+        self.finders.is_empty()
     }
 
-    /// Whether `text` contains any of the values.
+    /// Whether `text` (one instance's) contains any of the values.
     pub(crate) fn is_match(&self, text: &[u8]) -> bool {
-        match self {
-            Self::Never => false,
-            Self::One(f) => f.find(text).is_some(),
-            Self::Many(ac) => ac.is_match(text),
-            Self::Each(fs) => fs.iter().any(|f| f.find(text).is_some()),
+        match &self.ac {
+            Some(ac) => ac.is_match(text),
+            None => self.finders.iter().any(|f| f.find(text).is_some()),
         }
     }
 
-    /// Calls `hit` with the start of matches in `hay`, in ascending order: at least one in every
-    /// entry that contains a value (not necessarily every match).
-    fn for_each_match(&self, hay: &[u8], mut hit: impl FnMut(usize)) {
-        match self {
-            Self::Never => {}
-            Self::One(f) => f.find_iter(hay).for_each(hit),
-            Self::Many(ac) => ac.find_iter(hay).for_each(|m| hit(m.start())),
-            Self::Each(fs) => {
-                let mut starts: Vec<usize> = fs.iter().flat_map(|f| f.find_iter(hay)).collect();
-                starts.sort_unstable();
-                starts.into_iter().for_each(hit);
+    /// Searches `hay` (a range of the arena): calls `hit` with the position of a match, which
+    /// answers where to go on (the start of the next entry, so that an entry is reported at most
+    /// once per pass however often it matches). With passes, an entry may be reported once per
+    /// value, out of order.
+    fn search(&self, hay: &[u8], hit: &mut dyn FnMut(usize) -> usize) {
+        match &self.ac {
+            Some(ac) if self.finders.len() > PASSES_OVER_ARENA => {
+                let mut pos = 0;
+                while pos < hay.len() {
+                    match ac.find(aho_corasick::Input::new(hay).range(pos..)) {
+                        Some(m) => pos = hit(m.start()).max(pos + 1),
+                        None => break,
+                    }
+                }
+            }
+            _ => {
+                for f in &self.finders {
+                    let mut pos = 0;
+                    while let Some(i) = hay.get(pos..).and_then(|h| f.find(h)) {
+                        pos = hit(pos + i).max(pos + 1);
+                    }
+                }
             }
         }
     }
 
-    /// Rough cost of searching 1 KiB of text, in the units of `live::query` (≈ ns).
+    /// Rough cost of searching one instance's text, in the units of `live::query` (≈ ns).
+    pub(crate) fn cost_per_instance(&self) -> u64 {
+        match &self.ac {
+            Some(_) => 40,
+            None => 15 * self.finders.len() as u64,
+        }
+    }
+
+    /// Rough cost of searching 1 KiB of the arena, in the same units.
     pub(crate) fn cost_per_kib(&self) -> u64 {
-        match self {
-            Self::Never => 0,
-            Self::One(_) => 100,
-            Self::Many(_) => 1_000,
-            Self::Each(fs) => 100 * fs.len() as u64,
+        match &self.ac {
+            Some(_) if self.finders.len() > PASSES_OVER_ARENA => 2_500,
+            _ => 45 * self.finders.len() as u64,
         }
     }
 }
@@ -125,6 +144,10 @@ pub(crate) struct Scanned {
     pub(crate) next: usize,
     /// Entries passed over (live or dead).
     pub(crate) entries: usize,
+    /// Bytes searched.
+    pub(crate) bytes: usize,
+    /// Matches reported.
+    pub(crate) hits: usize,
 }
 
 /// Arena size above which dead space triggers compaction.
@@ -217,8 +240,9 @@ impl TextIndex {
     }
 
     /// Searches the entries from number `from` on, about `max_bytes` of arena (at least one
-    /// entry), calling `hit(slot, offset)` once for each entry that contains a match of `m`.
-    /// `offset` is the entry's: the caller checks it is still the slot's live text.
+    /// entry), calling `hit(slot, offset)` for each entry that contains a match of `m` (once, or
+    /// once per value with passes). `offset` is the entry's: the caller checks it is still the
+    /// slot's live text.
     pub(crate) fn scan(
         &self,
         m: &TextMatcher,
@@ -230,6 +254,8 @@ impl TextIndex {
             return Scanned {
                 next: self.owners.len(),
                 entries: 0,
+                bytes: 0,
+                hits: 0,
             };
         };
         let start = start as usize;
@@ -242,24 +268,27 @@ impl TextIndex {
             .map_or(self.arena.len(), |&(off, _)| off as usize);
         let entries = &rest[..n];
         let hay = self.arena.get(start..end).unwrap_or_default();
-        let mut last = usize::MAX;
-        m.for_each_match(hay, |pos| {
+        let mut hits = 0;
+        m.search(hay, &mut |pos| {
             let at = start + pos;
             let Some(entry) = entries
                 .partition_point(|&(off, _)| off as usize <= at)
                 .checked_sub(1)
             else {
-                return;
+                return pos + 1;
             };
-            if entry != last {
-                last = entry;
-                let (off, slot) = entries[entry];
-                hit(slot, off);
-            }
+            let (off, slot) = entries[entry];
+            hit(slot, off);
+            hits += 1;
+            entries
+                .get(entry + 1)
+                .map_or(hay.len(), |&(next, _)| next as usize - start)
         });
         Scanned {
             next: from + n,
             entries: n,
+            bytes: hay.len(),
+            hits,
         }
     }
 
@@ -328,24 +357,74 @@ mod tests {
     #[test]
     fn matcher_kinds_agree() {
         let texts = ["web-01\n10.0.0.1", "db-01", "", "cache\nfe80::1"];
-        let sets: [&[&str]; 5] = [&[], &[""], &["web"], &["zz", "::1", "db"], &["\n", "b-"]];
+        let sets: [&[&str]; 6] = [
+            &[],
+            &[""],
+            &["web"],
+            &["zz", "::1", "db"],
+            &["\n", "b-"],
+            &["q1", "q2", "q3", "q4", "q5", "e8", "q6"],
+        ];
         for set in sets {
             let needles: Vec<String> = set.iter().map(|n| n.to_string()).collect();
             let m = TextMatcher::new(&needles);
-            let each = TextMatcher::Each(
-                set.iter()
-                    .filter(|n| !n.is_empty() && !n.contains('\n'))
-                    .map(|n| memmem::Finder::new(n.as_bytes()).into_owned())
-                    .collect(),
-            );
+            let valid: Vec<&str> = set
+                .iter()
+                .copied()
+                .filter(|n| !n.is_empty() && !n.contains('\n'))
+                .collect();
+            assert_eq!(m.ac.is_some(), valid.len() >= AC_PER_INSTANCE, "{set:?}");
+            let passes = TextMatcher {
+                finders: std::mem::take(&mut TextMatcher::new(&needles).finders),
+                ac: None,
+            };
             for text in texts {
-                let want = set
-                    .iter()
-                    .any(|n| !n.is_empty() && !n.contains('\n') && text.contains(n));
+                let want = valid.iter().any(|n| text.contains(n));
                 assert_eq!(m.is_match(text.as_bytes()), want, "{set:?} in {text:?}");
-                assert_eq!(each.is_match(text.as_bytes()), want, "{set:?} in {text:?}");
+                assert_eq!(
+                    passes.is_match(text.as_bytes()),
+                    want,
+                    "{set:?} in {text:?}"
+                );
             }
         }
         assert!(TextMatcher::new(&[String::new()]).never());
+    }
+
+    #[test]
+    fn the_arena_is_searched_alike_with_passes_and_with_the_automaton() {
+        let mut t = TextIndex::default();
+        let mut refs = Vec::new();
+        for i in 0..200u32 {
+            refs.push(
+                t.insert(i, &format!("host-{i:03}\n10.0.{}.{}", i / 7, i % 7))
+                    .unwrap(),
+            );
+        }
+        let many: Vec<String> = (0..60).map(|i| format!("host-{:03}", i * 3)).collect();
+        let m = TextMatcher::new(&many);
+        assert!(m.finders.len() > PASSES_OVER_ARENA && m.ac.is_some());
+        let passes = TextMatcher {
+            finders: std::mem::take(&mut TextMatcher::new(&many).finders),
+            ac: None,
+        };
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for (m, out) in [(&m, &mut a), (&passes, &mut b)] {
+            let mut from = 0;
+            while from < t.entries() {
+                from = t
+                    .scan(m, from, 100, |slot, off| {
+                        if refs[slot as usize].offset() == off {
+                            out.push(slot);
+                        }
+                    })
+                    .next;
+            }
+            out.sort_unstable();
+            out.dedup();
+        }
+        assert_eq!(a, (0..60).map(|i| i * 3).collect::<Vec<u32>>());
+        assert_eq!(a, b);
     }
 }
