@@ -273,9 +273,9 @@ struct ArenaSearch {
     /// The arena's generation the entry numbers belong to.
     generation: u64,
     restarts: u32,
-    /// Bytes of arena the next step searches: sized from what the last step cost, so that a
-    /// value matching in every entry (`text:0`) does not make steps longer than their budget.
-    bytes: usize,
+    /// Entries of the arena the next step searches: sized from what the last step cost, so that
+    /// a value matching in every entry (`text:0`) does not make steps longer than their budget.
+    entries: usize,
     found: RoaringBitmap,
     /// The check the driver stood for (with its term's index), evaluated again once the driver
     /// is `found`.
@@ -496,7 +496,7 @@ impl<'f> Query<'f> {
                     restarts: 0,
                     // A quarter of what the budget allows at no match: grown once the cost of
                     // this arena's matches is seen.
-                    bytes: bytes_for(self.budget, per_kib) / 4,
+                    entries: bytes_for(self.budget, per_kib) / view.text.entry_bytes() / 4,
                     found: RoaringBitmap::new(),
                     implied: None,
                 })
@@ -580,25 +580,25 @@ impl<'f> Query<'f> {
             };
             let per_kib = m.cost_per_kib();
             let found = &mut search.found;
-            let scanned = view.text.scan(m, search.entry, search.bytes, |slot, off| {
-                if view.slot(slot).is_some_and(|s| s.text.offset() == off) {
-                    found.insert(slot);
-                }
-            });
+            let scanned = view
+                .text
+                .scan(m, search.entry, search.entries, |slot, off| {
+                    if view.slot(slot).is_some_and(|s| s.text.offset() == off) {
+                        found.insert(slot);
+                    }
+                });
             counters
                 .texts_scanned
                 .fetch_add(scanned.entries as u64, Ordering::Relaxed);
             search.entry = scanned.next;
             // The cost this step had, and the range the next one can afford (at most twice this
             // one's: the arena's next part may match more).
-            let cost = (scanned.bytes as u64 * per_kib / 1024
-                + scanned.hits as u64 * HIT_COST
-                + scanned.entries as u64)
-                .max(1);
-            let afford = u128::from(self.budget) * scanned.bytes as u128 / u128::from(cost);
-            search.bytes = usize::try_from(afford)
+            let cost =
+                (scanned.bytes as u64 * per_kib / 1024 + scanned.hits as u64 * HIT_COST).max(1);
+            let afford = u128::from(self.budget) * scanned.entries as u128 / u128::from(cost);
+            search.entries = usize::try_from(afford)
                 .unwrap_or(usize::MAX)
-                .clamp(1, scanned.bytes.saturating_mul(2).max(1024));
+                .clamp(1, scanned.entries.saturating_mul(2).max(16));
             if scanned.next >= view.text.entries() {
                 let found = std::mem::take(&mut search.found);
                 if let Some((i, c)) = search.implied.take() {
@@ -622,6 +622,28 @@ impl<'f> Query<'f> {
         it.advance_to(from);
         let (mut spent, mut evaluated) = (0u64, 0u64);
         let mut finished = true;
+        if plan.checks.is_empty() && scope.is_none() {
+            // The driver's posting is the answer: every slot of it matches (a summary of
+            // `env=prod`, a tenant's unfiltered list). A fixed number per step, no checks.
+            let per_step = (self.budget / (VISIT_COST + self.match_cost)).max(1);
+            let mut taken = 0;
+            for s in it {
+                if taken == per_step {
+                    self.next = Some(s);
+                    finished = false;
+                    break;
+                }
+                taken += 1;
+                if sink(view, s).is_break() {
+                    break;
+                }
+            }
+            counters.evaluated.fetch_add(taken, Ordering::Relaxed);
+            if finished {
+                self.next = None;
+            }
+            return finished;
+        }
         for s in it {
             if spent >= self.budget {
                 self.next = Some(s);

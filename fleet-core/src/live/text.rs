@@ -18,7 +18,7 @@ use memchr::memmem;
 /// Two ways, chosen by the number of values and the length of the text (measured, one core of
 /// the build machine): on one instance's ~30 bytes, a `memmem` search per value costs ~15 ns
 /// each and one Aho-Corasick automaton ~40 ns for any number, so the automaton is used from
-/// [`AC_PER_INSTANCE`] values on; over the arena, a `memmem` pass costs ~45 ns per KiB per value
+/// [`AC_PER_INSTANCE`] values on; over the arena, a `memmem` pass costs ~30 ns per KiB per value
 /// and the automaton ~2.5 µs per KiB, so passes are used up to [`PASSES_OVER_ARENA`] values.
 #[derive(Debug)]
 pub(crate) struct TextMatcher {
@@ -108,7 +108,7 @@ impl TextMatcher {
     pub(crate) fn cost_per_kib(&self) -> u64 {
         match &self.ac {
             Some(_) if self.finders.len() > PASSES_OVER_ARENA => 2_500,
-            _ => 45 * self.finders.len() as u64,
+            _ => 30 * self.finders.len() as u64,
         }
     }
 }
@@ -187,6 +187,11 @@ impl TextIndex {
         self.arena.len()
     }
 
+    /// Average bytes per entry (separator included; at least 1).
+    pub(crate) fn entry_bytes(&self) -> usize {
+        (self.arena.len() / self.owners.len().max(1)).max(1)
+    }
+
     /// Compactions so far.
     pub(crate) fn generation(&self) -> u64 {
         self.generation
@@ -239,15 +244,14 @@ impl TextIndex {
         }
     }
 
-    /// Searches the entries from number `from` on, about `max_bytes` of arena (at least one
-    /// entry), calling `hit(slot, offset)` for each entry that contains a match of `m` (once, or
-    /// once per value with passes). `offset` is the entry's: the caller checks it is still the
-    /// slot's live text.
+    /// Searches the `count` entries from number `from` on (at least one), calling
+    /// `hit(slot, offset)` for each entry that contains a match of `m` (once, or once per value
+    /// with passes). `offset` is the entry's: the caller checks it is still the slot's live text.
     pub(crate) fn scan(
         &self,
         m: &TextMatcher,
         from: usize,
-        max_bytes: usize,
+        count: usize,
         mut hit: impl FnMut(u32, u32),
     ) -> Scanned {
         let Some(&(start, _)) = self.owners.get(from) else {
@@ -260,9 +264,7 @@ impl TextIndex {
         };
         let start = start as usize;
         let rest = &self.owners[from..];
-        let n = rest
-            .partition_point(|&(off, _)| (off as usize) < start.saturating_add(max_bytes))
-            .max(1);
+        let n = count.clamp(1, rest.len());
         let end = rest
             .get(n)
             .map_or(self.arena.len(), |&(off, _)| off as usize);
@@ -308,7 +310,7 @@ impl TextRef {
 mod tests {
     use super::*;
 
-    /// Every slot the whole arena matches, scanning `chunk` bytes at a time.
+    /// Every slot the whole arena matches, scanning `chunk` entries at a time.
     fn search(t: &TextIndex, needles: &[&str], chunk: usize, refs: &[TextRef]) -> Vec<u32> {
         let m = TextMatcher::new(&needles.iter().map(|n| n.to_string()).collect::<Vec<_>>());
         let mut hits = Vec::new();
@@ -335,7 +337,7 @@ mod tests {
             t.insert(1, "db-01\n10.0.0.2").unwrap(),
             t.insert(2, "web-02").unwrap(),
         ];
-        for chunk in [1, 5, 16, 1 << 20] {
+        for chunk in [0, 1, 2, 3, 1 << 20] {
             assert_eq!(search(&t, &["web"], chunk, &refs), vec![0, 2]);
             assert_eq!(search(&t, &["zzz", "db-"], chunk, &refs), vec![1]);
             assert_eq!(search(&t, &["0.0.0.", "02"], chunk, &refs), vec![0, 1, 2]);
