@@ -148,6 +148,50 @@ fn queries_through_the_operator_api() {
 }
 
 #[test]
+fn heartbeats_while_tenant_operators_send_the_heaviest_filter() {
+    let r = bench(&["filter", "--store", "memory"]);
+    let r = &r[0];
+    assert_eq!(r["scenario"], "filter");
+    for phase in ["idle", "loaded", "idle_after"] {
+        phase_is_sane(r, &[phase]);
+    }
+    // The tenant sees one synthetic instance in eight, and its heaviest filter selects them all.
+    assert_eq!(num(r, &["instances"]), 2000.0);
+    assert_eq!(num(r, &["filter_selects"]), 250.0);
+    assert!(num(r, &["queries", "ok"]) > 0.0, "{r}");
+    assert_eq!(num(r, &["queries", "failed"]), 0.0, "{r}");
+    assert!(num(r, &["p50_loaded_over_idle"]).is_finite());
+    assert!(r["goals"].as_array().is_some_and(|g| g.len() == 3), "{r}");
+}
+
+#[test]
+fn the_filter_scenario_reports_a_refused_filter_as_failed() {
+    // The 1,024 two-letter text values of issue 16: over the total-values limit.
+    let letter = |n: usize| char::from(b'a' + (n % 26) as u8);
+    let issue: Vec<String> = (0..64)
+        .map(|t| {
+            let v: Vec<String> = (0..16)
+                .map(|i| {
+                    let n = t * 16 + i;
+                    format!("{}{}", letter(n / 26), letter(n))
+                })
+                .collect();
+            format!("text:{}", v.join("|"))
+        })
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleet-bench"))
+        .args(["filter", "--store", "memory", "--quick", "--json"])
+        .args(["--filter", &issue.join(" ")])
+        .output()
+        .expect("running fleet-bench");
+    assert!(!out.status.success(), "a refused query is a failure");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: Value = serde_json::from_str(stdout.lines().next().unwrap_or("")).expect("a report");
+    let e = r["queries"]["first_error"].as_str().unwrap_or("");
+    assert!(e.contains("400") && e.contains("max_total_values"), "{e}");
+}
+
+#[test]
 fn heartbeat_and_enroll_on_postgres() {
     let r = bench(&["heartbeat", "--store", "postgres"]);
     assert_eq!(r[0]["store"], "postgres");

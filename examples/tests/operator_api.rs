@@ -520,3 +520,135 @@ async fn commands_policies_alerts_and_trends() {
     let _ = api.stop.send(());
     api.task.await.unwrap().unwrap();
 }
+
+/// Each filter limit (fleet_core::filter) is refused with 400 `filter_too_large` naming the limit
+/// and the field — as a query parameter and inside a command's or a policy's body — and nothing
+/// is created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filter_limits_answer_400_naming_the_limit() {
+    use fleet_core::{FilterLimit, NewInstance, SystemInfo};
+    let api = start().await;
+    let op = Some(OPERATOR);
+    api.fleet
+        .register(NewInstance {
+            system: SystemInfo::with_hostname("web-0"),
+            ..NewInstance::default()
+        })
+        .await
+        .unwrap();
+    let list = |prefix: &str, n: usize, sep: &str| {
+        (0..n)
+            .map(|i| format!("{prefix}{i}"))
+            .collect::<Vec<_>>()
+            .join(sep)
+    };
+    let groups_in_terms = |n: usize| {
+        (0..n)
+            .collect::<Vec<_>>()
+            .chunks(64)
+            .map(|c| {
+                let v: Vec<String> = c.iter().map(|i| format!("g{i}")).collect();
+                format!("group:{}", v.join("|"))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let long = "x".repeat(253);
+    let cases = [
+        (FilterLimit::Length, "a ".repeat(2049)),
+        (FilterLimit::Terms, list("k", 65, " ")),
+        (FilterLimit::Values, format!("group:{}", list("v", 65, "|"))),
+        (FilterLimit::TotalValues, groups_in_terms(257)),
+        (FilterLimit::TextLength, format!("text:{long}x")),
+        (
+            FilterLimit::TotalTextLength,
+            format!("text:{}", [long.as_str(); 5].join("|")),
+        ),
+    ];
+    let encode = |f: &str| form_urlencoded::byte_serialize(f.as_bytes()).collect::<String>();
+    for (limit, filter) in &cases {
+        for path in ["/api/v1/summary", "/api/v1/instances", "/api/v1/alerts"] {
+            let (status, body) = get(&api, &format!("{path}?filter={}", encode(filter))).await;
+            let e = &body["error"];
+            assert_eq!(status, 400, "{limit} on {path}: {body}");
+            assert_eq!(e["code"], "filter_too_large", "{limit} on {path}: {body}");
+            assert_eq!(e["field"], "filter", "{body}");
+            assert_eq!(e["limit"], limit.name(), "{body}");
+            assert_eq!(e["max"].as_u64(), Some(limit.max() as u64), "{body}");
+            assert!(e["position"].is_u64(), "{body}");
+            assert!(
+                e["message"].as_str().unwrap().contains(limit.name()),
+                "the message names the limit: {body}"
+            );
+        }
+        let (status, body) = call(
+            &api,
+            "POST",
+            "/api/v1/commands",
+            op,
+            Some(json!({"target": {"filter": filter}, "kind": "ping"})),
+        )
+        .await;
+        assert_eq!(
+            (
+                status,
+                body["error"]["code"].as_str(),
+                body["error"]["limit"].as_str()
+            ),
+            (400, Some("filter_too_large"), Some(limit.name())),
+            "{body}"
+        );
+        let (status, body) = call(
+            &api,
+            "POST",
+            "/api/v1/policies",
+            op,
+            Some(json!({"name": "big", "filter": filter, "rule": {"agent_version_at_least": "1.0.0"}})),
+        )
+        .await;
+        assert_eq!(
+            (
+                status,
+                body["error"]["code"].as_str(),
+                body["error"]["limit"].as_str()
+            ),
+            (400, Some("filter_too_large"), Some(limit.name())),
+            "{body}"
+        );
+    }
+    // A syntax error keeps its own code, with the field too.
+    let (status, body) = get(&api, "/api/v1/summary?filter=env%3D").await;
+    assert_eq!(
+        (
+            status,
+            body["error"]["code"].as_str(),
+            body["error"]["field"].as_str()
+        ),
+        (400, Some("invalid_filter"), Some("filter"))
+    );
+    assert!(body["error"].get("limit").is_none());
+    // Nothing was created.
+    let (_, commands) = get(&api, "/api/v1/commands").await;
+    assert_eq!(
+        commands["items"].as_array().map(Vec::len),
+        Some(0),
+        "{commands}"
+    );
+    let (_, policies) = get(&api, "/api/v1/policies").await;
+    assert_eq!(
+        policies["items"].as_array().map(Vec::len),
+        Some(0),
+        "{policies}"
+    );
+    // At the limits, the same requests are answered.
+    let heaviest = groups_in_terms(256);
+    let (status, body) = get(
+        &api,
+        &format!("/api/v1/summary?filter={}", encode(&heaviest)),
+    )
+    .await;
+    assert_eq!((status, body["total"].as_u64()), (200, Some(0)), "{body}");
+
+    let _ = api.stop.send(());
+    api.task.await.unwrap().unwrap();
+}

@@ -705,10 +705,9 @@ impl<S: FleetStore> Fleet<S> {
                 self.visible(*id, scope)?;
                 (vec![*id], None)
             }
-            CommandTarget::Filter(f) => (self.view().matching(f, scope), Some(())),
+            CommandTarget::Filter(f) => (self.matching(f, scope), Some(())),
             CommandTarget::Group(g) => (
-                self.view()
-                    .matching(&crate::Filter::all().group([g.clone()]), scope),
+                self.matching(&crate::Filter::all().group([g.clone()]), scope),
                 Some(()),
             ),
         };

@@ -35,10 +35,30 @@
 //! space; values of each term sorted and de-duplicated; values quoted only when they must be.
 //! Parsing the canonical form gives back the same `Filter`.
 //!
+//! # Limits
+//!
+//! A filter is input from operators (and the web), and evaluating one costs in proportion to its
+//! size, so parsing refuses filters beyond these limits, each refusal naming the limit
+//! ([`FilterParseError::limit`], a [`FilterLimit`]):
+//!
+//! | limit | constant | what |
+//! |---|---|---|
+//! | [`FilterLimit::Length`] | [`MAX_FILTER_LEN`] | bytes of filter text |
+//! | [`FilterLimit::Terms`] | [`MAX_TERMS`] | terms |
+//! | [`FilterLimit::Values`] | [`MAX_VALUES`] | values in one term (`a\|b\|…`, `in (…)`) |
+//! | [`FilterLimit::TotalValues`] | [`MAX_TOTAL_VALUES`] | values in the whole filter, every term counted |
+//! | [`FilterLimit::TextLength`] | [`MAX_TEXT_LEN`] | characters of one `text:` value |
+//! | [`FilterLimit::TotalTextLength`] | [`MAX_TOTAL_TEXT_LEN`] | characters of all `text:` values together |
+//!
+//! Values are counted as written, before duplicates are removed. A filter built in code
+//! ([`Filter::and`] and friends) is trusted and not limited; the live view bounds the work it does
+//! per lock hold for any filter (see [`crate::live::query`]).
+//!
 //! # Errors
 //!
 //! A syntax error is a [`FilterParseError`] carrying the 0-based **character** position of the
-//! mistake and what was expected there.
+//! mistake and what was expected there; a filter beyond a limit is one too, with
+//! [`limit`](FilterParseError::limit) set.
 
 use std::fmt;
 
@@ -46,14 +66,92 @@ use serde::{Deserialize, Serialize};
 
 use crate::{GroupName, Groups, Instance, Status, TagKey, TagValue, Tags, TenantId};
 
-/// Longest accepted filter text, in bytes.
+/// Longest accepted filter text, in bytes ([`FilterLimit::Length`]).
 pub const MAX_FILTER_LEN: usize = 4096;
-/// Most terms in one filter.
+/// Most terms in one filter ([`FilterLimit::Terms`]).
 pub const MAX_TERMS: usize = 64;
-/// Most values in one term.
+/// Most values in one term ([`FilterLimit::Values`]).
 pub const MAX_VALUES: usize = 64;
-/// Longest free-text needle, in characters.
+/// Most values in one filter, all terms together ([`FilterLimit::TotalValues`]).
+pub const MAX_TOTAL_VALUES: usize = 256;
+/// Longest free-text needle, in characters ([`FilterLimit::TextLength`]).
 pub const MAX_TEXT_LEN: usize = 253;
+/// Most characters of free text in one filter, all `text:` values together
+/// ([`FilterLimit::TotalTextLength`]).
+pub const MAX_TOTAL_TEXT_LEN: usize = 1024;
+
+/// A documented limit on the size of a filter (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum FilterLimit {
+    /// [`MAX_FILTER_LEN`]: bytes of filter text.
+    Length,
+    /// [`MAX_TERMS`]: terms in the filter.
+    Terms,
+    /// [`MAX_VALUES`]: values in one term.
+    Values,
+    /// [`MAX_TOTAL_VALUES`]: values in the whole filter.
+    TotalValues,
+    /// [`MAX_TEXT_LEN`]: characters of one `text:` value.
+    TextLength,
+    /// [`MAX_TOTAL_TEXT_LEN`]: characters of all `text:` values together.
+    TotalTextLength,
+}
+
+impl FilterLimit {
+    /// Every limit.
+    pub const ALL: [Self; 6] = [
+        Self::Length,
+        Self::Terms,
+        Self::Values,
+        Self::TotalValues,
+        Self::TextLength,
+        Self::TotalTextLength,
+    ];
+
+    /// The limit's stable name, its constant's in lower case (`max_total_values`): what error
+    /// replies carry.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Length => "max_filter_len",
+            Self::Terms => "max_terms",
+            Self::Values => "max_values",
+            Self::TotalValues => "max_total_values",
+            Self::TextLength => "max_text_len",
+            Self::TotalTextLength => "max_total_text_len",
+        }
+    }
+
+    /// The limit's value.
+    pub const fn max(self) -> usize {
+        match self {
+            Self::Length => MAX_FILTER_LEN,
+            Self::Terms => MAX_TERMS,
+            Self::Values => MAX_VALUES,
+            Self::TotalValues => MAX_TOTAL_VALUES,
+            Self::TextLength => MAX_TEXT_LEN,
+            Self::TotalTextLength => MAX_TOTAL_TEXT_LEN,
+        }
+    }
+
+    /// What it counts, for messages ("values in the whole filter").
+    const fn counts(self) -> &'static str {
+        match self {
+            Self::Length => "bytes of filter text",
+            Self::Terms => "terms",
+            Self::Values => "values in one term",
+            Self::TotalValues => "values in the whole filter",
+            Self::TextLength => "characters in one text value",
+            Self::TotalTextLength => "characters of text values in the whole filter",
+        }
+    }
+}
+
+impl fmt::Display for FilterLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
 
 /// A selector over one tag key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -341,19 +439,44 @@ impl fmt::Display for Filter {
     }
 }
 
-/// A filter that did not parse: where, and what was wrong.
+/// A filter that did not parse, or was larger than a limit allows: where, and what was wrong.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("filter syntax error at position {position}: {message}")]
+#[error("{}", self.describe())]
 pub struct FilterParseError {
-    /// 0-based character offset of the mistake in the filter text.
+    /// 0-based character offset of the mistake in the filter text (for a limit, where the filter
+    /// went past it).
     pub position: usize,
     /// What was expected or wrong.
     pub message: String,
+    /// The limit the filter went past; `None` for a syntax error.
+    pub limit: Option<FilterLimit>,
+}
+
+impl FilterParseError {
+    fn describe(&self) -> String {
+        match self.limit {
+            None => format!(
+                "filter syntax error at position {}: {}",
+                self.position, self.message
+            ),
+            Some(l) => format!(
+                "filter too large at position {}: {} (limit {} = {})",
+                self.position,
+                self.message,
+                l.name(),
+                l.max()
+            ),
+        }
+    }
 }
 
 struct Parser {
     chars: Vec<char>,
     pos: usize,
+    /// Values read so far, all terms together ([`MAX_TOTAL_VALUES`]).
+    values: usize,
+    /// Characters of `text:` values read so far ([`MAX_TOTAL_TEXT_LEN`]).
+    text_chars: usize,
 }
 
 type PResult<T> = Result<T, FilterParseError>;
@@ -361,14 +484,18 @@ type PResult<T> = Result<T, FilterParseError>;
 impl Parser {
     fn new(s: &str) -> PResult<Self> {
         if s.len() > MAX_FILTER_LEN {
-            return Err(FilterParseError {
-                position: MAX_FILTER_LEN.min(s.chars().count()),
-                message: format!("filter is longer than {MAX_FILTER_LEN} bytes"),
-            });
+            // The character at which the text passes the byte limit.
+            let position = s
+                .char_indices()
+                .take_while(|&(i, c)| i + c.len_utf8() <= MAX_FILTER_LEN)
+                .count();
+            return Err(Self::too_large(position, FilterLimit::Length));
         }
         Ok(Self {
             chars: s.chars().collect(),
             pos: 0,
+            values: 0,
+            text_chars: 0,
         })
     }
 
@@ -376,7 +503,29 @@ impl Parser {
         Err(FilterParseError {
             position,
             message: message.into(),
+            limit: None,
         })
+    }
+
+    fn too_large(position: usize, limit: FilterLimit) -> FilterParseError {
+        FilterParseError {
+            position,
+            message: format!("more than {} {}", limit.max(), limit.counts()),
+            limit: Some(limit),
+        }
+    }
+
+    fn limit<T>(&self, position: usize, limit: FilterLimit) -> PResult<T> {
+        Err(Self::too_large(position, limit))
+    }
+
+    /// Counts one more value starting at `position` against [`MAX_TOTAL_VALUES`].
+    fn count_value(&mut self, position: usize) -> PResult<()> {
+        if self.values == MAX_TOTAL_VALUES {
+            return self.limit(position, FilterLimit::TotalValues);
+        }
+        self.values += 1;
+        Ok(())
     }
 
     fn peek(&self) -> Option<char> {
@@ -410,7 +559,7 @@ impl Parser {
                 return Ok(filter);
             }
             if filter.terms.len() == MAX_TERMS {
-                return self.err(self.pos, format!("more than {MAX_TERMS} terms"));
+                return self.limit(self.pos, FilterLimit::Terms);
             }
             let term = self.term()?;
             filter = filter.and(term);
@@ -515,11 +664,9 @@ impl Parser {
         let mut raw = Vec::new();
         loop {
             if raw.len() == MAX_VALUES {
-                return self.err(
-                    self.pos,
-                    format!("more than {MAX_VALUES} values in one term"),
-                );
+                return self.limit(self.pos, FilterLimit::Values);
             }
+            self.count_value(self.pos)?;
             raw.push(self.value(is_bare_char)?);
             if self.peek() == Some('|') {
                 self.pos += 1;
@@ -536,11 +683,13 @@ impl Parser {
                     if v.is_empty() {
                         return self.err(*pos, "search text must not be empty");
                     }
-                    if v.chars().count() > MAX_TEXT_LEN {
-                        return self.err(
-                            *pos,
-                            format!("search text is longer than {MAX_TEXT_LEN} characters"),
-                        );
+                    let chars = v.chars().count();
+                    if chars > MAX_TEXT_LEN {
+                        return self.limit(*pos, FilterLimit::TextLength);
+                    }
+                    self.text_chars += chars;
+                    if self.text_chars > MAX_TOTAL_TEXT_LEN {
+                        return self.limit(*pos, FilterLimit::TotalTextLength);
                     }
                 }
                 Term::Text(raw.into_iter().map(|(_, v)| v).collect())
@@ -566,6 +715,7 @@ impl Parser {
     }
 
     fn tag_value(&mut self) -> PResult<TagValue> {
+        self.count_value(self.pos)?;
         let (pos, v) = self.value(is_bare_char)?;
         TagValue::new(v).or_else(|e| self.err(pos, e.to_string()))
     }
@@ -624,10 +774,7 @@ impl Parser {
         loop {
             self.skip_ws();
             if values.len() == MAX_VALUES {
-                return self.err(
-                    self.pos,
-                    format!("more than {MAX_VALUES} values in one list"),
-                );
+                return self.limit(self.pos, FilterLimit::Values);
             }
             values.push(self.tag_value()?);
             self.skip_ws();
@@ -721,6 +868,121 @@ mod tests {
             .collect::<Vec<_>>()
             .join(" ");
         assert!(Filter::parse(&many).unwrap_err().message.contains("terms"));
+    }
+
+    /// `text:` terms of `per_term` values each (`wNNNN`, 5 characters), `values` in all.
+    fn text_values(values: usize, per_term: usize) -> String {
+        text_terms(values, per_term, |i| format!("w{i:04}"))
+    }
+
+    /// The filter of issue 16: 1,024 two-letter text values in 64 terms, 3.3 KB.
+    fn issue_16_filter() -> String {
+        text_terms(1024, 16, |i| {
+            let l = |n: usize| char::from(b'a' + (n % 26) as u8);
+            format!("{}{}", l(i / 26), l(i))
+        })
+    }
+
+    fn text_terms(values: usize, per_term: usize, value: impl Fn(usize) -> String) -> String {
+        (0..values)
+            .collect::<Vec<_>>()
+            .chunks(per_term)
+            .map(|c| {
+                let vals: Vec<String> = c.iter().map(|&i| value(i)).collect();
+                format!("text:{}", vals.join("|"))
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    fn refused(input: &str) -> FilterParseError {
+        Filter::parse(input).expect_err("over a limit")
+    }
+
+    #[test]
+    fn every_limit_is_refused_by_name() {
+        // Length: one byte too many, the position is the character where it went past.
+        let e = refused(&format!("{}x", "a ".repeat(MAX_FILTER_LEN / 2)));
+        assert_eq!(e.limit, Some(FilterLimit::Length));
+        assert_eq!(e.position, MAX_FILTER_LEN);
+        let ok = "é".repeat(MAX_FILTER_LEN / 2);
+        assert!(Filter::parse(&format!("text:{}", &ok[..200])).is_ok());
+        let e = refused(&format!("k {ok}"));
+        assert_eq!(e.limit, Some(FilterLimit::Length));
+        assert_eq!(e.position, 2 + (MAX_FILTER_LEN - 2) / 2);
+
+        // Terms.
+        let terms = |n: usize| {
+            (0..n)
+                .map(|i| format!("k{i}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert_eq!(
+            Filter::parse(&terms(MAX_TERMS)).unwrap().terms().len(),
+            MAX_TERMS
+        );
+        let e = refused(&terms(MAX_TERMS + 1));
+        assert_eq!(e.limit, Some(FilterLimit::Terms));
+
+        // Values in one term, in both spellings.
+        let vals = |n: usize| (0..n).map(|i| format!("v{i}")).collect::<Vec<_>>();
+        assert!(Filter::parse(&format!("group:{}", vals(MAX_VALUES).join("|"))).is_ok());
+        let e = refused(&format!("group:{}", vals(MAX_VALUES + 1).join("|")));
+        assert_eq!(e.limit, Some(FilterLimit::Values));
+        let e = refused(&format!("k in ({})", vals(MAX_VALUES + 1).join(",")));
+        assert_eq!(e.limit, Some(FilterLimit::Values));
+
+        // Values in the whole filter: every term within its own limit, the sum over it. Tag
+        // `=`/`!=` values count too.
+        let groups = |n: usize| {
+            (0..n)
+                .collect::<Vec<_>>()
+                .chunks(MAX_VALUES)
+                .map(|c| {
+                    let v: Vec<String> = c.iter().map(|i| format!("g{i}")).collect();
+                    format!("group:{}", v.join("|"))
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        assert!(Filter::parse(&groups(MAX_TOTAL_VALUES)).is_ok());
+        let e = refused(&groups(MAX_TOTAL_VALUES + 1));
+        assert_eq!(e.limit, Some(FilterLimit::TotalValues));
+        let e = refused(&format!("{} env=prod", groups(MAX_TOTAL_VALUES)));
+        assert_eq!(e.limit, Some(FilterLimit::TotalValues));
+        assert_eq!(e.position, groups(MAX_TOTAL_VALUES).chars().count() + 5);
+        // The 1,024 text values of issue 16, inside the per-term and length limits.
+        assert!(issue_16_filter().len() <= MAX_FILTER_LEN);
+        let e = refused(&issue_16_filter());
+        assert_eq!(e.limit, Some(FilterLimit::TotalValues));
+
+        // One text value.
+        let long = "x".repeat(MAX_TEXT_LEN);
+        assert!(Filter::parse(&format!("text:{long}")).is_ok());
+        let e = refused(&format!("text:a|{long}x"));
+        assert_eq!(e.limit, Some(FilterLimit::TextLength));
+        assert_eq!(e.position, 7);
+
+        // All text values together: 205 values of 5 characters is over 1,024 characters.
+        assert!(Filter::parse(&text_values(MAX_TOTAL_TEXT_LEN / 5, 64)).is_ok());
+        let e = refused(&text_values(MAX_TOTAL_TEXT_LEN / 5 + 1, 64));
+        assert_eq!(e.limit, Some(FilterLimit::TotalTextLength));
+    }
+
+    #[test]
+    fn limit_errors_name_the_limit_and_syntax_errors_do_not() {
+        let e = refused(&issue_16_filter());
+        let shown = e.to_string();
+        assert!(shown.contains("max_total_values"), "{shown}");
+        assert!(shown.contains(&MAX_TOTAL_VALUES.to_string()), "{shown}");
+        assert!(shown.starts_with("filter too large"), "{shown}");
+        let e = Filter::parse("status:sleeping").unwrap_err();
+        assert_eq!(e.limit, None);
+        assert!(e.to_string().starts_with("filter syntax error"));
+        let names: std::collections::HashSet<_> =
+            FilterLimit::ALL.iter().map(|l| l.name()).collect();
+        assert_eq!(names.len(), FilterLimit::ALL.len(), "names are distinct");
     }
 
     #[test]

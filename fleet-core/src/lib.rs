@@ -115,7 +115,7 @@ pub use command::{
 };
 pub use enroll::{AuthError, EnrollError, EnrollRequest, Enrollment, EnrollmentPolicy, RenewError};
 pub use error::{FleetError, StoreError, ValidationError};
-pub use filter::{Filter, FilterParseError, TagSelector, Term};
+pub use filter::{Filter, FilterLimit, FilterParseError, TagSelector, Term};
 pub use fleet::{
     Fleet, FleetBuilder, Heartbeat, HeartbeatAck, InstanceDetail, MAX_PAGE_SIZE, SweepReport,
 };

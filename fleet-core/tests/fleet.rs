@@ -320,6 +320,77 @@ async fn tenant_scope_hides_and_protects_other_tenants() {
     );
 }
 
+/// Issue 16: a tenant operator's query — summary, every page of a list, a command's filter —
+/// evaluates only that tenant's instances and never searches the text of the others, however
+/// heavy its filter.
+#[tokio::test]
+async fn a_tenant_query_touches_only_that_tenants_instances() {
+    use fleet_core::{CommandKind, CommandTarget, NewCommand};
+    let (fleet, _) = fleet().await;
+    for n in 0..400 {
+        let tenant = match n % 40 {
+            0 => Some("small"),
+            1..20 => Some("big"),
+            _ => None,
+        };
+        fleet
+            .register(new(&format!("web-{n:03}.example.net"), tenant))
+            .await
+            .unwrap();
+    }
+    let scope = TenantScope::Tenant(TenantId::new("small").unwrap());
+    // 4 text terms of 64 values: 256 values, 1,020 characters (the most the limits allow);
+    // every term matches every instance (`.net`), so each instance is searched through.
+    let heavy: String = (0..4)
+        .map(|t| {
+            let mut v: Vec<String> = (0..63).map(|i| format!("q{t}{i:02}")).collect();
+            v.push(".net".into());
+            format!("text:{}", v.join("|"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ");
+    let heavy = Filter::parse(&heavy).unwrap();
+
+    let stats = || fleet.view().query_stats();
+    let before = stats();
+    assert_eq!(fleet.summary(&heavy, &scope).total, 10);
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = fleet.list(&heavy, &scope, cursor, 3);
+        seen.extend(page.items.iter().map(|i| i.id));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 10);
+    let report = fleet
+        .enqueue(
+            &scope,
+            NewCommand {
+                target: CommandTarget::Filter(heavy.clone()),
+                ..NewCommand::for_instance(InstanceId::random(), CommandKind::new("ping").unwrap())
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.targeted, 10);
+    let after = stats();
+    // The summary (10), four pages of up to 3 (the 10, and for each of the three full pages
+    // the next match, which says that more follow), the command's selection (10).
+    assert_eq!(after.evaluated - before.evaluated, 10 + 13 + 10);
+    assert_eq!(after.texts_scanned, before.texts_scanned, "no arena search");
+
+    // Unscoped, the same filter has the whole fleet to look at.
+    let before = stats();
+    assert_eq!(fleet.summary(&heavy, &TenantScope::All).total, 400);
+    let after = stats();
+    assert!(
+        (after.evaluated - before.evaluated) + (after.texts_scanned - before.texts_scanned) >= 400
+    );
+}
+
 #[tokio::test]
 async fn detail_combines_live_state_with_stored_facts() {
     let (fleet, _) = fleet().await;

@@ -92,6 +92,8 @@ pub struct Ready {
     pub join: Option<String>,
     /// Operator token (fleet only).
     pub operator_token: Option<String>,
+    /// Operator token limited to tenant [`BENCH_TENANT`] (fleet only).
+    pub tenant_operator_token: Option<String>,
     /// Instances in the fleet view once open.
     pub instances: usize,
     /// Seconds spent adding synthetic instances.
@@ -101,6 +103,9 @@ pub struct Ready {
     /// Heap bytes of the live view (`LiveView::memory`), fleet only.
     pub view_bytes: Option<usize>,
 }
+
+/// The tenant of one synthetic instance in eight, the one the tenant operator token sees.
+pub const BENCH_TENANT: &str = "acme";
 
 fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
@@ -237,7 +242,7 @@ pub fn synthetic_instance(n: usize, now: Timestamp) -> Result<Instance> {
     ])?;
     let groups = Groups::from_names([format!("dc{}", n % 4)])?;
     let tenant = match n % 8 {
-        0 => Some(TenantId::new("acme")?),
+        0 => Some(TenantId::new(BENCH_TENANT)?),
         1 => Some(TenantId::new("globex")?),
         _ => None,
     };
@@ -350,6 +355,9 @@ async fn fleet<S: FleetStore + Clone>(
     let operator_token = fleet_core::token::TokenSecret::random()?
         .expose()
         .to_owned();
+    let tenant_operator_token = fleet_core::token::TokenSecret::random()?
+        .expose()
+        .to_owned();
 
     let agent_listener = listen(loopback())?;
     let operator_listener = listen(loopback())?;
@@ -358,6 +366,7 @@ async fn fleet<S: FleetStore + Clone>(
         operator_addr: Some(operator_listener.local_addr()?),
         join: Some(token.join.to_string()),
         operator_token: Some(operator_token.clone()),
+        tenant_operator_token: Some(tenant_operator_token.clone()),
         instances: fleet.view().len(),
         populate_secs,
         open_secs,
@@ -377,7 +386,10 @@ async fn fleet<S: FleetStore + Clone>(
         ServerConfig::default(),
     ));
     let agent_task = tokio::spawn(agents.serve(agent_listener, stopped(stop_rx.clone())));
-    let api = Arc::new(OperatorApi::new(fleet.clone(), &operator_token));
+    let api = Arc::new(
+        OperatorApi::new(fleet.clone(), &operator_token)
+            .tenant_token(TenantId::new(BENCH_TENANT)?, &tenant_operator_token),
+    );
     let api_task = tokio::spawn(api.serve(operator_listener, stopped(stop_rx.clone())));
     let upkeep = fleet.spawn_maintenance(MaintenanceConfig::default(), |event| match event {
         MaintenanceEvent::FlushFailed(e)
@@ -414,6 +426,7 @@ async fn baseline(dir: &Path, stop: Stop) -> Result<()> {
         operator_addr: None,
         join: None,
         operator_token: None,
+        tenant_operator_token: None,
         instances: 0,
         populate_secs: 0.0,
         open_secs: 0.0,

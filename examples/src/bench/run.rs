@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use tokio::io::AsyncBufReadExt;
 use tokio::task::JoinSet;
 
-use super::child::{Kind, Ready, StoreKind};
+use super::child::{BENCH_TENANT, Kind, Ready, StoreKind};
 use super::procfs::{self, Usage};
 use super::stats::{Latencies, Percentiles};
 use super::wire::{self, TlsConn};
@@ -35,6 +35,8 @@ pub enum Scenario {
     Reconnect,
     /// Summary, filtered page and free-text search through the operator API.
     Query,
+    /// Heartbeat latency, idle and while tenant operators send the heaviest allowed filter.
+    Filter,
     /// Every scenario above, one after another.
     All,
 }
@@ -47,6 +49,7 @@ impl Scenario {
             Self::Enroll => "enroll",
             Self::Reconnect => "reconnect",
             Self::Query => "query",
+            Self::Filter => "filter",
             Self::All => "all",
         }
     }
@@ -79,6 +82,10 @@ pub struct Options {
     pub database_url: Option<String>,
     /// Longest a server may take to start (populating `--instances` included).
     pub start_timeout: Duration,
+    /// Operator clients sending the filter in a loop (`filter`).
+    pub query_clients: usize,
+    /// The filter they send (`filter`; default [`heaviest_filter`]).
+    pub filter: Option<String>,
 }
 
 /// The machine a run was taken on.
@@ -1051,6 +1058,238 @@ pub async fn query(opts: &Options) -> Result<Report> {
     }))
 }
 
+/// The heaviest filter the operator API accepts, by the work it makes per instance: every value
+/// the limits allow is a `text:` value (free text is what costs per instance; tag, group and
+/// status terms are bitmap or integer checks), 256 values of 1,020 characters in 4 terms of 64,
+/// and every term matches every synthetic instance, late in its text (`10.`, its IP address),
+/// so that none is skipped and each is searched through. The other 63 values of each term
+/// (`qaaa`, `qaab`, …) match nothing.
+pub fn heaviest_filter() -> String {
+    let letter = |n: usize| char::from(b'a' + (n % 26) as u8);
+    (0..4)
+        .map(|t| {
+            let mut values: Vec<String> = (0..63)
+                .map(|i| format!("q{}{}{}", letter(t), letter(i / 26), letter(i)))
+                .collect();
+            values.push("10.".into());
+            format!("text:{}", values.join("|"))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// An operator client sending one request in a loop until `stop`; counts what was sent inside
+/// `[from, until)`.
+async fn query_loop(
+    addr: SocketAddr,
+    req: Arc<[u8]>,
+    from: Instant,
+    until: Instant,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> (Tally, Latencies) {
+    let mut t = Tally::default();
+    let mut server_ms = Latencies::default();
+    let mut conn = match wire::connect_plain(addr).await {
+        Ok(c) => c,
+        Err(e) => {
+            t.fail(format!("{e:#}"));
+            return (t, server_ms);
+        }
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let sent = Instant::now();
+        let counted = sent >= from && sent < until;
+        match conn.send(&req).await {
+            Ok(reply) if reply.status == 200 => {
+                if counted {
+                    t.ok += 1;
+                    t.latencies.record(sent.elapsed());
+                    if let Some(d) = reply
+                        .server_ms
+                        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
+                    {
+                        server_ms.record(d);
+                    }
+                }
+            }
+            Ok(reply) => {
+                t.fail(describe(&reply));
+                break;
+            }
+            Err(e) => {
+                t.fail(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+    (t, server_ms)
+}
+
+/// `filter`: heartbeats paced at `--rate` (default 2,000/s) over `--agents` connections at
+/// `--instances` synthetic instances, idle, then while `--query-clients` (4) operators limited
+/// to one tenant send `GET /api/v1/summary` with the heaviest filter the API accepts (or
+/// `--filter`) in a loop, then idle again. Issue 16's goal: heartbeat p50 under that load
+/// within 2× of idle, p99 under 50 ms.
+pub async fn filter(opts: &Options) -> Result<Report> {
+    let dir = WorkDir::new(opts, Scenario::Filter)?;
+    let instances = if opts.quick {
+        opts.instances.min(2000)
+    } else {
+        opts.instances
+    };
+    let server = Server::start(opts, Kind::Fleet, &dir.path, instances, false).await?;
+    let n = opts.agents.unwrap_or(if opts.quick { 8 } else { 64 });
+    let rate = opts.rate.unwrap_or(if opts.quick { 400.0 } else { 2000.0 });
+    let agents = enroll_agents(&server, n).await?;
+    let reqs: Vec<Arc<[u8]>> = agents.iter().map(|a| Arc::clone(&a.heartbeat)).collect();
+    let operator = server.ready.operator_addr.context("no operator API")?;
+    let auth = format!(
+        "Bearer {}",
+        server
+            .ready
+            .tenant_operator_token
+            .as_deref()
+            .context("no tenant operator token")?
+    );
+    let filter = opts.filter.clone().unwrap_or_else(heaviest_filter);
+    let path = format!(
+        "/api/v1/summary?filter={}",
+        form_urlencoded::byte_serialize(filter.as_bytes()).collect::<String>()
+    );
+    let query: Arc<[u8]> = wire::request("GET", &path, &[("authorization", &auth)], None).into();
+
+    // One query alone first: what it selects and what it costs with nothing else running.
+    let mut conn = wire::connect_plain(operator).await?;
+    let mut alone = Latencies::default();
+    let mut alone_server = Latencies::default();
+    let mut selected = 0;
+    let mut refused = None;
+    for i in 0..if opts.quick { 3 } else { 20 } {
+        let sent = Instant::now();
+        let reply = conn.send(&query).await?;
+        let took = sent.elapsed();
+        if reply.status != 200 {
+            refused = Some(describe(&reply));
+            break;
+        }
+        if i == 0 {
+            let v: Value = serde_json::from_slice(&reply.body)?;
+            selected = v.get("total").and_then(Value::as_u64).unwrap_or(0);
+        }
+        alone.record(took);
+        if let Some(d) = reply
+            .server_ms
+            .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
+        {
+            alone_server.record(d);
+        }
+    }
+    drop(conn);
+
+    let conns = connect_all(server.ready.agent_addr, &agents).await?;
+    let (idle, conns) = drive(
+        &server,
+        conns,
+        reqs.clone(),
+        Some(rate),
+        opts.warmup,
+        opts.duration,
+    )
+    .await?;
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let start = Instant::now();
+    let from = start + opts.warmup;
+    let until = from + opts.duration;
+    let mut clients = JoinSet::new();
+    if refused.is_none() {
+        for _ in 0..opts.query_clients {
+            clients.spawn(query_loop(
+                operator,
+                Arc::clone(&query),
+                from,
+                until,
+                Arc::clone(&stop),
+            ));
+        }
+    }
+    let (loaded, conns) = drive(
+        &server,
+        conns,
+        reqs.clone(),
+        Some(rate),
+        opts.warmup,
+        opts.duration,
+    )
+    .await?;
+    stop.store(true, Ordering::Relaxed);
+    let mut queries = Tally::default();
+    let mut query_server = Latencies::default();
+    while let Some(r) = clients.join_next().await {
+        let (t, s) = r?;
+        queries.merge(t);
+        query_server.merge(s);
+    }
+    if let Some(r) = refused {
+        queries.fail(r);
+    }
+
+    let (idle_after, conns) = drive(
+        &server,
+        conns,
+        reqs,
+        Some(rate),
+        opts.warmup.min(Duration::from_millis(500)),
+        opts.duration,
+    )
+    .await?;
+    drop(conns);
+    let held = server.ready.instances;
+    server.stop().await?;
+
+    let (idle, loaded, idle_after) = (idle.phase(), loaded.phase(), idle_after.phase());
+    let query_rate = queries.ok as f64 / opts.duration.as_secs_f64().max(1e-9);
+    let query_failed = queries.failed;
+    let query_latency = queries.latencies.summary();
+    let failed = idle.failed + loaded.failed + idle_after.failed + query_failed;
+    let ratio = if idle.latency.p50_ms > 0.0 {
+        loaded.latency.p50_ms / idle.latency.p50_ms
+    } else {
+        f64::NAN
+    };
+    Ok(json!({
+        "scenario": "filter",
+        "store": opts.store,
+        "instances": held,
+        "tenant": BENCH_TENANT,
+        "connections": n,
+        "heartbeat_rate": rate,
+        "query_clients": opts.query_clients,
+        "filter_bytes": filter.len(),
+        "filter_selects": selected,
+        "duration_s": opts.duration.as_secs_f64(),
+        "query_alone": {"client": alone.summary(), "server": alone_server.summary()},
+        "idle": idle,
+        "loaded": loaded,
+        "idle_after": idle_after,
+        "queries": {
+            "ok": queries.ok,
+            "failed": query_failed,
+            "rate": query_rate,
+            "client": query_latency,
+            "server": query_server.summary(),
+            "first_error": queries.first_error,
+        },
+        "p50_loaded_over_idle": ratio,
+        "failed": failed,
+        "goals": [
+            goal("heartbeat p50 loaded ÷ idle", "≤ 2", ratio, ratio <= 2.0),
+            goal("heartbeat p99 loaded (ms)", "< 50", loaded.latency.p99_ms, loaded.latency.p99_ms < 50.0),
+            goal("failed requests", "0", failed as f64, failed == 0),
+        ],
+    }))
+}
+
 /// Runs one scenario (or all) and returns its reports.
 pub async fn run(scenario: Scenario, opts: &Options) -> Result<Vec<Report>> {
     let one = |s: Scenario| async move {
@@ -1060,6 +1299,7 @@ pub async fn run(scenario: Scenario, opts: &Options) -> Result<Vec<Report>> {
             Scenario::Enroll => enroll(opts).await,
             Scenario::Reconnect => reconnect(opts).await,
             Scenario::Query => query(opts).await,
+            Scenario::Filter => filter(opts).await,
             Scenario::All => bail!("`all` is not one scenario"),
         }
         .with_context(|| format!("scenario {}", s.name()))
@@ -1072,6 +1312,7 @@ pub async fn run(scenario: Scenario, opts: &Options) -> Result<Vec<Report>> {
                 Scenario::Enroll,
                 Scenario::Reconnect,
                 Scenario::Query,
+                Scenario::Filter,
             ] {
                 if s == Scenario::Reconnect && opts.store == StoreKind::Memory {
                     continue;

@@ -6,6 +6,7 @@
 //! cargo run --release -p fleet-examples --bin fleet-bench -- enroll
 //! cargo run --release -p fleet-examples --bin fleet-bench -- reconnect
 //! cargo run --release -p fleet-examples --bin fleet-bench -- query --instances 1000000
+//! cargo run --release -p fleet-examples --bin fleet-bench -- filter --instances 50000
 //! cargo run --release -p fleet-examples --bin fleet-bench -- all --quick --json
 //! ```
 //!
@@ -63,7 +64,10 @@ enum RunCommand {
     Reconnect(Args),
     /// Summary, filtered page and free-text search through the operator API.
     Query(Args),
-    /// Every scenario (heartbeat, enroll, reconnect, query).
+    /// Heartbeat latency (paced at --rate, default 2,000/s) idle and while --query-clients
+    /// tenant-scoped operators send the heaviest allowed filter (or --filter) in a loop.
+    Filter(Args),
+    /// Every scenario (heartbeat, enroll, reconnect, query, filter).
     All(Args),
 }
 
@@ -79,13 +83,20 @@ struct Args {
     /// Seconds measured per phase.
     #[arg(long, default_value_t = 10.0)]
     duration: f64,
-    /// Synthetic instances for `query`.
+    /// Synthetic instances for `query` and `filter`.
     #[arg(long, default_value_t = 100_000)]
     instances: usize,
+    /// Operator clients sending the filter in a loop (`filter`).
+    #[arg(long, default_value_t = 4)]
+    query_clients: usize,
+    /// The filter they send (`filter`; default: the heaviest the API accepts).
+    #[arg(long)]
+    filter: Option<String>,
     /// Persist every heartbeat before answering instead of batching (heartbeat).
     #[arg(long)]
     write_through: bool,
-    /// Paced heartbeat rate per second (default: 70 % of the measured maximum).
+    /// Paced heartbeat rate per second (heartbeat: 70 % of the measured maximum; filter:
+    /// 2,000/s).
     #[arg(long)]
     rate: Option<f64>,
     /// A few seconds in all: tiny counts, one-second phases (CI keeps the harness alive).
@@ -128,6 +139,7 @@ fn main() -> Result<()> {
                 RunCommand::Enroll(a) => (Scenario::Enroll, a),
                 RunCommand::Reconnect(a) => (Scenario::Reconnect, a),
                 RunCommand::Query(a) => (Scenario::Query, a),
+                RunCommand::Filter(a) => (Scenario::Filter, a),
                 RunCommand::All(a) => (Scenario::All, a),
             };
             // The load generator is one thread: the figures are the server's, per core.
@@ -195,6 +207,8 @@ async fn bench(scenario: Scenario, args: Args) -> Result<()> {
         dir: args.dir.clone(),
         database_url,
         start_timeout: Duration::from_secs(args.timeout),
+        query_clients: args.query_clients,
+        filter: args.filter.clone(),
     };
     let machine = Machine::probe(cores, server_cpu, load_cpu);
     let reports =
@@ -336,6 +350,39 @@ fn print_human(r: &Report) {
                         v["items"],
                     );
                 }
+            }
+        }
+        "filter" => {
+            println!(
+                "  {} instances; {} operator clients of tenant {} sending a {} B filter (selects {}); heartbeats paced at {:.0}/s over {} connections",
+                r["instances"],
+                r["query_clients"],
+                r["tenant"].as_str().unwrap_or("?"),
+                r["filter_bytes"],
+                r["filter_selects"],
+                f(r, &["heartbeat_rate"]),
+                r["connections"],
+            );
+            println!(
+                "  one query alone        server p50 {:>8.3} ms  p99 {:>8.3} ms",
+                f(r, &["query_alone", "server", "p50_ms"]),
+                f(r, &["query_alone", "server", "p99_ms"]),
+            );
+            phase_line("heartbeats, idle", &r["idle"]);
+            phase_line("heartbeats, filtering", &r["loaded"]);
+            phase_line("heartbeats, idle again", &r["idle_after"]);
+            let q = &r["queries"];
+            println!(
+                "  queries under load     {:>10.0}/s  client p50 {:>7.3} ms  p99 {:>7.3} ms  server p50 {:>7.3} ms  p99 {:>7.3} ms  failed {}",
+                f(q, &["rate"]),
+                f(q, &["client", "p50_ms"]),
+                f(q, &["client", "p99_ms"]),
+                f(q, &["server", "p50_ms"]),
+                f(q, &["server", "p99_ms"]),
+                q["failed"],
+            );
+            if let Some(e) = q.get("first_error").and_then(Value::as_str) {
+                println!("  {:<22} first error: {e}", "");
             }
         }
         _ => {}

@@ -46,11 +46,13 @@
 //! `Server-Timing: app;dur=MS`, the time the handler took (what `fleet-bench query` reports as
 //! server time).
 //!
-//! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400 with the
-//! position of the mistake. A body that does not arrive within the listener's body deadline
-//! answers 408 `request_timeout`, a connection over the cap 503 `busy` ([`listener`]), and a
-//! wrong operator token — at `/login` or as a bearer — from a source over its budget 429
-//! `rate_limited` with `Retry-After` (a correct token is never refused by it).
+//! Errors are `{"error": {"code": "...", "message": "..."}}`; a bad filter answers 400
+//! `invalid_filter` with `field: "filter"` and the `position` of the mistake, and a filter beyond
+//! one of the limits of [`fleet_core::filter`] 400 `filter_too_large`, also naming the limit
+//! (`limit`, e.g. `max_total_values`) and its value (`max`). A body that does not arrive within
+//! the listener's body deadline answers 408 `request_timeout`, a connection over the cap 503
+//! `busy` ([`listener`]), and a wrong operator token — at `/login` or as a bearer — from a source
+//! over its budget 429 `rate_limited` with `Retry-After` (a correct token is never refused by it).
 //!
 //! `X-Forwarded-Proto` and `X-Forwarded-For` count only from a configured proxy ([`proxy`]);
 //! the `Origin` check compares scheme and host.
@@ -169,14 +171,7 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
             format!("{kind} {id} already exists"),
         ),
         FleetError::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
-        FleetError::Filter(f) => {
-            let mut r = json(
-                StatusCode::BAD_REQUEST,
-                &serde_json::json!({"error": {"code": "invalid_filter", "message": f.to_string(), "position": f.position}}),
-            );
-            *r.status_mut() = StatusCode::BAD_REQUEST;
-            r
-        }
+        FleetError::Filter(f) => filter_error(f),
         e if e.is_unavailable() => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
@@ -184,6 +179,29 @@ fn fleet_error(e: &FleetError) -> Response<Body> {
         ),
         e => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
+}
+
+/// A filter refused: 400 `invalid_filter` for a syntax error, 400 `filter_too_large` naming the
+/// limit (`limit`: its name, `max`: its value; see [`fleet_core::FilterLimit`]) for one beyond a
+/// limit. Both carry `field: "filter"` and the 0-based character `position`.
+fn filter_error(f: &fleet_core::FilterParseError) -> Response<Body> {
+    let body = match f.limit {
+        None => serde_json::json!({"error": {
+            "code": "invalid_filter",
+            "message": f.to_string(),
+            "field": "filter",
+            "position": f.position,
+        }}),
+        Some(limit) => serde_json::json!({"error": {
+            "code": "filter_too_large",
+            "message": f.to_string(),
+            "field": "filter",
+            "position": f.position,
+            "limit": limit.name(),
+            "max": limit.max(),
+        }}),
+    };
+    json(StatusCode::BAD_REQUEST, &body)
 }
 
 /// An optional RFC 3339 time parameter; the error is the message for a 400 reply.
@@ -309,6 +327,33 @@ async fn body_json<T: serde::de::DeserializeOwned>(
             "malformed_request",
             format!("invalid JSON: {e}"),
         )
+    })
+}
+
+/// Like [`body_json`], but when the body does not decode because the filter at `pointer` (a JSON
+/// pointer) is refused, the reply is that filter's error (`invalid_filter` or `filter_too_large`
+/// naming the limit), as for a `filter` query parameter, rather than `malformed_request`.
+async fn body_json_with_filter<T: serde::de::DeserializeOwned>(
+    req: Request<RequestBody>,
+    pointer: &str,
+) -> Result<T, Response<Body>> {
+    let bytes = body_bytes(req).await?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        let refused = serde_json::from_slice::<serde_json::Value>(&bytes)
+            .ok()
+            .and_then(|v| {
+                v.pointer(pointer)
+                    .and_then(|f| f.as_str())
+                    .map(Filter::parse)
+            });
+        match refused {
+            Some(Err(f)) => filter_error(&f),
+            _ => error(
+                StatusCode::BAD_REQUEST,
+                "malformed_request",
+                format!("invalid JSON: {e}"),
+            ),
+        }
     })
 }
 
@@ -520,11 +565,23 @@ impl<S: FleetStore> OperatorApi<S> {
             }
             (Method::GET, ["api", "v1", "summary"]) => {
                 match Filter::parse(query(&req).get("filter").map_or("", String::as_str)) {
-                    Ok(f) => json(StatusCode::OK, &self.fleet.summary(&f, &scope)),
+                    Ok(f) if f.is_all() && scope == TenantScope::All => {
+                        json(StatusCode::OK, &self.fleet.summary(&f, &scope))
+                    }
+                    Ok(f) => {
+                        let scope = scope.clone();
+                        match self
+                            .off_worker(move |fleet| fleet.summary(&f, &scope))
+                            .await
+                        {
+                            Ok(s) => json(StatusCode::OK, &s),
+                            Err(r) => r,
+                        }
+                    }
                     Err(e) => fleet_error(&FleetError::Filter(e)),
                 }
             }
-            (Method::GET, ["api", "v1", "instances"]) => self.list(&req, &scope),
+            (Method::GET, ["api", "v1", "instances"]) => self.list(&req, &scope).await,
             (Method::GET, ["api", "v1", "instances", id]) => {
                 let Ok(id) = id.parse::<InstanceId>() else {
                     return error(StatusCode::NOT_FOUND, "not_found", "no such instance");
@@ -620,7 +677,7 @@ impl<S: FleetStore> OperatorApi<S> {
                 }
             }
             (Method::POST, ["api", "v1", "commands"]) => {
-                let new: NewCommand = match body_json(req).await {
+                let new: NewCommand = match body_json_with_filter(req, "/target/filter").await {
                     Ok(n) => n,
                     Err(r) => return r,
                 };
@@ -661,7 +718,7 @@ impl<S: FleetStore> OperatorApi<S> {
                 if !global {
                     return forbidden("a policy");
                 }
-                let new: NewPolicy = match body_json(req).await {
+                let new: NewPolicy = match body_json_with_filter(req, "/filter").await {
                     Ok(n) => n,
                     Err(r) => return r,
                 };
@@ -962,7 +1019,20 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
-    fn list(&self, req: &Request<RequestBody>, scope: &TenantScope) -> Response<Body> {
+    /// Runs a query that evaluates a filter on a blocking thread, so that the async workers —
+    /// and the heartbeats they serve — are never stuck behind it: the query takes the view's lock
+    /// a step at a time ([`fleet_core::live::query`]), the operating system shares the CPU.
+    async fn off_worker<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Fleet<S>) -> T + Send + 'static,
+    ) -> Result<T, Response<Body>> {
+        let fleet = self.fleet.clone();
+        tokio::task::spawn_blocking(move || f(&fleet))
+            .await
+            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+    }
+
+    async fn list(&self, req: &Request<RequestBody>, scope: &TenantScope) -> Response<Body> {
         let q = query(req);
         let filter = match Filter::parse(q.get("filter").map_or("", String::as_str)) {
             Ok(f) => f,
@@ -984,10 +1054,14 @@ impl<S: FleetStore> OperatorApi<S> {
             Some(Ok(c)) => Some(c),
             Some(Err(e)) => return error(StatusCode::BAD_REQUEST, "invalid_input", e.to_string()),
         };
-        json(
-            StatusCode::OK,
-            &self.fleet.list(&filter, scope, cursor, limit),
-        )
+        let scope = scope.clone();
+        match self
+            .off_worker(move |fleet| fleet.list(&filter, &scope, cursor, limit))
+            .await
+        {
+            Ok(page) => json(StatusCode::OK, &page),
+            Err(r) => r,
+        }
     }
 
     async fn create_token(&self, req: Request<RequestBody>, scope: &TenantScope) -> Response<Body> {

@@ -8,10 +8,16 @@
 //!   so a filter is evaluated with bitmap algebra;
 //! - **running totals**, so the whole-fleet summary is O(1);
 //! - a **deadline wheel**, so a sweep costs O(transitions) and a sweep with nothing due O(1);
-//! - a **text arena**, so free-text search is one `memmem` pass over contiguous memory.
+//! - a **text arena**, so an unscoped free-text search is one `memmem` (or Aho-Corasick) pass over
+//!   contiguous memory.
 //!
 //! Instances live in dense slots (`u32`); a removed instance's slot is reused. Lists are in slot
 //! order, which is stable for as long as an instance exists; a [`Cursor`] names a slot position.
+//!
+//! Filters are evaluated by [`query`]: a bounded step at a time, so that
+//! [`Fleet`](crate::Fleet) can release the lock between steps and no query holds up heartbeats
+//! for more than one step, walking only the scope's tenant (or a smaller posting); that module
+//! says what a query evaluated in steps answers.
 //!
 //! Every mutation carries a version — the store's change-feed sequence number — and a mutation
 //! older than what a slot already reflects is ignored, so writes applied out of order (own writes
@@ -19,6 +25,7 @@
 
 #[cfg(test)]
 mod model_tests;
+pub mod query;
 mod text;
 mod wheel;
 
@@ -31,12 +38,12 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ValidationError;
-use crate::filter::{Filter, TagSelector, Term};
+use crate::filter::Filter;
 use crate::identity::Serial;
 use crate::metrics::{CounterReading, MetricsSample, NetworkRates};
 use crate::staleness::{Event, StalenessPolicy, StalenessState, Status, Transition, Transitions};
 use crate::store::Seq;
-use crate::summary::{ABSENT, ABSENT_CPU, Accumulator, Contribution, FleetSummary, RunningTotals};
+use crate::summary::{ABSENT, ABSENT_CPU, Contribution, FleetSummary, RunningTotals};
 use crate::tag::{TagKey, TagValue};
 use crate::{GroupName, Groups, Instance, InstanceId, Tags, TenantId, TenantScope, Timestamp};
 
@@ -178,6 +185,11 @@ impl Interner {
         self.ids.get(s).copied()
     }
 
+    /// Names interned so far (they are never removed).
+    fn len(&self) -> usize {
+        self.names.len()
+    }
+
     fn name(&self, id: u32) -> &str {
         self.names.get(id as usize).map_or("", |s| s)
     }
@@ -262,6 +274,8 @@ pub struct LiveView {
     due: Vec<u32>,
     /// Start-up grace: (control plane started, grace ends). See [`LiveView::begin_grace`].
     grace: Option<(Timestamp, Timestamp)>,
+    /// Work done by queries ([`LiveView::query_stats`]).
+    query_counters: query::QueryCounters,
 }
 
 fn posting(v: &mut Vec<RoaringBitmap>, id: u32) -> &mut RoaringBitmap {
@@ -312,6 +326,7 @@ impl LiveView {
             totals: RunningTotals::default(),
             due: Vec::new(),
             grace: None,
+            query_counters: query::QueryCounters::default(),
         })
     }
 
@@ -838,105 +853,12 @@ impl LiveView {
         self.grace.is_some_and(|(_, until)| now < until)
     }
 
-    /// The slots a filter selects within `scope`.
-    pub(crate) fn select(&self, filter: &Filter, scope: &TenantScope) -> RoaringBitmap {
-        let mut acc: Option<RoaringBitmap> = match scope {
-            TenantScope::All => None,
-            TenantScope::Tenant(t) => Some(
-                self.tenant_names
-                    .get(t.as_str())
-                    .and_then(|t| self.tenants.get(t as usize))
-                    .cloned()
-                    .unwrap_or_default(),
-            ),
-        };
-        for term in filter.terms() {
-            if acc.as_ref().is_some_and(RoaringBitmap::is_empty) {
-                break;
-            }
-            let b = self.term_bitmap(term, acc.as_ref());
-            acc = Some(match acc {
-                None => b,
-                Some(mut a) => {
-                    a &= &b;
-                    a
-                }
-            });
-        }
-        acc.unwrap_or_else(|| self.live.clone())
-    }
-
-    fn tag_value_bitmap(&self, k: u32, v: &TagValue) -> Option<&RoaringBitmap> {
-        let v = self.value_names.get(v.as_str())?;
-        self.tag_values.get(&(k, v))
-    }
-
-    fn union_of<'a>(it: impl Iterator<Item = &'a RoaringBitmap>) -> RoaringBitmap {
-        let mut out = RoaringBitmap::new();
-        for b in it {
-            out |= b;
-        }
-        out
-    }
-
-    fn term_bitmap(&self, term: &Term, within: Option<&RoaringBitmap>) -> RoaringBitmap {
-        match term {
-            Term::Status(st) => Self::union_of(st.iter().map(|s| &self.by_status[s.index()])),
-            Term::Group(g) => Self::union_of(
-                g.iter()
-                    .filter_map(|g| self.group_names.get(g.as_str()))
-                    .filter_map(|g| self.groups.get(g as usize)),
-            ),
-            Term::Tenant(t) => Self::union_of(
-                t.iter()
-                    .filter_map(|t| self.tenant_names.get(t.as_str()))
-                    .filter_map(|t| self.tenants.get(t as usize)),
-            ),
-            Term::Text(needles) => {
-                let mut out = RoaringBitmap::new();
-                for n in needles {
-                    out |= self.text.search(n, |slot, off| {
-                        self.slot(slot).is_some_and(|s| s.text.offset() == off)
-                            && within.is_none_or(|w| w.contains(slot))
-                    });
-                }
-                out
-            }
-            Term::Tag(sel) => {
-                let key = self.key_names.get(sel.key().as_str());
-                let present = key.and_then(|k| self.tag_keys.get(k as usize));
-                let values = |vals: &[TagValue]| match key {
-                    Some(k) => {
-                        Self::union_of(vals.iter().filter_map(|v| self.tag_value_bitmap(k, v)))
-                    }
-                    None => RoaringBitmap::new(),
-                };
-                match sel {
-                    TagSelector::Exists(_) => present.cloned().unwrap_or_default(),
-                    TagSelector::Absent(_) => {
-                        present.map_or_else(|| self.live.clone(), |p| &self.live - p)
-                    }
-                    TagSelector::Eq(_, v) => values(std::slice::from_ref(v)),
-                    TagSelector::NotEq(_, v) => &self.live - &values(std::slice::from_ref(v)),
-                    TagSelector::In(_, vals) => values(vals),
-                    TagSelector::NotIn(_, vals) => &self.live - &values(vals),
-                }
-            }
-        }
-    }
-
     /// Summary of the instances `filter` selects within `scope`. The unfiltered, unscoped summary
-    /// is O(1); any other costs O(matching instances).
+    /// is O(1); any other costs O(instances of the scope, or of the smallest posting a term
+    /// names). Runs to the end on this view: [`Fleet::summary`](crate::Fleet::summary) releases
+    /// the lock between steps instead.
     pub fn summary(&self, filter: &Filter, scope: &TenantScope) -> FleetSummary {
-        if filter.is_all() && *scope == TenantScope::All {
-            return self.totals.summary();
-        }
-        let selected = self.select(filter, scope);
-        let mut acc = Accumulator::default();
-        for s in &selected {
-            acc.add(&self.contrib[s as usize]);
-        }
-        acc.finish()
+        query::summary(self, filter, scope, query::Tuning::DEFAULT)
     }
 
     /// Number of instances with status `s` in the whole view (O(1)).
@@ -946,14 +868,11 @@ impl LiveView {
 
     /// Ids of every instance `filter` selects within `scope`, in list order.
     pub fn matching(&self, filter: &Filter, scope: &TenantScope) -> Vec<InstanceId> {
-        self.select(filter, scope)
-            .iter()
-            .filter_map(|s| self.slot(s).map(|slot| slot.id))
-            .collect()
+        query::matching(self, filter, scope, query::Tuning::DEFAULT)
     }
 
     /// A page of at most `limit` instances `filter` selects within `scope`, starting after
-    /// `after`.
+    /// `after`, in slot order; `next_cursor` is set when more follow.
     pub fn list(
         &self,
         filter: &Filter,
@@ -961,36 +880,7 @@ impl LiveView {
         after: Option<Cursor>,
         limit: usize,
     ) -> Page<InstanceView> {
-        let selected = self.select(filter, scope);
-        let mut it = selected.iter();
-        if let Some(Cursor(c)) = after {
-            match c.checked_add(1) {
-                Some(n) => it.advance_to(n),
-                None => {
-                    return Page {
-                        items: Vec::new(),
-                        next_cursor: None,
-                    };
-                }
-            }
-        }
-        let mut items = Vec::with_capacity(limit.min(1000));
-        let mut last = None;
-        for s in it.by_ref() {
-            if items.len() == limit {
-                break;
-            }
-            if let Some(v) = self.view_of(s) {
-                items.push(v);
-                last = Some(s);
-            }
-        }
-        let more =
-            items.len() == limit && last.is_some_and(|l| selected.max().is_some_and(|m| m > l));
-        Page {
-            items,
-            next_cursor: if more { last.map(Cursor) } else { None },
-        }
+        query::list(self, filter, scope, after, limit, query::Tuning::DEFAULT)
     }
 
     /// The live view of one instance, if visible in `scope`.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use proptest::prelude::*;
 
+use super::query::{self, ArenaMode, Tuning};
 use super::{Cursor, LiveView};
 use crate::filter::{Filter, TagSelector, Term};
 use crate::metrics::{CounterReading, MetricsSample, NetworkRates};
@@ -157,11 +158,46 @@ impl Model {
     }
 }
 
+/// Ways of stepping a query: the default, a step per instance (arena searched or not), and small
+/// steps.
+const TUNINGS: [Tuning; 5] = [
+    Tuning::DEFAULT,
+    Tuning {
+        budget: 1,
+        arena: ArenaMode::Never,
+    },
+    Tuning {
+        budget: 1,
+        arena: ArenaMode::Always,
+    },
+    Tuning {
+        budget: 1,
+        arena: ArenaMode::Auto,
+    },
+    Tuning {
+        budget: 40,
+        arena: ArenaMode::Auto,
+    },
+];
+
 fn check(
     view: &LiveView,
     models: &BTreeMap<InstanceId, Model>,
     f: &Filter,
     scope: &TenantScope,
+) -> Result<(), TestCaseError> {
+    for tuning in TUNINGS {
+        check_tuned(view, models, f, scope, tuning)?;
+    }
+    Ok(())
+}
+
+fn check_tuned(
+    view: &LiveView,
+    models: &BTreeMap<InstanceId, Model>,
+    f: &Filter,
+    scope: &TenantScope,
+    tuning: Tuning,
 ) -> Result<(), TestCaseError> {
     let mut acc = Accumulator::default();
     let mut want_ids = Vec::new();
@@ -172,17 +208,23 @@ fn check(
         }
     }
     prop_assert_eq!(
-        view.summary(f, scope),
+        query::summary(view, f, scope, tuning),
         acc.finish(),
-        "summary of {} in {:?}",
+        "summary of {} in {:?} ({:?})",
         f,
-        scope
+        scope,
+        tuning
     );
+    let mut matching = query::matching(view, f, scope, tuning);
+    matching.sort();
+    let mut want_sorted = want_ids.clone();
+    want_sorted.sort();
+    prop_assert_eq!(matching, want_sorted, "matching {} in {:?}", f, scope);
     // Every page, following cursors with a small page size.
     let mut got_ids = Vec::new();
     let mut cursor: Option<Cursor> = None;
     loop {
-        let page = view.list(f, scope, cursor, 2);
+        let page = query::list(view, f, scope, cursor, 2, tuning);
         for item in &page.items {
             let m = &models[&item.id];
             prop_assert_eq!(item.status, m.state.status);

@@ -357,7 +357,7 @@ async function fleetPage(root) {
   try {
     await load();
   } catch (e) {
-    if (e.code === "invalid_filter") {
+    if (e.code === "invalid_filter" || e.code === "filter_too_large") {
       showError(message, e);
       return;
     }
