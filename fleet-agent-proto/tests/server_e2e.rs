@@ -513,6 +513,8 @@ async fn bodies_sent_in_pieces_are_joined_and_limited() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
+    // Read the reply to its end, so the kept-alive connection is free for the next request.
+    resp.into_body().collect().await.unwrap();
     let view = h
         .fleet
         .get(&TenantScope::All, enrolled.instance_id)
