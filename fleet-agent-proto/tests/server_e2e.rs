@@ -523,6 +523,7 @@ async fn bodies_sent_in_pieces_are_joined_and_limited() {
 
     // 3 × 6 KiB against the 16 KiB enrollment limit: refused, nothing enrolled.
     let before = h.fleet.view().len();
+    sender.ready().await.unwrap();
     let resp = sender
         .send_request(send("/v1/enroll", vec![vec![b' '; 6 * 1024]; 3]))
         .await
