@@ -58,6 +58,7 @@
 //! the `Origin` check compares scheme and host.
 
 pub mod auth;
+pub mod background;
 pub mod dashboard;
 pub mod listener;
 pub mod metrics;
@@ -250,6 +251,8 @@ pub struct OperatorApi<S> {
     proxies: TrustedProxies,
     /// Wrong operator tokens per source, at `POST /login` and in `Authorization: Bearer`.
     limiter: AttemptLimiter,
+    /// Where filtered queries run ([`background`]).
+    queries: background::QueryPool,
 }
 
 fn query(req: &Request<RequestBody>) -> BTreeMap<String, String> {
@@ -387,6 +390,9 @@ impl<S: FleetStore> OperatorApi<S> {
             listener: ListenerConfig::default(),
             proxies: TrustedProxies::default(),
             limiter: AttemptLimiter::default(),
+            queries: background::QueryPool::new(
+                std::thread::available_parallelism().map_or(2, std::num::NonZero::get),
+            ),
         }
     }
 
@@ -1019,17 +1025,30 @@ impl<S: FleetStore> OperatorApi<S> {
         }
     }
 
-    /// Runs a query that evaluates a filter on a blocking thread, so that the async workers —
-    /// and the heartbeats they serve — are never stuck behind it: the query takes the view's lock
-    /// a step at a time ([`fleet_core::live::query`]), the operating system shares the CPU.
+    /// Runs a query that evaluates a filter off the async workers — so that they, and the
+    /// heartbeats they serve, are never stuck behind it — on the query pool's lower-priority
+    /// threads ([`background`]): the query takes the view's lock a step at a time
+    /// ([`fleet_core::live::query`]), and the scheduler serves heartbeats first.
     async fn off_worker<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Fleet<S>) -> T + Send + 'static,
     ) -> Result<T, Response<Body>> {
         let fleet = self.fleet.clone();
-        tokio::task::spawn_blocking(move || f(&fleet))
+        self.queries
+            .run(move || f(&fleet))
             .await
-            .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+            .map_err(|e| match e {
+                background::NotRun::Busy => error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "busy",
+                    "too many filtered queries are waiting; retry shortly",
+                ),
+                background::NotRun::Failed => error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "the query failed",
+                ),
+            })
     }
 
     async fn list(&self, req: &Request<RequestBody>, scope: &TenantScope) -> Response<Body> {
