@@ -103,9 +103,11 @@ const TEXT_COST: u64 = 5;
 /// An arena match: finding its entry and checking it is the slot's live text (a slot read).
 const HIT_COST: u64 = 100;
 
-/// Bytes of arena a step of `budget` searches when nothing matches.
-fn bytes_for(budget: u64, per_kib: u64) -> usize {
-    usize::try_from(budget.saturating_mul(1024) / per_kib.max(1)).unwrap_or(usize::MAX)
+/// Entries of the arena the first step of a search takes: what `budget` affords if every entry
+/// (of `entry_bytes` on average) matched.
+fn first_entries(budget: u64, per_kib: u64, entry_bytes: usize) -> usize {
+    let per_entry = HIT_COST + (entry_bytes as u64).saturating_mul(per_kib) / 1024;
+    usize::try_from(budget / per_entry.max(1)).unwrap_or(usize::MAX)
 }
 
 /// Compactions of the text arena after which an arena search gives up and the query evaluates
@@ -494,9 +496,9 @@ impl<'f> Query<'f> {
                     entry: 0,
                     generation: view.text.generation(),
                     restarts: 0,
-                    // A quarter of what the budget allows at no match: grown once the cost of
-                    // this arena's matches is seen.
-                    entries: bytes_for(self.budget, per_kib) / view.text.entry_bytes() / 4,
+                    // As if every entry matched (the worst a step can meet): grown, at most
+                    // doubling, while the steps turn out cheaper.
+                    entries: first_entries(self.budget, per_kib, view.text.entry_bytes()),
                     found: RoaringBitmap::new(),
                     implied: None,
                 })
