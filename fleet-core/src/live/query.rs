@@ -2,8 +2,8 @@
 //!
 //! Heartbeats take the view's lock for writing; a summary, list or selection takes it for
 //! reading. A query therefore never evaluates the whole fleet under one lock hold: it advances a
-//! step at a time, each step doing a budget of work estimated at ≈ 50 µs (from ~200 instances for
-//! the heaviest filter the parser accepts to ~5,000 for a plain tag filter; at least one), and
+//! step at a time, each step doing a budget of work estimated at ≈ 50 µs (from ~250 instances for
+//! the heaviest filter the parser accepts to ~3,300 for a plain tag filter; at least one), and
 //! [`Fleet`](crate::Fleet) releases the lock between steps, so a heartbeat waits for at most one
 //! step. (The lock prefers writers: a waiting heartbeat gets it before the query's next step.)
 //! Between steps the query's thread also offers the CPU to other threads
@@ -48,7 +48,10 @@
 //! - **Changes during the query** (a registration, a removal, a relabelling) are seen or not, as
 //!   if they had happened just before or just after: an instance relabelled between the arena
 //!   search and its evaluation may be missed, one registered into a slot already passed is not
-//!   answered, and one removed before its slot is reached is not answered.
+//!   answered, and one removed before its slot is reached is not answered. An instance is never
+//!   answered with labels that do not match: a name that first appears during the query
+//!   (`env=dev` while the filter says `env!=dev`) is judged by what it means when the instance is
+//!   evaluated.
 //!
 //! A copy-on-write snapshot would answer for a single moment, but every heartbeat would then pay
 //! for copying what a reader holds, and each instance would carry a reference count on top of its
@@ -69,10 +72,10 @@ use crate::summary::{Accumulator, FleetSummary};
 use crate::{InstanceId, TenantScope};
 
 /// Work one step may do, in rough nanoseconds of one core (50 µs), so that an estimate off by a
-/// factor of twenty still keeps a step, and a heartbeat's wait, near 1 ms. (Measured: the
-/// heaviest filter over 6,250 instances estimates 219 per instance and takes ~1.1 ms in ~28
-/// steps. Steps of 100 µs let heartbeats wait noticeably longer under load, `fleet-bench
-/// filter`, for the same query throughput.)
+/// factor of twenty still keeps a step, and a heartbeat's wait, near 1 ms. (Measured, release
+/// build at 1,000,000 instances: steps of the heaviest filter, estimated at ~195 per instance,
+/// take 33–36 µs, the slowest step of any query ~0.1–0.17 ms. Steps of 100 µs let heartbeats
+/// wait noticeably longer under load, `fleet-bench filter`, for the same query throughput.)
 pub(crate) const STEP_BUDGET: u64 = 50_000;
 
 /// How queries are stepped: the budget of a step and, in tests, when the arena is searched.
@@ -103,9 +106,11 @@ const TEXT_COST: u64 = 5;
 /// An arena match: finding its entry and checking it is the slot's live text (a slot read).
 const HIT_COST: u64 = 100;
 
-/// Bytes of arena a step of `budget` searches when nothing matches.
-fn bytes_for(budget: u64, per_kib: u64) -> usize {
-    usize::try_from(budget.saturating_mul(1024) / per_kib.max(1)).unwrap_or(usize::MAX)
+/// Entries of the arena the first step of a search takes: what `budget` affords if every entry
+/// (of `entry_bytes` on average) matched.
+fn first_entries(budget: u64, per_kib: u64, entry_bytes: usize) -> usize {
+    let per_entry = HIT_COST + (entry_bytes as u64).saturating_mul(per_kib) / 1024;
+    usize::try_from(budget / per_entry.max(1)).unwrap_or(usize::MAX)
 }
 
 /// Compactions of the text arena after which an arena search gives up and the query evaluates
@@ -494,9 +499,9 @@ impl<'f> Query<'f> {
                     entry: 0,
                     generation: view.text.generation(),
                     restarts: 0,
-                    // A quarter of what the budget allows at no match: grown once the cost of
-                    // this arena's matches is seen.
-                    entries: bytes_for(self.budget, per_kib) / view.text.entry_bytes() / 4,
+                    // As if every entry matched (the worst a step can meet): grown, at most
+                    // doubling, while the steps turn out cheaper.
+                    entries: first_entries(self.budget, per_kib, view.text.entry_bytes()),
                     found: RoaringBitmap::new(),
                     implied: None,
                 })
