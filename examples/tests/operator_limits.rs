@@ -793,3 +793,138 @@ async fn forwarded_proto_counts_only_from_a_trusted_proxy_and_origins_compare_sc
     );
     stop(child).await;
 }
+
+/// Refusals of the operator API reach curl over HTTP/2 (prior knowledge, as behind a proxy that
+/// speaks h2c) and over HTTP/1.1: no credentials 401, a tenant operator on a fleet-wide route
+/// 403, an invalid body 400, a body over the limit 413 (it used to be answered before the upload
+/// ended, and curl lost 3 of 20 over HTTP/2: "(92) Stream error"), and a wrong bearer over the
+/// source's budget 429. Each many times, each with its JSON error code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_reach_curl_over_http2_and_http1() {
+    const RUNS: usize = 10;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let port = free_port();
+    let mut child = start(
+        &data,
+        &tmp.path().join("control-panel.log"),
+        port,
+        &["--tenant-token", "acme", "--login-max-failures", "2"],
+    );
+    wait_up(port, &mut child).await;
+    let token = operator_token(&data);
+    let tenant = std::fs::read_to_string(data.join("operator-token.acme"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let d = tmp.path().to_path_buf();
+    std::fs::write(d.join("mid.json"), vec![b' '; 40 * 1024]).unwrap();
+    std::fs::write(d.join("big.json"), vec![b' '; 400 * 1024]).unwrap();
+    std::fs::write(d.join("bad.json"), b"{not json").unwrap();
+    std::fs::write(
+        d.join("policy.json"),
+        br#"{"name": "p", "filter": "", "rule": {"agent_version_at_least": "1.0"}}"#,
+    )
+    .unwrap();
+    let results = tokio::task::spawn_blocking(move || {
+        let curl = |proto: &str, path: &str, bearer: Option<&str>, file: &str| {
+            let mut cmd = std::process::Command::new("curl");
+            cmd.current_dir(&d)
+                .args(["-sS", proto, "-o", "-", "-w", "\n%{http_code}"]);
+            cmd.args(["-H", "Content-Type: application/json"]);
+            if let Some(b) = bearer {
+                cmd.args(["-H", &format!("Authorization: Bearer {b}")]);
+            }
+            let out = cmd
+                .args(["--data-binary", &format!("@{file}")])
+                .arg(format!("http://127.0.0.1:{port}{path}"))
+                .output()
+                .expect("curl is part of the build image");
+            (
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            )
+        };
+        let mut seen = Vec::new();
+        for proto in ["--http2-prior-knowledge", "--http1.1"] {
+            // (path, bearer, body file, class, status, code)
+            type Class<'a> = (&'a str, Option<&'a str>, &'a str, &'a str, u16, &'a str);
+            let classes: [Class<'_>; 4] = [
+                (
+                    "/api/v1/tokens",
+                    None,
+                    "mid.json",
+                    "no credentials",
+                    401,
+                    "unauthorized",
+                ),
+                (
+                    "/api/v1/policies",
+                    Some(&tenant),
+                    "policy.json",
+                    "tenant on a fleet-wide route",
+                    403,
+                    "forbidden",
+                ),
+                (
+                    "/api/v1/tokens",
+                    Some(&token),
+                    "bad.json",
+                    "invalid JSON",
+                    400,
+                    "malformed_request",
+                ),
+                (
+                    "/api/v1/tokens",
+                    Some(&token),
+                    "big.json",
+                    "over the body limit",
+                    413,
+                    "body_too_large",
+                ),
+            ];
+            for (path, bearer, file, class, status, code) in classes {
+                for _ in 0..RUNS {
+                    seen.push((proto, class, curl(proto, path, bearer, file), status, code));
+                }
+            }
+        }
+        // Wrong bearers: two answered 401 (the budget, over both protocols), then 429.
+        for (i, proto) in ["--http2-prior-knowledge", "--http1.1"]
+            .iter()
+            .cycle()
+            .take(2 + 2 * RUNS)
+            .enumerate()
+        {
+            let (status, code) = if i < 2 {
+                (401, "unauthorized")
+            } else {
+                (429, "rate_limited")
+            };
+            let got = curl(
+                proto,
+                "/api/v1/tokens",
+                Some("a-wrong-operator-token"),
+                "mid.json",
+            );
+            seen.push((proto, "wrong bearer", got, status, code));
+        }
+        seen
+    })
+    .await
+    .unwrap();
+    for (proto, class, (stdout, stderr), status, code) in results {
+        let (body, got) = stdout
+            .rsplit_once('\n')
+            .unwrap_or_else(|| panic!("{proto} {class}: no status ({stderr})"));
+        assert_eq!(
+            got,
+            status.to_string(),
+            "{proto} {class}: the client reads the status ({stderr})"
+        );
+        let v: Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("{proto} {class}: a JSON error body, not {body:?}: {e}"));
+        assert_eq!(v["error"]["code"], code, "{proto} {class}: {v}");
+    }
+    stop(child).await;
+}

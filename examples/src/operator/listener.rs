@@ -54,6 +54,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use fleet_agent_proto::server::DRAIN_LIMIT;
+use http_body_util::BodyExt;
 use hyper::body::{Body, Bytes, Frame, Incoming, SizeHint};
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -188,21 +190,71 @@ pub enum BodyError {
 /// A request body with a deadline: frames pass through until the deadline, then it fails with
 /// [`BodyError::Timeout`]. The deadline concerns reading this body only — what the handler
 /// answers, and for how long, is not timed by it.
+///
+/// A handler that answers without reading the body to its end (a refusal) drops it; the rest
+/// goes back to the listener, which reads and drops up to [`DRAIN_LIMIT`] bytes of it, under the
+/// same deadline, before the answer goes out. An HTTP/2 answer that comes before the body's end
+/// resets the stream, and clients such as curl 7.88 then lose the answer ("(92) Stream error").
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None` only once the rest went back to the listener, in `drop`.
+    inner: Option<Incoming>,
     deadline: Pin<Box<tokio::time::Sleep>>,
+    until: Instant,
     timeout: Duration,
+    rest: Option<tokio::sync::oneshot::Sender<Unread>>,
+}
+
+/// What a handler left of a request body.
+#[derive(Debug)]
+struct Unread {
+    body: Incoming,
+    until: Instant,
 }
 
 impl RequestBody {
-    fn new(inner: Incoming, timeout: Duration) -> Self {
+    fn new(inner: Incoming, timeout: Duration, rest: tokio::sync::oneshot::Sender<Unread>) -> Self {
+        let until = Instant::now() + timeout;
         Self {
-            inner,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            inner: Some(inner),
+            deadline: Box::pin(tokio::time::sleep_until(until)),
+            until,
             timeout,
+            rest: Some(rest),
         }
     }
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let (Some(body), Some(rest)) = (self.inner.take(), self.rest.take())
+            && !body.is_end_stream()
+        {
+            let _ = rest.send(Unread {
+                body,
+                until: self.until,
+            });
+        }
+    }
+}
+
+/// Reads and drops what a handler left of a request body: at most [`DRAIN_LIMIT`] bytes, none
+/// when the declared length is larger than that, and only until the body's deadline.
+async fn drain(unread: Unread, declared: Option<u64>) {
+    if declared.is_some_and(|n| n > DRAIN_LIMIT as u64) {
+        return;
+    }
+    let Unread { mut body, until } = unread;
+    let read = async {
+        let mut read = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            read += frame.data_ref().map_or(0, Bytes::len);
+            if read > DRAIN_LIMIT {
+                return;
+            }
+        }
+    };
+    let _ = tokio::time::timeout_at(until, read).await;
 }
 
 impl Body for RequestBody {
@@ -214,7 +266,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(BodyError::Read))),
             Poll::Pending => match this.deadline.as_mut().poll(cx) {
                 Poll::Ready(()) => Poll::Ready(Some(Err(BodyError::Timeout(this.timeout)))),
@@ -224,11 +279,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
 
@@ -438,11 +495,21 @@ where
             let counted = Arc::clone(&state);
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let in_flight = InFlight::begin(&counted);
-                let mut req = req.map(|b| RequestBody::new(b, body_timeout));
+                let declared = req
+                    .headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok());
+                let (rest, mut unread) = tokio::sync::oneshot::channel();
+                let mut req = req.map(|b| RequestBody::new(b, body_timeout, rest));
                 req.extensions_mut().insert(PeerAddr(addr));
                 let handler = handler.clone();
                 async move {
                     let resp = handler(req).await;
+                    // The handler has dropped the request: what it did not read came back.
+                    if let Ok(unread) = unread.try_recv() {
+                        drain(unread, declared).await;
+                    }
                     Ok::<_, Infallible>(resp.map(|inner| Tracked {
                         inner,
                         _in_flight: in_flight,

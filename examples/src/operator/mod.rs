@@ -264,7 +264,8 @@ fn query(req: &Request<RequestBody>) -> BTreeMap<String, String> {
 
 /// The whole body, read under the body deadline of the listener ([`RequestBody`]): 413 past
 /// 256 KiB, 408 when it does not arrive in time (and, on HTTP/1.1, the connection is closed
-/// after the reply: the rest of the body is never read).
+/// after the reply: the rest of the body is never read). What a refusal leaves unread the
+/// listener reads before the answer goes out ([`listener`]).
 async fn body_bytes(req: Request<RequestBody>) -> Result<Bytes, Response<Body>> {
     let http1 = req.version() <= hyper::Version::HTTP_11;
     match Limited::new(req.into_body(), MAX_BODY).collect().await {
