@@ -848,7 +848,14 @@ async fn refusals_reach_curl_over_http2_and_http1() {
         let mut seen = Vec::new();
         for proto in ["--http2-prior-knowledge", "--http1.1"] {
             // (path, bearer, body file, class, status, code)
-            type Class<'a> = (&'a str, Option<&'a str>, &'a str, &'a str, u16, &'a str);
+            type Class<'a> = (
+                &'static str,
+                Option<&'a str>,
+                &'static str,
+                &'static str,
+                u16,
+                &'static str,
+            );
             let classes: [Class<'_>; 4] = [
                 (
                     "/api/v1/tokens",
