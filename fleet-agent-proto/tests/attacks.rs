@@ -181,6 +181,20 @@ async fn refusals_reach_curl_over_http2_and_http1() {
     // Over the 16 KiB enrollment limit, well under the drain limit.
     std::fs::write(d.join("big.json"), vec![b' '; 40 * 1024]).unwrap();
     std::fs::write(d.join("small.json"), b"{}").unwrap();
+    std::fs::write(d.join("bad.json"), b"{not json").unwrap();
+    // A token used up (max_uses 1): 403 token_exhausted.
+    let used = h
+        .fleet
+        .create_token(&TenantScope::All, NewToken::default())
+        .await
+        .unwrap();
+    enroll(&h, &used.presented.to_string(), "first-and-only").await;
+    let exhausted = serde_json::json!({
+        "token": used.presented.to_string(),
+        "csr_pem": csr().1,
+        "system": {"hostname": "second"},
+    });
+    std::fs::write(d.join("exhausted.json"), exhausted.to_string()).unwrap();
     let port = h.addr.port();
     let resolve = format!("localhost:{port}:127.0.0.1");
 
@@ -193,7 +207,7 @@ async fn refusals_reach_curl_over_http2_and_http1() {
         u16,
         ErrorCode,
     );
-    let classes: [Case; 5] = [
+    let classes: [Case; 7] = [
         (
             "no certificate",
             "/v1/heartbeat",
@@ -234,11 +248,35 @@ async fn refusals_reach_curl_over_http2_and_http1() {
             415,
             ErrorCode::UnsupportedMediaType,
         ),
+        (
+            "malformed JSON",
+            "/v1/enroll",
+            "bad.json",
+            "application/json",
+            400,
+            ErrorCode::MalformedRequest,
+        ),
+        (
+            "token used up",
+            "/v1/enroll",
+            "exhausted.json",
+            "application/json",
+            403,
+            ErrorCode::TokenExhausted,
+        ),
     ];
     let results = tokio::task::spawn_blocking(move || {
         let curl = |proto: &str, path: &str, file: &str, ct: &str| -> (String, String) {
+            // A used-up token counts as a failed attempt of its source: those come from
+            // 127.0.0.2, so that the wrong-secret sequence below meets a fresh budget.
+            let source = if file == "exhausted.json" {
+                "127.0.0.2"
+            } else {
+                "127.0.0.1"
+            };
             let out = std::process::Command::new("curl")
                 .current_dir(&d)
+                .args(["--interface", source])
                 .args([
                     "-sS",
                     proto,
@@ -309,8 +347,12 @@ async fn refusals_reach_curl_over_http2_and_http1() {
             .unwrap_or_else(|e| panic!("{proto} {class}: a JSON error body, not {body:?}: {e}"));
         assert_eq!(code(&v), expected, "{proto} {class}: {v}");
     }
-    assert_eq!(total, 2 * (5 * RUNS + wrong_budget as usize + RUNS));
-    assert_eq!(h.fleet.view().len(), 0, "no refusal enrolled anything");
+    assert_eq!(total, 2 * (7 * RUNS + wrong_budget as usize + RUNS));
+    assert_eq!(
+        h.fleet.view().len(),
+        1,
+        "no refusal enrolled anything (one enrolled on purpose)"
+    );
     h.stop().await;
 }
 
