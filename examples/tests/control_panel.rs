@@ -26,6 +26,20 @@ fn walk(dir: &std::path::Path, out: &mut Vec<(std::path::PathBuf, std::fs::Metad
     }
 }
 
+/// Runs `control-panel serve` on `data` when it is expected to refuse to start: its output.
+fn serve_until_exit(data: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
+        .args(["serve", "--data-dir"])
+        .arg(data)
+        .args(["--agent-listen", "127.0.0.1:0"])
+        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
+        .env("RUST_LOG", "warn")
+        .env_remove("FLEET_CA_KEK")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
 /// A local account that is not the control panel's reads nothing of its data directory, and
 /// nothing in it — the sled files included — holds the CA private key in the clear (it is
 /// sealed with a key-encryption key in `ca.kek`, so a copy of `data/db` alone cannot sign).
@@ -98,16 +112,7 @@ async fn the_data_directory_is_private_and_holds_no_clear_ca_key() {
 
     // A directory others can read is refused, naming it and its mode, and nothing starts.
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
-        .args(["serve", "--data-dir"])
-        .arg(&data)
-        .args(["--agent-listen", "127.0.0.1:0"])
-        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
-        .env("RUST_LOG", "warn")
-        .env_remove("FLEET_CA_KEK")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = serve_until_exit(&data);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -124,16 +129,7 @@ async fn the_data_directory_is_private_and_holds_no_clear_ca_key() {
     // Without the key-encryption key the copy of the store does not open.
     std::fs::set_permissions(&data, std::fs::Permissions::from_mode(0o700)).unwrap();
     std::fs::rename(data.join("ca.kek"), tmp.path().join("ca.kek.away")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
-        .args(["serve", "--data-dir"])
-        .arg(&data)
-        .args(["--agent-listen", "127.0.0.1:0"])
-        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
-        .env("RUST_LOG", "warn")
-        .env_remove("FLEET_CA_KEK")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = serve_until_exit(&data);
     assert!(
         !out.status.success(),
         "a fresh key must not unseal the old CA"
@@ -294,16 +290,7 @@ async fn reseal_ca_rotates_the_key_encryption_key() {
         "the new key is private"
     );
     // The old key (still the default `ca.kek`) no longer opens the store, and says why.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_control-panel"))
-        .args(["serve", "--data-dir"])
-        .arg(&data)
-        .args(["--agent-listen", "127.0.0.1:0"])
-        .args(["--operator-listen", &format!("127.0.0.1:{}", free_port())])
-        .env("RUST_LOG", "warn")
-        .env_remove("FLEET_CA_KEK")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let out = serve_until_exit(&data);
     assert!(!out.status.success(), "the old key must not unseal the CA");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("sealed with key-encryption key"), "{err}");

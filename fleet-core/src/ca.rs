@@ -147,6 +147,8 @@ impl CaMaterial {
 #[derive(Debug, Clone)]
 pub struct CaSet {
     cas: Vec<Arc<CertificateAuthority>>,
+    /// [`set_id`] of `cas`, computed once (heartbeat replies compare it).
+    id: String,
 }
 
 /// The id of a trusted set of CAs, from their certificate fingerprints in order (signing CA
@@ -164,11 +166,14 @@ pub fn set_id(fingerprints: impl IntoIterator<Item = Fingerprint>) -> String {
 }
 
 impl CaSet {
+    fn of(cas: Vec<Arc<CertificateAuthority>>) -> Self {
+        let id = set_id(cas.iter().map(|c| c.fingerprint()));
+        Self { cas, id }
+    }
+
     /// A set of one CA.
     pub fn single(ca: CertificateAuthority) -> Self {
-        Self {
-            cas: vec![Arc::new(ca)],
-        }
+        Self::of(vec![Arc::new(ca)])
     }
 
     /// The CA that signs.
@@ -199,8 +204,8 @@ impl CaSet {
     /// An id of the set's membership (the first 8 bytes of the SHA-256 of its fingerprints, in
     /// order, hex): agents send the id of the set they trust, and the heartbeat reply carries the
     /// bundle only when it changed.
-    pub fn id(&self) -> String {
-        set_id(self.cas.iter().map(|c| c.fingerprint()))
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// The set with `next` added as trusted, not signing (a rotation begins).
@@ -208,7 +213,7 @@ impl CaSet {
         let mut cas = self.cas.clone();
         cas.retain(|c| c.fingerprint() != next.fingerprint());
         cas.push(Arc::new(next));
-        Self { cas }
+        Self::of(cas)
     }
 
     /// The set with the CA `fingerprint` signing and the former signer trusted; `None` if it is
@@ -221,7 +226,7 @@ impl CaSet {
         let mut cas = self.cas.clone();
         let ca = cas.remove(i);
         cas.insert(0, ca);
-        Some(Self { cas })
+        Some(Self::of(cas))
     }
 
     /// The set without the CA `fingerprint`; `None` if it is the signing CA or not in the set.
@@ -235,7 +240,7 @@ impl CaSet {
         }
         let mut cas = self.cas.clone();
         cas.remove(i);
-        Some(Self { cas })
+        Some(Self::of(cas))
     }
 
     /// The material a store keeps: certificates in PEM, keys sealed under `kek`.
@@ -293,7 +298,7 @@ impl CaSet {
                 key,
             )?));
         }
-        Ok(Self { cas })
+        Ok(Self::of(cas))
     }
 }
 

@@ -274,6 +274,15 @@ fn error_body(body: &ErrorBody) -> Response<Body> {
     resp
 }
 
+/// `resp` telling the client to retry in `after` (whole seconds, at least one).
+fn retry_after(mut resp: Response<Body>, after: Duration) -> Response<Body> {
+    resp.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(after.as_secs().max(1)),
+    );
+    resp
+}
+
 fn error(code: ErrorCode, message: impl Into<String>) -> Response<Body> {
     error_body(&ErrorBody::new(code, message))
 }
@@ -466,17 +475,13 @@ impl<S: FleetStore> AgentServer<S> {
                     heartbeat_interval_secs: e.heartbeat_interval.as_secs(),
                 },
             ),
-            Err(EnrollError::RateLimited { retry_after }) => {
-                let mut resp = error(
+            Err(EnrollError::RateLimited { retry_after: after }) => retry_after(
+                error(
                     ErrorCode::RateLimited,
                     "too many failed enrollment attempts from this address",
-                );
-                resp.headers_mut().insert(
-                    http::header::RETRY_AFTER,
-                    http::HeaderValue::from(retry_after.as_secs().max(1)),
-                );
-                resp
-            }
+                ),
+                after,
+            ),
             Err(e) => {
                 let invalid = match &e {
                     EnrollError::Invalid(v) => Some(v),
@@ -603,16 +608,11 @@ impl<S: FleetStore> AgentServer<S> {
                     certificate_pem: cert.pem,
                 },
             ),
-            Err(e) => {
-                let mut resp = fleet_error(&e, None);
-                if let RenewError::RateLimited { retry_after } = e {
-                    resp.headers_mut().insert(
-                        http::header::RETRY_AFTER,
-                        http::HeaderValue::from(retry_after.as_secs().max(1)),
-                    );
-                }
-                resp
-            }
+            Err(RenewError::RateLimited { retry_after: after }) => retry_after(
+                fleet_error(&RenewError::RateLimited { retry_after: after }, None),
+                after,
+            ),
+            Err(e) => fleet_error(&e, None),
         }
     }
 
